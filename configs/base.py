@@ -1,0 +1,121 @@
+"""Base config shared by every stage: one ConfigDict for every scale (maxtext style).
+
+Stage configs (`configs/<stage>.py`) call `get_config()` here and override what differs. Every field can be
+overridden on the command line, e.g. `--config.model.preset=qwen2.5-0.5b --config.mesh.fsdp=-1`.
+A hardware target composes with any stage: `--config=configs/sft.py:h100x8` (see configs/hardware/).
+"""
+from ml_collections import config_dict
+
+
+def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.stage = "knowledge_sft"  # knowledge_sft | sft | rers | grpo | evaluate | export | pipeline
+    c.run_dir = "runs/default"  # holds resolved config, metrics, checkpoints, datasets of this run
+    c.seed = 0
+    c.hardware = hardware or "cpu"
+
+    # --- model -------------------------------------------------------------------------------
+    c.model = config_dict.ConfigDict()
+    c.model.preset = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-7b | llama3.1-8b | qwen3-8b | hf
+    c.model.hf_path = ""  # local HF directory (config.json + safetensors); implies preset=hf
+    c.model.init_from = ""  # orbax checkpoint dir of an earlier stage to start from ("" = fresh / hf_path)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat = "none"  # none | full | dots (jax.checkpoint policy per decoder layer)
+    c.model.scan_layers = True  # lax.scan over the stacked layers (fast compile) vs unrolled loop
+    c.model.attention = "xla"  # xla (reference) | dot_product (jax.nn, cuDNN on GPU) | splash (TPU Pallas)
+    c.model.vocab_size = 0  # 0 = from tokenizer (tiny preset) / preset / HF config
+    c.model.max_seq_len = 1024
+
+    # --- mesh / distributed --------------------------------------------------------------------
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1 = all remaining devices
+    c.mesh.tensor = 1
+    c.distributed = config_dict.ConfigDict()
+    c.distributed.initialize = "auto"  # auto (env / TPU / SLURM) | on | off
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    # --- tokenizer -----------------------------------------------------------------------------
+    c.tokenizer = config_dict.ConfigDict()
+    c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on the embedded corpus) | hf
+    c.tokenizer.path = ""  # "" = <data.dir>/tokenizer/spm.model (sentencepiece) or model.hf_path (hf)
+    c.tokenizer.vocab_size = 2048  # when training the SentencePiece model
+
+    # --- data ----------------------------------------------------------------------------------
+    c.data = config_dict.ConfigDict()
+    c.data.dir = "runs/data"  # TFDS data_dir of the built datasets
+    c.data.diseases = config_dict.ConfigDict()
+    c.data.diseases.kind = "random"  # all | random | ids
+    c.data.diseases.n = 40
+    c.data.diseases.seed = 0
+    c.data.diseases.ids = ""  # comma separated ontology ids when kind=ids
+    c.data.diseases.min_phenotypes = 8  # only diseases with at least this many annotated phenotypes
+    c.data.notes_per_disease = 12
+    c.data.knowledge_passages_per_disease = 12
+    c.data.phenopackets = ""  # folder or .tar.gz of GA4GH phenopackets; "" = none
+    c.data.jsonl_notes = ""  # JSONL {"id","text","diagnosis"} file; "" = none
+    c.data.on_error = "raise"  # raise | skip (skip writes a report of every skipped record)
+
+    # --- training (SFT and shared optimiser) ----------------------------------------------------
+    c.train = config_dict.ConfigDict()
+    c.train.dataset = "knowledge"  # knowledge | rers_trajectories
+    c.train.steps = 300
+    c.train.batch_size = 16  # global, in sequences (packed rows)
+    c.train.seq_len = 256
+    c.train.grad_accum = 1
+    c.train.lr = 3e-3
+    c.train.min_lr_ratio = 0.1
+    c.train.warmup_steps = 20
+    c.train.schedule = "cosine"  # cosine | linear | constant
+    c.train.weight_decay = 0.01
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.grad_clip = 1.0
+    c.train.pack = True
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2
+
+    # --- sampling ------------------------------------------------------------------------------
+    c.sampling = config_dict.ConfigDict()
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 0
+    c.sampling.top_p = 1.0
+    c.sampling.max_new_tokens = 160
+    c.sampling.max_prompt_len = 384
+    c.sampling.batch_size = 32  # prompts per generate call
+
+    # --- RERS ----------------------------------------------------------------------------------
+    c.rers = config_dict.ConfigDict()
+    c.rers.num_samples = 4
+    c.rers.reflection_tries = 4
+    c.rers.keep_rule = "shortest"
+
+    # --- GRPO + curriculum ---------------------------------------------------------------------
+    c.grpo = config_dict.ConfigDict()
+    c.grpo.steps = 60
+    c.grpo.prompts_per_step = 8
+    c.grpo.group_size = 4
+    c.grpo.loss = "grpo"  # grpo | dr_grpo | dapo
+    c.grpo.advantage = "grpo"
+    c.grpo.beta = 0.0  # KL(k3) coefficient to the frozen reference; 0 = no reference model
+    c.grpo.clip_eps = 0.2
+    c.grpo.clip_eps_high = 0.28
+    c.grpo.epochs_per_step = 1
+    c.grpo.minibatch_size = 16
+    c.grpo.lr = 1e-4
+    c.curriculum = config_dict.ConfigDict()
+    c.curriculum.remeasure_every = 10
+
+    # --- evaluation / export -------------------------------------------------------------------
+    c.eval = config_dict.ConfigDict()
+    c.eval.top_k = (1, 3, 10)
+    c.export = config_dict.ConfigDict()
+    c.export.hf_dir = ""  # "" = <run_dir>/hf
+
+    return c
