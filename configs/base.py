@@ -6,6 +6,8 @@ A hardware target composes with any stage: `--config=configs/sft.py:h100x8` (see
 """
 from ml_collections import config_dict
 
+from raredx_jax.hardware import apply_hardware
+
 
 def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
@@ -118,4 +120,5 @@ def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
 
+    apply_hardware(c, c.hardware)  # configs/hardware/<name>.py: mesh, dtypes, remat, attention, batch sizes
     return c

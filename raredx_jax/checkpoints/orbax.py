@@ -1,0 +1,104 @@
+"""Orbax model checkpoints: one layout for standalone converted models and trainer step directories.
+
+A *model checkpoint* is a directory with two orbax items: `params` (the NNX parameter state, saved sharded by
+every process) and `model_config` (JSON: the ModelConfig fields). The SFT/GRPO trainers' CheckpointManager
+step directories use the same two items plus their own (optimizer, step, RNG, data iterator), so every
+consumer (`init_from`, evaluate, diagnose, export) loads any of them with `load_model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from raredx_jax.models.config import ModelConfig
+from raredx_jax.models.transformer import Transformer
+from raredx_jax.parallel.sharding import DEFAULT_RULES
+
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "model_config"
+
+
+def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    if cfg.rope_scaling is not None:
+        d["rope_scaling"] = [list(kv) for kv in cfg.rope_scaling]
+    if isinstance(cfg.eos_token_id, tuple):
+        d["eos_token_id"] = list(cfg.eos_token_id)
+    return d
+
+
+def model_config_from_json(d: dict[str, Any], **overrides: Any) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"model_config: unknown field(s) {unknown}")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**d)
+
+
+def params_state(model: Transformer) -> Any:
+    """The pure (array-only) parameter tree orbax stores."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def save_model(path: str, model: Transformer) -> str:
+    """Save a standalone model checkpoint atomically (orbax writes to a temp dir and renames)."""
+    path = os.path.abspath(path)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(path, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(params_state(model)),
+            CONFIG_ITEM: ocp.args.JsonSave(model_config_to_json(model.config))}), force=True)
+    return path
+
+
+def read_model_config(path: str, **overrides: Any) -> ModelConfig:
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.join(path, CONFIG_ITEM)):
+        raise FileNotFoundError(f"{path}: not a model checkpoint (no '{CONFIG_ITEM}' item); expected a directory "
+                                "written by the trainers or `python -m raredx_jax.checkpoints.convert`")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return model_config_from_json(meta[CONFIG_ITEM], **overrides)
+
+
+def load_model(path: str, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, **overrides: Any) -> Transformer:
+    """Restore a model checkpoint directly into its shards on `mesh` (numerics overridable, e.g. dtype)."""
+    from raredx_jax.checkpoints.hf_io import abstract_model
+
+    path = os.path.abspath(path)
+    cfg = read_model_config(path, **overrides)
+    graphdef, abstract, shardings = abstract_model(cfg, mesh, rules)
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                          abstract.to_pure_dict(), shardings.to_pure_dict())
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+    abstract.replace_by_pure_dict(restored[PARAMS_ITEM])
+    return nnx.merge(graphdef, abstract)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """Newest complete step directory under a trainer's checkpoint dir (orbax leaves no partial ones)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d))]
+    return os.path.join(ckpt_dir, str(max(steps))) if steps else None
+
+
+def resolve_model_checkpoint(path: str) -> str:
+    """Accept a model checkpoint, a trainer checkpoint dir (takes the latest step) or a run directory."""
+    path = os.path.abspath(path)
+    for cand in (path, latest_checkpoint(path), latest_checkpoint(os.path.join(path, "checkpoints"))):
+        if cand and os.path.isdir(os.path.join(cand, CONFIG_ITEM)):
+            return cand
+    raise FileNotFoundError(f"{path}: no model checkpoint here (looked for '{CONFIG_ITEM}' in it, in its latest "
+                            "step, and in <path>/checkpoints/<latest step>)")

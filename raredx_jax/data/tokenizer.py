@@ -1,0 +1,293 @@
+"""Tokenizers behind one interface: a SentencePiece model trained on the embedded corpus, or a local HF directory.
+
+Why two: the embedded default must run offline end to end, so it trains its own small SentencePiece model on
+the knowledge + note text (ChatML roles and think/answer tags as single-id symbols); real runs fine-tune an HF
+checkpoint and must use that checkpoint's tokenizer and chat template. Everything downstream (pipelines,
+sampler, rewards) only sees `Tokenizer`.
+
+The SentencePiece model is trained so that `decode(encode(x)) == x` for any text: identity normalisation (no
+NFKC, no whitespace folding, no dummy prefix), byte fallback for unseen characters, and `"\\n"` as its own symbol
+(training is line-based, so newlines would otherwise only ever be byte pieces). The one exception is the
+character U+2581 (SentencePiece's whitespace marker), which decodes as a space.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+SPECIAL_SYMBOLS: tuple[str, ...] = (IM_START, IM_END, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+PAD_PIECE, UNK_PIECE, BOS_PIECE = "<pad>", "<unk>", "<s>"
+
+BUILD_COMMAND = "python -m raredx_jax.data.build --config=configs/data.py"
+
+
+class Tokenizer:
+    """What every consumer needs from a tokenizer; see docs/INTERFACES.md."""
+
+    vocab_size: int
+    pad_id: int
+    eos_id: int  # end of an assistant turn / of a packed document: appended after every completion
+    bos_id: int | None
+    stop_ids: tuple[int, ...]  # generation stops at any of these
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a single-token string (e.g. a special symbol), None if it is not one token."""
+        raise NotImplementedError
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TypeError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"chat message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if not isinstance(m["content"], str):
+            raise TypeError(f"chat message {i} field 'content' must be str, got {type(m['content']).__name__}")
+
+
+def chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """ChatML rendering (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format Qwen models use too."""
+    _check_messages(messages)
+    out = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
+
+
+# Same format as a Jinja template, so an exported HF tokenizer renders exactly what `chatml` renders.
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --- SentencePiece ----------------------------------------------------------------------------------------------
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line:
+                yield line
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+    seed: int = 0,
+    model_type: str = "bpe",
+) -> Path:
+    """Trains the embedded tokenizer; writes `<model_prefix>.model` and `.vocab`; returns the .model path.
+
+    Deterministic (one thread, no input sampling, fixed seed): the same texts give a byte-identical model.
+    `vocab_size` is a soft limit (`hard_vocab_limit=False`): a small corpus yields fewer pieces instead of
+    failing; it must leave room for the 256 byte pieces and the special symbols.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer.model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    n_fixed = 3 + len(SPECIAL_SYMBOLS) + 1 + 256
+    if vocab_size <= n_fixed:
+        raise ValueError(f"tokenizer.vocab_size={vocab_size} must exceed {n_fixed} (specials + 256 byte pieces)")
+    spm.set_random_generator_seed(int(seed))
+    writer = io.BytesIO()
+    lines = _training_lines(texts)
+    first = next(lines, None)
+    if first is None:
+        raise ValueError("train_sentencepiece: no non-empty text to train on")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chain_first(first, lines),
+        model_writer=writer,
+        model_type=model_type,
+        vocab_size=int(vocab_size),
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=list(SPECIAL_SYMBOLS) + ["\n"],
+        pad_id=0, unk_id=1, bos_id=2, eos_id=-1,
+        pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=1 << 16,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    model_path = Path(str(model_prefix) + ".model")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_suffix(".model.tmp")
+    tmp.write_bytes(writer.getvalue())
+    os.replace(tmp, model_path)  # atomic: a reader never sees half a model
+    sp = spm.SentencePieceProcessor(model_proto=writer.getvalue())
+    vocab_lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())]
+    Path(str(model_prefix) + ".vocab").write_text("\n".join(vocab_lines) + "\n", encoding="utf-8")
+    return model_path
+
+
+def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model with ChatML chat format; EOS = `<|im_end|>`, BOS = `<s>` (used for raw text)."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer.path: no SentencePiece model at {self.path}")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        missing = [s for s in SPECIAL_SYMBOLS if self._sp.piece_to_id(s) == self._sp.unk_id()]
+        if missing:
+            raise ValueError(f"tokenizer.path: {self.path} lacks special symbols {missing}; "
+                             f"train it with train_sentencepiece (run `{BUILD_COMMAND}`)")
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.pad_id = int(self._sp.pad_id())
+        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
+        self.eos_id = int(self._sp.piece_to_id(IM_END))
+        self.stop_ids = (self.eos_id,)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return chatml(messages, add_generation_prompt)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return None if i == self._sp.unk_id() and token != UNK_PIECE else int(i)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+# --- Hugging Face -----------------------------------------------------------------------------------------------
+class HFTokenizer(Tokenizer):
+    """A local HF tokenizer directory (never the hub), rendering prompts with the directory's chat template.
+
+    EOS is the token the template closes an assistant turn with (e.g. `<|im_end|>` for Qwen, `<|eot_id|>` for
+    Llama 3), so SFT targets end the way the template expects; the model's own eos token also stops generation.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"tokenizer.path: HF tokenizer directory {self.path} does not exist")
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the field and directory named
+            raise ValueError(f"tokenizer.path: cannot load an HF tokenizer from {self.path}: {e}") from e
+        self.vocab_size = int(len(self._tok))
+        self.bos_id = self._tok.bos_token_id
+        eot = self._end_of_turn_id()
+        model_eos = self._tok.eos_token_id
+        if eot is None and model_eos is None:
+            raise ValueError(f"tokenizer.path: {self.path} defines neither an eos token nor a chat template "
+                             "turn end; cannot mark where completions end")
+        self.eos_id = int(eot if eot is not None else model_eos)
+        self.stop_ids = tuple(dict.fromkeys(i for i in (self.eos_id, model_eos) if i is not None))
+        pad = self._tok.pad_token_id
+        self.pad_id = int(pad if pad is not None else (model_eos if model_eos is not None else self.eos_id))
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self._tok
+
+    def _has_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def _end_of_turn_id(self) -> int | None:
+        """The first special token the template writes after an assistant message's content."""
+        if not self._has_template():
+            return self.token_to_id(IM_END)
+        marker = "ZQXJ-END-MARKER"
+        text = self.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], add_generation_prompt=False)
+        cut = text.rfind(marker)
+        if cut < 0:
+            return None
+        ids = self.encode(text[cut + len(marker):])
+        special = set(self._tok.all_special_ids) | {
+            i for i, t in self._tok.added_tokens_decoder.items() if getattr(t, "special", False)}
+        return next((int(i) for i in ids if i in special), None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        _check_messages(messages)
+        if not self._has_template():
+            if self.token_to_id(IM_START) is None:
+                raise ValueError(f"tokenizer.path: {self.path} has no chat_template and no {IM_START} token; "
+                                 "add a chat template to tokenizer_config.json")
+            return chatml(messages, add_generation_prompt)
+        return self._tok.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    def token_to_id(self, token: str) -> int | None:
+        ids = self._tok.encode(token, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def default_sentencepiece_path(config: Any) -> Path:
+    return Path(config.data.dir) / "tokenizer" / "spm.model"
+
+
+def load_tokenizer(config: Any) -> Tokenizer:
+    """The tokenizer a run uses: `tokenizer.kind` + `tokenizer.path` (defaults documented in configs/base.py)."""
+    kind = config.tokenizer.kind
+    path = config.tokenizer.get("path", "") or ""
+    if kind == "sentencepiece":
+        p = Path(path) if path else default_sentencepiece_path(config)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"tokenizer.path: SentencePiece model {p} not found. Build the embedded data and tokenizer first: "
+                f"`{BUILD_COMMAND}` (with the same --config.data.dir), or set --config.tokenizer.path=FILE.model")
+        return SentencePieceTokenizer(p)
+    if kind == "hf":
+        p = path or config.model.get("hf_path", "")
+        if not p:
+            raise ValueError("tokenizer.path: tokenizer.kind='hf' needs tokenizer.path or model.hf_path "
+                             "(a local HF directory with tokenizer.json / tokenizer_config.json)")
+        return HFTokenizer(p)
+    raise ValueError(f"tokenizer.kind must be 'sentencepiece' or 'hf', got {kind!r}")

@@ -1,0 +1,79 @@
+"""Attention behind one interface: an XLA reference, jax.nn.dot_product_attention (cuDNN on GPU), TPU splash.
+
+q: [B, T, H, D]; k, v: [B, S, K, D] with K dividing H (GQA); mask: [B, T, S] bool (True = may attend).
+The kernel choice is the only place the code differs by platform.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logging.warning(msg)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference: grouped einsum with fp32 softmax. Fully masked rows (padding) give finite garbage."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """jax.nn.dot_product_attention: cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere."""
+    impl = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        impl = "cudnn"
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+    except Exception as e:  # cuDNN rejects some shapes (head_dim, masks); say so once and fall back.
+        if impl is None:
+            raise
+        _warn_once(f"attention=dot_product: cuDNN path unavailable ({e}); falling back to XLA")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     segment_ids: jax.Array | None) -> jax.Array:
+    """Pallas splash attention on TPU (causal + segment ids); XLA reference elsewhere, with a message."""
+    if jax.default_backend() != "tpu" or segment_ids is None or q.shape[1] != k.shape[1]:
+        _warn_once("attention=splash needs a TPU and a training-shaped call (no KV cache); "
+                   "using the XLA reference attention instead")
+        return xla_attention(q, k, v, mask)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    causal = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
+    kernel = sk.make_splash_mqa_single_device(causal) if kv == 1 else sk.make_splash_mha_single_device(causal)
+    seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
+    qt = jnp.swapaxes(q, 1, 2) * (d ** -0.5)  # [B, H, T, D]
+    kt = jnp.repeat(jnp.swapaxes(k, 1, 2), h // kv, axis=1)
+    vt = jnp.repeat(jnp.swapaxes(v, 1, 2), h // kv, axis=1)
+    out = jax.vmap(kernel)(qt, kt, vt, segment_ids=seg)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           segment_ids: jax.Array | None = None) -> jax.Array:
+    if impl == "xla":
+        return xla_attention(q, k, v, mask)
+    if impl == "dot_product":
+        return dot_product_attention(q, k, v, mask)
+    if impl == "splash":
+        return splash_attention(q, k, v, mask, segment_ids)
+    raise ValueError(f"model.attention: unknown implementation {impl!r}")

@@ -1,0 +1,1 @@
+"""Parallelism: multi-process start-up (`distributed`), device meshes and logical-axis sharding rules."""

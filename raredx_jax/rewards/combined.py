@@ -1,0 +1,320 @@
+"""Combined reward for GRPO (per-component arrays + weighted total) and the RERS leak check.
+
+Components are registered by name (:func:`register_reward`), so a new reward is one function of a
+:class:`RewardContext`; ``rewards.weights`` in the config picks which ones enter the total and with what
+weight. Built in:
+
+=============  ===========================================================================================
+``diagnosis``  rank-aware: :func:`~raredx_jax.rewards.diagnosis.rank_reward` of the gold's rank (``top_k``,
+               ``decay``); 0 when ``diagnosis_requires_format`` and the answer block is not well formed
+``format``     :func:`~raredx_jax.rewards.format.format_reward` in [0, 1] (0.25 per check)
+``length``     :func:`~raredx_jax.rewards.format.length_penalty` in [-1, 0] (DAPO overlong shaping)
+=============  ===========================================================================================
+
+:func:`compute_rewards` returns ``{"total", <each weighted component>, "rank", "pass", "format_ok"}`` as float32
+arrays (one value per completion) so the trainer logs each separately. ``rank`` is 0 where the gold is not in
+the top k; ``pass`` is 1 where it is at rank 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from ml_collections import config_dict
+
+from raredx_jax.rewards.diagnosis import Verification, rank_reward, verify
+from raredx_jax.rewards.format import format_reward, length_penalty
+
+DEFAULT_LEAK_PHRASES = (
+    "as given",
+    "the correct diagnosis is",
+    "i was told",
+    "we were told",
+    "was told that",
+    "the provided answer",
+    "provided diagnosis",
+    "the given diagnosis",
+    "given answer",
+    "given label",
+    "the label",
+    "correct answer",
+    "reference answer",
+    "ground truth",
+    "the hint",
+    "previous attempt",
+    "failed attempt",
+    "my earlier answer",
+    "my previous answer",
+)
+
+
+def rewards_config() -> config_dict.ConfigDict:
+    """Defaults of ``config.rewards`` (the lead merges this into configs/base.py)."""
+    c = config_dict.ConfigDict()
+    c.weights = config_dict.ConfigDict({"diagnosis": 1.0, "format": 0.2, "length": 0.5})
+    c.top_k = 10  # ranks beyond top_k earn no diagnosis reward (and are not linked)
+    c.decay = "reciprocal"  # reciprocal | linear | geometric | top1 | topk
+    c.geometric_base = 0.5
+    c.diagnosis_requires_format = False  # True: diagnosis reward only for a closed, non-empty answer block
+    c.format_prefix = ""  # e.g. "<think>" when the chat template pre-fills it into the prompt
+    c.format_tolerance = 8  # non-space characters tolerated before <think> / after </answer>
+    c.length_max = 0  # tokens; 0 = sampling.max_new_tokens when the full config is given, else no penalty
+    c.length_cache = 32  # soft zone before length_max where the penalty ramps 0 -> -1
+    c.leak_phrases = DEFAULT_LEAK_PHRASES
+    c.leak_min_findings = 2  # RERS: reasoning must mention at least this many findings from the note
+    c.leak_min_overlap = 0.5  # fraction of a note phrase's content words that must appear in the reasoning
+    return c
+
+
+def _resolve(cfg: Any) -> tuple[config_dict.ConfigDict, int]:
+    """(rewards config with defaults filled, default length_max from sampling.max_new_tokens)."""
+    default_max = 0
+    if cfg is None:
+        sub = None
+    elif "rewards" in cfg:
+        sub = cfg.rewards
+        if "sampling" in cfg and "max_new_tokens" in cfg.sampling:
+            default_max = int(cfg.sampling.max_new_tokens)
+    else:
+        sub = cfg
+    out = rewards_config()
+    if sub is not None:
+        for k in sub.keys():
+            v = sub[k]
+            if k == "weights":
+                out.weights = config_dict.ConfigDict(dict(v.items()) if hasattr(v, "items") else v)
+            else:
+                if k not in out:
+                    raise ValueError(f"config.rewards.{k}: unknown field (known: {sorted(out.keys())})")
+                if isinstance(out[k], tuple) and isinstance(v, (list, str)):
+                    v = tuple(x.strip() for x in v.split(",")) if isinstance(v, str) else tuple(v)
+                out[k] = v
+    return out, default_max
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reward components
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RewardContext:
+    text: str
+    case: Any
+    gold: tuple[str, ...]
+    verification: Verification
+    length: int
+    truncated: bool
+    cfg: config_dict.ConfigDict
+    length_max: int
+
+
+REWARDS: dict[str, Callable[[RewardContext], float]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: ``@register_reward("my_reward") def f(ctx: RewardContext) -> float``."""
+
+    def deco(fn):
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_reward("diagnosis")
+def _diagnosis(ctx: RewardContext) -> float:
+    if ctx.cfg.diagnosis_requires_format and not ctx.verification.format_ok:
+        return 0.0
+    return rank_reward(ctx.verification.rank, ctx.cfg.top_k, ctx.cfg.decay, ctx.cfg.geometric_base)
+
+
+@register_reward("format")
+def _format(ctx: RewardContext) -> float:
+    return format_reward(ctx.text, prefix=ctx.cfg.format_prefix, tolerance=ctx.cfg.format_tolerance)
+
+
+@register_reward("length")
+def _length(ctx: RewardContext) -> float:
+    return length_penalty(ctx.length, ctx.length_max, ctx.cfg.length_cache, ctx.truncated)
+
+
+def gold_ids(case: Any) -> tuple[str, ...]:
+    """Gold ids of a Case (``.diagnosis``), a dict with ``"diagnosis"``, or a plain id / tuple of ids."""
+    if isinstance(case, str):
+        return (case,)
+    if isinstance(case, dict):
+        g = case["diagnosis"]
+    elif hasattr(case, "diagnosis"):
+        g = case.diagnosis
+    else:
+        g = case
+    return (g,) if isinstance(g, str) else tuple(g)
+
+
+class RewardFn:
+    """Reward of a batch of completions: ``RewardFn(linker, config)(completions, cases) -> dict of arrays``.
+
+    config: the full ConfigDict (reads ``rewards`` and ``sampling.max_new_tokens``) or ``config.rewards``.
+    """
+
+    def __init__(self, linker: Any, cfg: Any = None):
+        self.linker = linker
+        self.cfg, default_max = _resolve(cfg)
+        self.length_max = int(self.cfg.length_max) or default_max
+        self.weights = {k: float(v) for k, v in self.cfg.weights.items()}
+        for k in self.weights:
+            if k not in REWARDS:
+                raise ValueError(f"config.rewards.weights.{k}: no such reward (registered: {sorted(REWARDS)})")
+
+    def __call__(
+        self,
+        completions: Sequence[str],
+        cases: Sequence[Any],
+        lengths: Sequence[int] | None = None,
+        truncated: Sequence[bool] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """completions[i] answers cases[i]; or ``len(cases)`` prompts each with G contiguous completions.
+
+        lengths: completion lengths in tokens (the length penalty's unit); default: whitespace word counts.
+        truncated: whether each completion hit the generation limit; default: ``lengths >= length_max``.
+        """
+        n = len(completions)
+        if len(cases) == 0 or n % len(cases):
+            raise ValueError(f"{n} completions for {len(cases)} cases: need completions = cases x G")
+        g = n // len(cases)
+        if lengths is None:
+            lengths = [len((t or "").split()) for t in completions]
+        if len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} completions")
+        if truncated is None:
+            truncated = [bool(self.length_max) and int(l) >= self.length_max for l in lengths]
+        comps: dict[str, list[float]] = {k: [] for k in self.weights}
+        rank, passed, fmt_ok = [], [], []
+        for i, text in enumerate(completions):
+            case = cases[i // g]
+            gold = gold_ids(case)
+            ver = verify(text or "", gold, self.linker, top_k=int(self.cfg.top_k))
+            ctx = RewardContext(
+                text=text or "", case=case, gold=gold, verification=ver, length=int(lengths[i]),
+                truncated=bool(truncated[i]), cfg=self.cfg, length_max=self.length_max,
+            )
+            for k in self.weights:
+                comps[k].append(float(REWARDS[k](ctx)))
+            rank.append(float(ver.rank or 0))
+            passed.append(1.0 if ver.rank == 1 else 0.0)
+            fmt_ok.append(1.0 if ver.format_ok else 0.0)
+        out = {k: np.asarray(v, np.float32) for k, v in comps.items()}
+        total = np.zeros(n, np.float32)
+        for k, w in self.weights.items():
+            total += np.float32(w) * out[k]
+        out["total"] = total
+        out["rank"] = np.asarray(rank, np.float32)
+        out["pass"] = np.asarray(passed, np.float32)
+        out["format_ok"] = np.asarray(fmt_ok, np.float32)
+        return out
+
+
+def compute_rewards(
+    completions: Sequence[str],
+    cases: Sequence[Any],
+    linker: Any,
+    cfg: Any = None,
+    lengths: Sequence[int] | None = None,
+    truncated: Sequence[bool] | None = None,
+) -> dict[str, np.ndarray]:
+    """Functional form of :class:`RewardFn`."""
+    return RewardFn(linker, cfg)(completions, cases, lengths=lengths, truncated=truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RERS leak check
+# ---------------------------------------------------------------------------------------------------------
+
+_STOP = frozenset(
+    """a an the and or but of in on at to for from by with without into onto over under as is are was were be
+    been being has have had do does did this that these those his her their its he she they it who whom which
+    what when where while also both either neither not no nor very than then there here such some any all each
+    other per about after before since during until patient patients year years yr yrs old month months week
+    weeks day days age aged boy girl man woman male female child children infant toddler adolescent adult
+    baby son daughter mother father presents presented presenting presentation history noted notes shows
+    showed showing reports reported reveals revealed revealing exam examination findings finding include
+    includes including included evaluation referred seen clinic features feature signs sign symptoms symptom
+    currently recently now new further additional well present time times since""".split()
+)
+_SPLIT_PHRASES = re.compile(
+    r"[.;:,!?()\[\]\n\r]+|\b(?:and|with|without|but|plus|as well as|along with|also|including|who|which)\b",
+    re.IGNORECASE,
+)
+
+
+def _normalise(s: str) -> str:
+    s = s.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return re.sub(r"\s+", " ", s)
+
+
+def _stem(w: str) -> str:
+    if len(w) > 6:
+        return w[:6]
+    if len(w) > 3 and w.endswith("s"):
+        return w[:-1]
+    return w
+
+
+def _content_stems(s: str, exclude: frozenset[str] = frozenset()) -> list[str]:
+    words = re.findall(r"[a-z][a-z0-9]+", s.lower())
+    return [_stem(w) for w in words if w not in _STOP and _stem(w) not in exclude and len(w) > 2]
+
+
+def note_findings(note: str, exclude: frozenset[str] = frozenset()) -> list[frozenset[str]]:
+    """Candidate findings of a note: phrases (split at punctuation and conjunctions) as sets of word stems."""
+    out, seen = [], set()
+    for ph in _SPLIT_PHRASES.split(note or ""):
+        stems = frozenset(_content_stems(ph, exclude))
+        if stems and stems not in seen:
+            seen.add(stems)
+            out.append(stems)
+    return out
+
+
+def leak_check(
+    reasoning: str,
+    note: str,
+    gold_name: str,
+    phrases: Sequence[str] | None = None,
+    min_findings: int = 2,
+    min_overlap: float = 0.5,
+) -> tuple[bool, str]:
+    """RERS acceptance test of a reflected trajectory: (ok, reason).
+
+    Rejects ``reasoning`` (pass the whole completion) when it contains a leak phrase (case-insensitive, word
+    bounded; default :data:`DEFAULT_LEAK_PHRASES`), or when it mentions fewer than ``min_findings`` findings of
+    the note (capped at the number of findings the note has). A note finding is a phrase of the note (split at
+    punctuation and conjunctions) whose content words (stop words and the words of ``gold_name`` removed,
+    crudely stemmed) appear in the reasoning for at least ``min_overlap`` of them.
+    """
+    text = _normalise(reasoning or "")
+    if not text.strip():
+        return False, "empty reasoning"
+    for p in DEFAULT_LEAK_PHRASES if phrases is None else phrases:
+        pn = _normalise(p).strip()
+        if pn and re.search(r"(?<![a-z0-9])" + re.escape(pn) + r"(?![a-z0-9])", text):
+            return False, f"leak phrase {p!r}"
+    exclude = frozenset(_content_stems(gold_name or ""))
+    findings = note_findings(note, exclude)
+    have = set(_content_stems(text))
+    hits = [f for f in findings if len(f & have) / len(f) >= min_overlap]
+    need = min(min_findings, len(findings))
+    if len(hits) < need:
+        return False, f"mentions {len(hits)} finding(s) of the note, need {need}"
+    return True, f"ok ({len(hits)} note findings)"
+
+
+__all__ = [
+    "RewardFn", "RewardContext", "REWARDS", "register_reward", "compute_rewards", "rewards_config", "gold_ids",
+    "leak_check", "note_findings", "DEFAULT_LEAK_PHRASES",
+]

@@ -1,0 +1,128 @@
+"""Tokenizers: lossless round trip, special symbols as single ids, ChatML rendering, a local HF directory."""
+from __future__ import annotations
+
+import pytest
+from ml_collections import config_dict
+
+from raredx_jax.data import tokenizer as tok_lib
+from raredx_jax.data.tokenizer import (
+    CHATML_JINJA, SPECIAL_SYMBOLS, HFTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece)
+
+CORPUS = [
+    "Marfan syndrome (OMIM:154700) is an autosomal dominant disorder of connective tissue.",
+    "Frequent findings include arachnodactyly, ectopia lentis and aortic root dilatation.",
+    "A 6-year-old girl presented with hypotonia, seizures and café-au-lait spots.\nFamily history was negative.",
+    "Referral letter: Dear colleague, I saw this 34 year old man with recurrent fractures.",
+    "Noonan syndrome: short stature, pulmonary valve stenosis, webbed neck; onset in infancy.",
+] * 8
+
+VARIED = [
+    "hello world",
+    "  leading and trailing spaces  ",
+    "multiple   spaces\tand\ttabs\n\nand blank lines\n",
+    "Unicode: café, naïve, Ærøskøbing, 日本語のテキスト, emoji 🧬😀, math ≤ ≥ ±",
+    "ids OMIM:154700, ORPHA:558 and HP:0001166 at 37.5°C",
+    "<|im_start|>user\nWhat is it?<|im_end|>\n<think>reasoning</think>\n<answer>\n1. Marfan syndrome\n</answer>",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    return train_sentencepiece(CORPUS, d / "spm", vocab_size=400, seed=0)
+
+
+def test_sentencepiece_round_trip(spm_path):
+    tok = SentencePieceTokenizer(spm_path)
+    for text in VARIED:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+
+
+def test_sentencepiece_special_tokens_single_ids(spm_path):
+    tok = SentencePieceTokenizer(spm_path)
+    ids = {s: tok.encode(s) for s in SPECIAL_SYMBOLS}
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert len({v[0] for v in ids.values()}) == len(SPECIAL_SYMBOLS)
+    assert tok.eos_id == ids["<|im_end|>"][0] and tok.stop_ids == (tok.eos_id,)
+    assert tok.pad_id == 0 and tok.bos_id is not None and tok.pad_id != tok.eos_id
+    # Special symbols embedded in text are still one id each.
+    seq = tok.encode("x<think>y</think>")
+    assert ids["<think>"][0] in seq and ids["</think>"][0] in seq
+
+
+def test_sentencepiece_deterministic(tmp_path, spm_path):
+    again = train_sentencepiece(CORPUS, tmp_path / "again", vocab_size=400, seed=0)
+    assert again.read_bytes() == spm_path.read_bytes()
+
+
+def test_chat_template(spm_path):
+    tok = SentencePieceTokenizer(spm_path)
+    msgs = [{"role": "system", "content": "You are a clinician."}, {"role": "user", "content": "Note: fever."}]
+    expected = ("<|im_start|>system\nYou are a clinician.<|im_end|>\n"
+                "<|im_start|>user\nNote: fever.<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.apply_chat_template(msgs) == expected
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == expected[: -len("<|im_start|>assistant\n")]
+    assert tok.encode_chat(msgs) == tok.encode(expected)
+    assert tok.decode(tok.encode_chat(msgs)) == expected
+    with pytest.raises(ValueError, match="role"):
+        tok.apply_chat_template([{"content": "x"}])
+
+
+def test_load_tokenizer_errors_name_field(tmp_path, spm_path):
+    c = config_dict.ConfigDict({"tokenizer": {"kind": "sentencepiece", "path": ""},
+                                "data": {"dir": str(tmp_path / "nowhere")}, "model": {"hf_path": ""}})
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.path.*raredx_jax\.data\.build"):
+        load_tokenizer(c)
+    c.tokenizer.path = str(spm_path)
+    assert isinstance(load_tokenizer(c), SentencePieceTokenizer)
+    c.tokenizer.kind = "hf"
+    c.tokenizer.path = ""
+    with pytest.raises(ValueError, match=r"tokenizer\.path.*model\.hf_path"):
+        load_tokenizer(c)
+    c.tokenizer.kind = "nope"
+    with pytest.raises(ValueError, match="tokenizer.kind"):
+        load_tokenizer(c)
+    # Default path: <data.dir>/tokenizer/spm.model.
+    c.tokenizer.kind = "sentencepiece"
+    assert tok_lib.default_sentencepiece_path(c) == tmp_path / "nowhere" / "tokenizer" / "spm.model"
+
+
+def _tiny_hf_dir(path):
+    """A real (tiny) HF tokenizer directory built offline: byte-level BPE trained on a few lines + ChatML."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(CORPUS, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                 additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    hf.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
+    hf.chat_template = CHATML_JINJA
+    hf.save_pretrained(str(path))
+    return path
+
+
+def test_hf_tokenizer_local_dir(tmp_path):
+    d = _tiny_hf_dir(tmp_path / "hf")
+    tok = HFTokenizer(d)
+    for text in VARIED:
+        assert tok.decode(tok.encode(text)) == text
+    msgs = [{"role": "user", "content": "Note: fever."}]
+    assert tok.apply_chat_template(msgs) == tok_lib.chatml(msgs)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end is not None and tok.eos_id == im_end  # the template's turn end, not <|endoftext|>
+    assert tok.token_to_id("<|endoftext|>") in tok.stop_ids and im_end in tok.stop_ids
+    assert tok.pad_id == tok.token_to_id("<|endoftext|>")
+    for s in ("<|im_start|>", "<think>", "</answer>"):
+        assert len(tok.encode(s)) == 1
+    c = config_dict.ConfigDict({"tokenizer": {"kind": "hf", "path": ""}, "data": {"dir": str(tmp_path)},
+                                "model": {"hf_path": str(d)}})
+    loaded = load_tokenizer(c)
+    assert isinstance(loaded, HFTokenizer) and loaded.vocab_size == tok.vocab_size
