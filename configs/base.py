@@ -45,6 +45,7 @@ def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     c.tokenizer.kind = "sentencepiece"  # sentencepiece (trained on the embedded corpus) | hf
     c.tokenizer.path = ""  # "" = <data.dir>/tokenizer/spm.model (sentencepiece) or model.hf_path (hf)
     c.tokenizer.vocab_size = 2048  # when training the SentencePiece model
+    c.tokenizer.model_type = "bpe"  # bpe | unigram (SentencePiece training)
 
     # --- data ----------------------------------------------------------------------------------
     c.data = config_dict.ConfigDict()
@@ -60,6 +61,10 @@ def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.phenopackets = ""  # folder or .tar.gz of GA4GH phenopackets; "" = none
     c.data.jsonl_notes = ""  # JSONL {"id","text","diagnosis"} file; "" = none
     c.data.on_error = "raise"  # raise | skip (skip writes a report of every skipped record)
+    c.data.seed = 0  # generation seed (knowledge phrasings, notes); each split derives its own from it
+    c.data.eval_notes_per_disease = 5  # per disease in validation and in test (levels cycle: 5 = one of each)
+    c.data.knowledge_eval_passages_per_disease = 3  # held-out phrasings per disease (knowledge validation)
+    c.data.levels = ""  # comma-separated simulator difficulty levels; "" = every level simulate.py defines
 
     # --- training (SFT and shared optimiser) ----------------------------------------------------
     c.train = config_dict.ConfigDict()
@@ -117,6 +122,11 @@ def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     # --- evaluation / export -------------------------------------------------------------------
     c.eval = config_dict.ConfigDict()
     c.eval.top_k = (1, 3, 10)
+    c.eval.checkpoint = ""  # "" = the latest checkpoint of run_dir
+    c.eval.cases = "simulated:test"  # comma-separated: simulated:<split>, imported:<split>, folder/.tar.gz, .jsonl
+    c.eval.out_dir = ""  # "" = <run_dir>/eval
+    c.eval.candidates = "trained"  # trained (= data.diseases) | all annotated diseases
+    c.eval.max_cases = 0  # 0 = all
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
 

@@ -45,6 +45,13 @@ FREQUENCY_TERMS: dict[str, tuple[str, float]] = {
     "HP:0040285": ("excluded", 0.0),  # 0%
 }
 DISEASE_PREFIXES = ("OMIM", "ORPHA")
+_SYSTEM_NAMES = {  # organ-system headings as clinicians write them
+    "nervous": "neurological", "Growth abnormality": "growth", "Constitutional symptom": "constitutional",
+    "head or neck": "head and neck", "blood and blood-forming tissues": "hematologic",
+    "metabolism/homeostasis": "metabolic", "prenatal development or birth": "prenatal and birth",
+    "integument": "skin", "Neoplasm": "neoplasia", "Abnormal cellular phenotype": "cellular",
+    "thoracic cavity": "thoracic", "digestive": "gastrointestinal", "voice": "voice",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +315,7 @@ def build_extras_asset(data_dir: str | Path, out_path: str | Path = EXTRAS_ASSET
                 term_id = None
             elif term_id and line.startswith("synonym: "):
                 m = re.match(r'synonym: "(.*)" (\w+)(.*)', line)
-                if m and m.group(2) in ("EXACT", "NARROW") and "\t" not in m.group(1):
+                if m and m.group(2) == "EXACT" and "\t" not in m.group(1):
                     lay = "layperson" in m.group(3)
                     synonyms.append((term_id, m.group(1).replace('\\"', '"'), lay))
     genes: set[tuple[str, str]] = set()
@@ -428,6 +435,20 @@ class Ontology:
 
     def is_inheritance(self, hpo_id: str) -> bool:
         return hpo_id in self._subtree[ROOT_INHERITANCE] and hpo_id != ROOT_INHERITANCE
+
+    @functools.cached_property
+    def organ_systems(self) -> frozenset[str]:
+        """The direct children of 'Phenotypic abnormality' (too general to stand for a finding in a note)."""
+        return frozenset(c.id for c in self._hpo.get_hpo_object(ROOT_PHENOTYPE).children)
+
+    def system(self, hpo_id: str) -> str:
+        """Short organ-system name for grouping findings ('musculoskeletal', 'eye'); '' when none."""
+        cats = sorted(c.name for c in self._hpo.hpo(self._int(hpo_id)).categories)
+        if not cats:
+            return ""
+        name = cats[-1] if len(cats) > 1 and cats[0] == "Abnormality of limbs" else cats[0]
+        name = re.sub(r" system$", "", re.sub(r"^Abnormality of (the )?", "", name))
+        return _SYSTEM_NAMES.get(name, name.lower())
 
     # --- diseases ------------------------------------------------------------------------------------
     def _build_disease(self, prefix: str, item: Any) -> Disease | None:

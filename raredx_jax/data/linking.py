@@ -93,7 +93,8 @@ _NOT_ROMAN = {"via", "vic", "xic", "vie", "ivf"}
 _PAREN = re.compile(r"\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\}")
 _DIGIT_LETTER = re.compile(r"(?<=\d)(?=[a-z])|(?<=[a-z])(?=\d)")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
-_WITH_OR_WITHOUT = re.compile(r",?\s+with or without\b.*$", re.IGNORECASE)
+_NON_ALNUM_KEEP_COMMA = re.compile(r"[^a-z0-9,]+")
+_WITH_OR_WITHOUT = re.compile(r",?\s+with or without\b[^,;]*", re.IGNORECASE)
 _LIST_PREFIX = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+")
 # generic words dropped for the `loose` level only (they rarely distinguish two diseases by themselves)
 LOOSE_STOP_WORDS = frozenset({"syndrome", "syndromes", "disease", "diseases", "disorder", "disorders", "type",
@@ -116,13 +117,20 @@ def _fold(text: str) -> str:
     return "".join(c for c in text if not unicodedata.combining(c)).lower()
 
 
-def _map_token(tok: str, prev: str | None, last: bool) -> list[str]:
+def _map_token(tok: str, prev: str | None, nxt: str | None) -> list[str]:
+    """One token -> normalised token(s). ``prev``/``nxt`` are the neighbours, "," marking a comma boundary."""
     if tok in _NUMBER_WORDS:
         return [_NUMBER_WORDS[tok]]
-    if tok in _ROMAN and (len(tok) > 1 or prev in _ROMAN_CONTEXT or (last and tok != "x" and prev is not None)):
-        return [_ROMAN[tok]]
+    seg_start, seg_end = prev in (None, ","), nxt in (None, ",")
+    if tok in _ROMAN:
+        if (len(tok) > 1 or prev in _ROMAN_CONTEXT
+                or (seg_start and seg_end and prev == ",")  # a whole comma part: "Heterotaxy, visceral, I, X-linked"
+                or (seg_end and not seg_start and tok != "x")):  # ends a phrase: "Mucolipidosis I"
+            return [_ROMAN[tok]]
+        return [tok]
     m = _ROMAN_SUFFIX.match(tok)
-    if m and tok not in _NOT_ROMAN and m.group(1) in _ROMAN and (len(m.group(1)) > 1 or prev in _ROMAN_CONTEXT):
+    if m and tok not in _NOT_ROMAN and m.group(1) in _ROMAN and (len(m.group(1)) > 1 or prev in _ROMAN_CONTEXT
+                                                                   or (seg_end and not seg_start)):
         return [_ROMAN[m.group(1)], m.group(2)]
     if tok not in _BRITISH_KEEP and len(tok) > 4:
         for pat, rep in _BRITISH:
@@ -138,18 +146,21 @@ def normalize_tokens(text: str, drop_parentheticals: bool = True) -> tuple[str, 
     if drop_parentheticals:
         stripped = s
         for _ in range(3):  # nested parentheses
-            stripped = _PAREN.sub(" ", stripped)
+            stripped = _PAREN.sub(" , ", stripped)
         if _NON_ALNUM.sub("", stripped):  # a string that is only a parenthetical keeps its content
             s = stripped
     s = re.sub(r"['\u2019`]s\b", "", s)  # possessive: "Alzheimer's" = "Alzheimer"
     s = re.sub(r"['\u2019`]", "", s)
     s = s.replace("&", " and ")
-    s = _NON_ALNUM.sub(" ", s)
+    s = re.sub(r"[,;:/]", " , ", s)  # comma-like boundaries are kept as tokens while numerals are read
+    s = _NON_ALNUM_KEEP_COMMA.sub(" ", s)
     s = _DIGIT_LETTER.sub(" ", s)
     raw = s.split()
     out: list[str] = []
     for i, tok in enumerate(raw):
-        out.extend(_map_token(tok, raw[i - 1] if i else None, i == len(raw) - 1))
+        if tok == ",":
+            continue
+        out.extend(_map_token(tok, raw[i - 1] if i else None, raw[i + 1] if i + 1 < len(raw) else None))
     # "1" and "01" are the same subtype
     return tuple(str(int(t)) if t.isdigit() else t for t in out)
 
@@ -163,10 +174,13 @@ def _loose_key(tokens: Sequence[str]) -> str:
     return _sorted_key(kept or tokens)
 
 
+_LONE_ROMAN = {"i": "1", "v": "5", "x": "10"}  # unconverted lone numerals ("type Lattice I" after reordering)
+
+
 def _markers(tokens: Sequence[str]) -> frozenset[str]:
     """Subtype markers: numbers and single letters ("type 2 a"); two names differing in these are different
     diseases however similar the rest is."""
-    return frozenset(t for t in tokens if t.isdigit() or len(t) == 1)
+    return frozenset(_LONE_ROMAN.get(t, t) for t in tokens if t.isdigit() or len(t) == 1)
 
 
 def _trigrams(norm: str) -> set[str]:
@@ -179,8 +193,8 @@ def _similarity(m_tokens: tuple[str, ...], c_tokens: tuple[str, ...]) -> float:
     a, b = " ".join(m_tokens), " ".join(c_tokens)
     s = SequenceMatcher(None, a, b, autojunk=False).ratio()
     sa, sb = _sorted_key(m_tokens), _sorted_key(c_tokens)
-    if sa != a or sb != b:
-        s = max(s, SequenceMatcher(None, sa, sb, autojunk=False).ratio())
+    if sa != a or sb != b:  # another word order is a slightly weaker match than the same order
+        s = max(s, 0.98 * SequenceMatcher(None, sa, sb, autojunk=False).ratio())
     mm, cm = _markers(m_tokens), _markers(c_tokens)
     if mm != cm:
         # both sides name a subtype and they differ: another disease. One side unspecified: a weaker match.
@@ -216,24 +230,24 @@ class DiseaseLinker:
                 self._ids[canon] = d.id
             self._ids[d.id.upper()] = d.id
             for how, text in [("name", d.name)] + [("synonym", s) for s in d.synonyms]:
-                for variant in self._variants(text):
-                    self._add(variant, d.id, how)
+                for variant, derived in self._variants(text):
+                    self._add(variant, d.id, "synonym" if derived else how)
         self._fuzzy_index: tuple | None = None  # built lazily: exact look-ups need none of it
 
     @staticmethod
-    def _variants(text: str) -> list[tuple[str, ...]]:
+    def _variants(text: str) -> list[tuple[tuple[str, ...], bool]]:
         """Normalised forms a string is indexed under: without parentheticals, with them, each part of an
         OMIM-style title ``NAME; ABBREVIATION``, and the title without its optional "with or without ..." tail."""
         parts = [text] + ([p for p in text.split(";") if p.strip()] if ";" in text else [])
         head = _WITH_OR_WITHOUT.sub("", text)  # "Epilepsy, early-onset, 3, with or without X" -> "... 3"
         if head != text and head.strip():
             parts.append(head)
-        out: list[tuple[str, ...]] = []
-        for p in parts:
+        out: list[tuple[tuple[str, ...], bool]] = []  # (tokens, derived: not the string as written)
+        for i, p in enumerate(parts):
             for keep in (True, False):
                 toks = normalize_tokens(p, keep)
-                if toks and toks not in out:
-                    out.append(toks)
+                if toks and toks not in [t for t, _ in out]:
+                    out.append((toks, i > 0))
         return out
 
     def _add(self, tokens: tuple[str, ...], disease_id: str, how: str) -> None:
@@ -261,9 +275,13 @@ class DiseaseLinker:
         """The normalised key a string is matched under (exposed for tests and debugging)."""
         return " ".join(normalize_tokens(text))
 
-    def owners(self, text: str) -> set[str]:
-        """Ids of the diseases whose name or synonym normalises exactly to ``text``'s key."""
-        return set(self._exact.get(self.normalize(text), {}))
+    def owners(self, text: str, any_order: bool = False) -> set[str]:
+        """Ids of the diseases owning ``text`` as a name or synonym after normalisation (with ``any_order``: the
+        same tokens in any order). A string several diseases own may fairly link to any of them."""
+        tokens = normalize_tokens(text)
+        if any_order:
+            return set(self._reordered.get(_sorted_key(tokens), ()))
+        return set(self._exact.get(" ".join(tokens), {}))
 
     def best(self, mention: str) -> str | None:
         """The best-scoring id at or above the threshold, or None."""

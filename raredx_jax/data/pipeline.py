@@ -163,7 +163,9 @@ def sft_dataset(
             out["record_ids"] = np.full(len(out["tokens"]), index, np.int32)
         return out
 
-    ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i, r))
+    n_source = len(source)
+    # Indices past len(source) (later epochs) wrap around in grain: report the record's own index.
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n_source, r))
     ds = ds[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -121,7 +121,7 @@ def train_sentencepiece(
         vocab_size=int(vocab_size),
         hard_vocab_limit=False,
         byte_fallback=True,
-        character_coverage=1.0,
+        character_coverage=0.9999,  # the rarest characters fall back to bytes instead of taking vocab slots
         user_defined_symbols=list(SPECIAL_SYMBOLS) + ["\n"],
         pad_id=0, unk_id=1, bos_id=2, eos_id=-1,
         pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE,

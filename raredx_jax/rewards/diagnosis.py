@@ -26,9 +26,10 @@ Parsing rules (:func:`parse_answer`), in order:
   are dropped keeping the first; at most :data:`MAX_ENTRIES` entries are kept.
 
 :func:`verify` links each of the first ``top_k`` entries with the :class:`~raredx_jax.data.linking.DiseaseLinker`
-(an entry's ontology id wins when the linker knows it, else its name is linked), removes later entries that
-link to an already-listed disease (a repeated disease does not push the gold down), and reports the 1-based
-rank of the first entry whose id is a gold id.
+(an entry's ontology id wins when the linker knows it, else its name is linked; when several diseases tie
+for the best score -- "Marfan syndrome" is both OMIM:154700 and ORPHA:558 -- a gold id among them is taken),
+removes later entries that link to an already-listed disease (a repeated disease does not push the gold
+down), and reports the 1-based rank of the first entry whose id is a gold id.
 """
 from __future__ import annotations
 
@@ -351,40 +352,40 @@ def parse_answer(text: str) -> ParsedAnswer:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _known_ids(linker: Any) -> Any:
-    """The set of ids the linker knows, when it exposes one (used to trust a written id)."""
-    for attr in ("ids", "disease_ids", "_ids", "_by_id", "by_id", "diseases_by_id", "_diseases"):
-        v = getattr(linker, attr, None)
-        if v is None:
-            continue
-        if isinstance(v, dict) or isinstance(v, (set, frozenset)):
-            return v
-        if isinstance(v, (list, tuple)):
-            out = set()
-            for x in v:
-                out.add(x if isinstance(x, str) else getattr(x, "id", None))
-            return out
-    return None
+def _candidates(mention: str, linker: Any, ties: int = 8) -> list[str]:
+    """Ids the linker gives ``mention`` at its best score (several when a name is shared, e.g. the OMIM and the
+    ORPHA entry of "Marfan syndrome"); best first, empty when nothing links."""
+    if hasattr(linker, "link"):
+        hits = linker.link(mention, top=ties)
+        if not hits:
+            return []
+        top = hits[0].score
+        return [h.id for h in hits if h.score >= top - 1e-9]
+    best = linker.best(mention)
+    return [best] if best else []
 
 
-def link_entry(name: str, written_id: str | None, linker: Any, known: Any = None) -> str | None:
-    """Ontology id for one entry: its written id when the linker knows it, else the linker's best match."""
-    if written_id:
-        if known is not None:
-            if written_id in known:
-                return written_id
-        else:
-            hit = linker.best(written_id)
-            if hit == written_id:
-                return written_id
-    if name and normalize_id(name) is None:
-        return linker.best(name)
-    if name and normalize_id(name):
-        nid = normalize_id(name)
-        if known is not None:
-            return nid if nid in known else None
-        return nid if linker.best(nid) == nid else None
-    return None
+def _id_candidates(written_id: str, linker: Any) -> list[str]:
+    """[id] when the linker knows the written id, else []."""
+    if hasattr(linker, "link"):
+        return [h.id for h in linker.link(written_id, top=1) if getattr(h, "how", "id") == "id"]
+    return [written_id] if linker.best(written_id) == written_id else []
+
+
+def link_entry(name: str, written_id: str | None, linker: Any, gold: Iterable[str] = ()) -> str | None:
+    """Ontology id of one entry.
+
+    A written id the linker knows wins; otherwise the name is linked. When several diseases tie for the
+    mention's best score (a name shared by an OMIM and an ORPHA entry), a gold id among them is preferred,
+    so the shared name counts as naming the gold; otherwise the linker's first (deterministic) hit is used.
+    """
+    cands = _id_candidates(written_id, linker) if written_id else []
+    if not cands and name:
+        cands = _candidates(name, linker)
+    if not cands:
+        return None
+    gold = set(gold)
+    return next((c for c in cands if c in gold), cands[0])
 
 
 def verify(text: str, gold_ids: Iterable[str] | str, linker: Any, top_k: int = 10) -> Verification:
@@ -396,14 +397,13 @@ def verify(text: str, gold_ids: Iterable[str] | str, linker: Any, top_k: int = 1
     gold = {gold_ids} if isinstance(gold_ids, str) else set(gold_ids)
     gold = {normalize_id(g) or g for g in gold}
     parsed = parse_answer(text)
-    known = _known_ids(linker)
     entries: list[str] = []
     linked: list[str | None] = []
     seen: set[str] = set()
     for name, wid in zip(parsed.entries, parsed.ids):
         if len(entries) >= top_k:
             break
-        did = link_entry(name if name != wid else "", wid, linker, known)
+        did = link_entry(name if name != wid else "", wid, linker, gold)
         if did is not None and did in seen:
             continue  # a repeated disease does not take a rank
         if did is not None:

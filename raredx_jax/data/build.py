@@ -1,0 +1,361 @@
+"""Builds every embedded dataset and the SentencePiece tokenizer: `python -m raredx_jax.data.build --config=...`.
+
+Steps: select diseases -> knowledge corpus (train + held-out phrasings) -> simulated notes (train / validation /
+test, each drawn with its own seed for every disease) -> imported real cases (if configured) -> SentencePiece
+tokenizer trained on the training text -> TFDS array_record datasets under `data.dir` -> `manifest.json`.
+
+Idempotent: the manifest records a hash of everything the output depends on (the data + tokenizer config
+fields, the generator source code, the HPO asset, the imported input files). A rerun with the same hash
+skips; any difference rebuilds from scratch. The manifest is written last, so an interrupted build reruns.
+Other stages call `build_all(config)` in-process (on one process; others wait for it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+BUILD_FORMAT = 1  # bump when the on-disk layout written here changes
+SPLITS = ("train", "validation", "test")
+_SOURCE_MODULES = ("hpo", "case", "knowledge", "simulate", "importers", "prompts", "tokenizer", "tfds_builders",
+                   "build")
+
+Log = Callable[[str], None]
+
+
+def _log_stdout(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+# --- what the output depends on --------------------------------------------------------------------------------
+def _relevant_config(config: Any) -> dict[str, Any]:
+    data = config.data.to_dict()
+    data.pop("dir", None)  # where it goes is not what it is
+    tok = {k: config.tokenizer[k] for k in ("vocab_size", "model_type") if k in config.tokenizer}
+    return {"data": data, "tokenizer": tok}
+
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def _input_fingerprint(path_str: str) -> str:
+    """Content hash of an input file, or of every file under an input folder (names + bytes)."""
+    if not path_str:
+        return ""
+    p = Path(path_str)
+    if not p.exists():
+        raise FileNotFoundError(f"data input {p} does not exist (check data.phenopackets / data.jsonl_notes)")
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else f.name).encode())
+        _file_digest(f, h)
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """Hash of everything the built data depends on (config fields, generator code, shipped assets, inputs)."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": BUILD_FORMAT, "config": _relevant_config(config)}, sort_keys=True,
+                        default=str).encode())
+    for name in _SOURCE_MODULES:
+        f = here / f"{name}.py"
+        if f.is_file():
+            h.update(name.encode())
+            _file_digest(f, h)
+    assets = here.parent / "assets" / "hpo"
+    if assets.is_dir():
+        for f in sorted(assets.iterdir()):
+            if f.is_file():
+                _file_digest(f, h)
+    for field in ("phenopackets", "jsonl_notes"):
+        h.update(_input_fingerprint(config.data.get(field, "")).encode())
+    return h.hexdigest()
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(data_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a torn manifest means an unfinished build: rebuild
+
+
+def _outputs_exist(data_dir: Path, manifest: dict[str, Any]) -> bool:
+    from raredx_jax.data import tfds_builders as tb
+
+    tok = data_dir / manifest.get("tokenizer", {}).get("path", "tokenizer/spm.model")
+    return tok.is_file() and all(tb.dataset_dir(name, data_dir).is_dir() for name in manifest.get("datasets", {}))
+
+
+# --- generation steps -------------------------------------------------------------------------------------------
+def _split_seed(base_seed: int, what: str, split: str) -> int:
+    """A stable seed per (dataset, split): splits draw different notes/phrasings of the same diseases."""
+    digest = hashlib.sha256(f"{base_seed}|{what}|{split}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _levels(config: Any) -> tuple[str, ...]:
+    raw = config.data.get("levels", "")
+    if isinstance(raw, (list, tuple)):
+        names = tuple(str(x).strip() for x in raw if str(x).strip())
+    else:
+        names = tuple(x.strip() for x in str(raw).split(",") if x.strip())
+    return names
+
+
+def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Log) -> dict[str, list[dict]]:
+    """Training passages plus a validation split of *other* phrasings of the same facts (exact repeats removed)."""
+    from raredx_jax.data.knowledge import knowledge_records
+
+    seed = int(config.data.seed)
+    train = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "train"),
+                              passages_per_disease=int(config.data.knowledge_passages_per_disease))
+    out = {"train": list(train)}
+    n_val = int(config.data.get("knowledge_eval_passages_per_disease", 0))
+    if n_val > 0:
+        val = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "validation"),
+                                passages_per_disease=n_val)
+        seen = {_record_key(r) for r in train}
+        held_out = [r for r in val if _record_key(r) not in seen]
+        if len(held_out) < len(val):
+            log(f"knowledge: dropped {len(val) - len(held_out)} validation items identical to training items")
+        if held_out:
+            out["validation"] = held_out
+    return out
+
+
+def _record_key(r: dict) -> str:
+    return json.dumps([r.get("prompt", ""), r.get("completion", "")], sort_keys=True, ensure_ascii=False)
+
+
+def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Log) -> dict[str, list[Any]]:
+    """Notes for every disease in every split, each split with its own seed; a held-out note never repeats a
+    training note verbatim, and case ids are unique across splits."""
+    from raredx_jax.data import simulate
+
+    seed = int(config.data.seed)
+    levels = _levels(config) or tuple(simulate.LEVELS)
+    for lv in levels:
+        if lv not in simulate.LEVELS:
+            raise ValueError(f"data.levels: unknown difficulty level {lv!r}; known: {', '.join(simulate.LEVELS)}")
+    counts = {"train": int(config.data.notes_per_disease)}
+    n_eval = int(config.data.get("eval_notes_per_disease", 0))
+    if n_eval > 0:
+        counts.update(validation=n_eval, test=n_eval)
+    out: dict[str, list[Any]] = {}
+    seen_text: set[str] = set()
+    seen_ids: set[str] = set()
+    for split, n in counts.items():
+        cases = simulate.simulate_cases(diseases, ontology, n_per_disease=n, seed=_split_seed(seed, "cases", split),
+                                        levels=levels)
+        kept = []
+        for case in cases:
+            if case.text in seen_text:
+                continue
+            if case.id in seen_ids:
+                case = dataclasses.replace(case, id=f"{split}/{case.id}")
+            seen_text.add(case.text)
+            seen_ids.add(case.id)
+            kept.append(case)
+        if len(kept) < len(cases):
+            log(f"cases/{split}: dropped {len(cases) - len(kept)} notes identical to an earlier split's")
+        missing = {d.id for d in diseases} - {dx for c in kept for dx in c.diagnosis}
+        if missing:
+            raise RuntimeError(f"cases/{split}: no note for {len(missing)} diseases (e.g. {sorted(missing)[:3]}); "
+                               "raise data.notes_per_disease / data.eval_notes_per_disease")
+        out[split] = kept
+    return out
+
+
+def build_imported(ontology: Any, config: Any, data_dir: Path, log: Log) -> tuple[list[Any], list[dict]]:
+    """Real cases from data.phenopackets / data.jsonl_notes; with on_error=skip, every skipped record is
+    written to <data.dir>/import_report.jsonl (file, record, field, reason) and counted."""
+    from raredx_jax.data import importers
+
+    cases: list[Any] = []
+    skipped: list[dict] = []
+    on_error = config.data.on_error
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+    for field, fn_name in (("phenopackets", "import_phenopackets"), ("jsonl_notes", "import_jsonl")):
+        path = config.data.get(field, "")
+        if not path:
+            continue
+        fn = getattr(importers, fn_name)
+        got, report = _call_importer(fn, path, ontology, on_error)
+        log(f"imported {len(got)} cases from data.{field}={path}" + (f", skipped {len(report)}" if report else ""))
+        cases.extend(got)
+        skipped.extend(report)
+    return cases, skipped
+
+
+def _call_importer(fn: Callable[..., Any], path: str, ontology: Any, on_error: str) -> tuple[list[Any], list[dict]]:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "ontology" in params:
+        kwargs["ontology"] = ontology
+    if "on_error" in params:
+        kwargs["on_error"] = on_error
+    result = fn(path, **kwargs)
+    if isinstance(result, tuple) and len(result) == 2:
+        cases, report = result
+    else:
+        cases, report = result, []
+    report = [r if isinstance(r, dict) else _as_dict(r) for r in (report or [])]
+    return list(cases), report
+
+
+def _as_dict(x: Any) -> dict:
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    return {"error": str(x)}
+
+
+def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]]) -> Iterable[str]:
+    """Training text of the tokenizer: knowledge items, training notes, and the prompt templates they meet."""
+    for r in knowledge.get("train", []):
+        if r.get("prompt"):
+            for m in r["prompt"]:
+                yield m["content"]
+        yield r["completion"]
+    train_cases = cases.get("train", [])
+    for c in train_cases:
+        yield c.text
+    try:
+        from raredx_jax.data import prompts
+    except ImportError:
+        return
+    # The fixed instructions appear in every prompt: let them become few tokens.
+    for c in train_cases[:: max(1, len(train_cases) // 50)]:
+        for m in prompts.diagnosis_messages(c.text):
+            yield m["content"]
+        for m in prompts.closed_set_messages(c.text, [c.diagnosis_name]):
+            yield m["content"]
+        yield prompts.format_completion("reasoning", [c.diagnosis_name])
+
+
+# --- orchestration ----------------------------------------------------------------------------------------------
+def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Builds (or verifies) everything under `config.data.dir`; returns the manifest (+ "skipped": bool)."""
+    from raredx_jax.data import tfds_builders as tb
+    from raredx_jax.data.hpo import load_ontology, select_diseases
+    from raredx_jax.data.tokenizer import train_sentencepiece
+
+    log = log or _log_stdout
+    data_dir = Path(config.data.dir)
+    digest = config_hash(config)
+    old = read_manifest(data_dir)
+    if not force and old and old.get("config_hash") == digest and _outputs_exist(data_dir, old):
+        log(f"up to date: {data_dir} (config hash {digest[:12]}); nothing to do")
+        return {**old, "skipped": True}
+
+    t0 = time.time()
+    if old or (data_dir / MANIFEST).exists():
+        log(f"config or code changed since the last build in {data_dir}: rebuilding")
+    _clear_outputs(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    ontology = load_ontology()
+    diseases = select_diseases(ontology, config.data.diseases)
+    if not diseases:
+        raise ValueError("data.diseases selected no disease; check data.diseases.kind / n / ids / min_phenotypes")
+    log(f"selected {len(diseases)} diseases (data.diseases.kind={config.data.diseases.kind}) "
+        f"[{time.time() - t0:.1f}s]")
+
+    knowledge = build_knowledge(diseases, ontology, config, log)
+    log("knowledge: " + ", ".join(f"{k} {len(v)}" for k, v in knowledge.items()) + f" items [{time.time() - t0:.1f}s]")
+    cases = build_simulated(diseases, ontology, config, log)
+    log("simulated notes: " + ", ".join(f"{k} {len(v)}" for k, v in cases.items()) + f" [{time.time() - t0:.1f}s]")
+    imported, skipped = build_imported(ontology, config, data_dir, log)
+    if skipped:
+        tb.write_jsonl(data_dir / "import_report.jsonl", skipped)
+        log(f"import report: {len(skipped)} skipped records listed in {data_dir / 'import_report.jsonl'}")
+
+    vocab = int(config.tokenizer.vocab_size)
+    model_type = config.tokenizer.get("model_type", "bpe")
+    spm_path = train_sentencepiece(tokenizer_texts(knowledge, cases), data_dir / "tokenizer" / "spm",
+                                   vocab_size=vocab, seed=int(config.data.seed), model_type=model_type)
+    from raredx_jax.data.tokenizer import SentencePieceTokenizer
+
+    spm_vocab = SentencePieceTokenizer(spm_path).vocab_size
+    log(f"tokenizer: {model_type} SentencePiece, {spm_vocab} pieces (asked {vocab}) -> {spm_path} "
+        f"[{time.time() - t0:.1f}s]")
+
+    datasets: dict[str, dict[str, int]] = {}
+    for name, splits in (("raredx_knowledge", knowledge), ("raredx_simulated_cases", cases),
+                         ("raredx_imported_cases", {"test": imported} if imported else {})):
+        if not splits:
+            continue
+        tb.prepare(name, data_dir, splits, overwrite=True)
+        datasets[name] = {k: len(v) for k, v in splits.items()}
+        log(f"wrote {name}: " + ", ".join(f"{k} {n}" for k, n in datasets[name].items()) + f" [{time.time() - t0:.1f}s]")
+
+    manifest = {
+        "format": BUILD_FORMAT,
+        "config_hash": digest,
+        "config": _relevant_config(config),
+        "diseases": [d.id for d in diseases],
+        "datasets": datasets,
+        "tokenizer": {"path": "tokenizer/spm.model", "vocab_size": spm_vocab, "model_type": model_type},
+        "imported_skipped": len(skipped),
+        "seconds": round(time.time() - t0, 2),
+    }
+    tmp = data_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, data_dir / MANIFEST)
+    log(f"done in {manifest['seconds']}s -> {data_dir}")
+    return {**manifest, "skipped": False}
+
+
+def _clear_outputs(data_dir: Path) -> None:
+    """Removes only what this builder writes (never other files a user keeps in data.dir)."""
+    from raredx_jax.data import tfds_builders as tb
+
+    (data_dir / MANIFEST).unlink(missing_ok=True)
+    for name in tb.BUILDERS:
+        if name == "raredx_rers_trajectories":
+            continue  # written by the RERS stage, not by this build
+        shutil.rmtree(tb.dataset_dir(name, data_dir), ignore_errors=True)
+    shutil.rmtree(data_dir / "tokenizer", ignore_errors=True)
+    (data_dir / "import_report.jsonl").unlink(missing_ok=True)
+
+
+# --- CLI --------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    config = flags.FLAGS.config
+    if config is None:
+        raise SystemExit("--config is required, e.g. --config=configs/data.py")
+    import tensorflow_datasets as tfds
+
+    if not sys.stdout.isatty():
+        tfds.display_progress_bar(False)  # keep logs readable when piped; our own lines report progress
+    build_all(config, force=flags.FLAGS.force)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/data.py", lock_config=True)
+    flags.DEFINE_bool("force", False, "Rebuild even if the manifest says the data are up to date.")
+    app.run(main)

@@ -1,0 +1,86 @@
+"""Evaluate a checkpoint on held-out cases beside the classic HPO baseline.
+
+  python -m raredx_jax.evaluate --checkpoint=DIR --cases=simulated:test,/path/phenopackets.tar.gz [--out=DIR]
+
+Writes eval.json (per case), eval.md and PNG plots (top-k curves, per-difficulty bars). As a stage
+(`config.stage=evaluate`) it reads `config.eval.checkpoint`, `config.eval.cases`, `config.eval.out_dir`.
+The candidate diseases (for the linker and the baseline) are the run's disease subset (`config.data.diseases`)
+or all annotated diseases with `--config.eval.candidates=all`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "evaluate.py")
+
+
+def candidate_diseases(config: Any, ontology: Any) -> list:
+    from raredx_jax.data.hpo import select_diseases
+
+    if config.eval.get("candidates", "trained") == "all":
+        return ontology.diseases()
+    return select_diseases(ontology, config.data.diseases)
+
+
+def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out_dir: str,
+                        title: str = "Evaluation", progress: bool = True) -> dict[str, Any]:
+    """Load the policy, score it and the baseline on each case set, write the report; returns the report."""
+    from raredx_jax.data.hpo import load_ontology
+    from raredx_jax.data.linking import DiseaseLinker
+    from raredx_jax.evaluation.cases import load_case_set
+    from raredx_jax.evaluation.report import write_report
+    from raredx_jax.evaluation.runner import run_evaluation
+    from raredx_jax.parallel.mesh import make_mesh
+    from raredx_jax.policy import load_policy
+
+    ontology = load_ontology()
+    candidates = candidate_diseases(config, ontology)
+    linker = DiseaseLinker(candidates)
+    mesh = make_mesh(config.mesh)
+    model = tokenizer = None
+    if checkpoint:
+        model, tokenizer = load_policy(checkpoint, mesh, dtype=config.model.dtype)
+    sets = [load_case_set(s, config.data.dir, ontology, linker, candidates, on_error="skip",
+                          limit=config.eval.get("max_cases", 0)) for s in case_specs]
+    report = run_evaluation(model, tokenizer, sets, ontology, candidates, linker, config, mesh, progress)
+    report["checkpoint"] = checkpoint
+    import jax
+    if jax.process_index() == 0:
+        paths = write_report(report, out_dir, title)
+        print(f"[eval] wrote {paths['markdown']}", flush=True)
+    return report
+
+
+def run_evaluate_stage(config: Any) -> dict[str, Any]:
+    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
+
+    ckpt = config.eval.get("checkpoint", "") or resolve_model_checkpoint(config.run_dir)
+    specs = [s for s in str(config.eval.cases).split(",") if s]
+    out = config.eval.get("out_dir", "") or os.path.join(config.run_dir, "eval")
+    return evaluate_checkpoint(config, ckpt, specs, out)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (data subset, sampling, mesh).")
+flags.DEFINE_string("checkpoint", "", "Orbax checkpoint / run dir / exported HF dir. Empty: baseline only.")
+flags.DEFINE_string("cases", "simulated:test", "Comma-separated case specs.")
+flags.DEFINE_string("out", "", "Output directory (default <run_dir>/eval).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    F = flags.FLAGS
+    out = F.out or os.path.join(config.run_dir, "eval")
+    try:
+        evaluate_checkpoint(config, F.checkpoint, [s for s in F.cases.split(",") if s], out)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"evaluate: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

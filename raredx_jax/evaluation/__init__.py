@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, the classic HPO phenotype-similarity baseline, reports and plots."""

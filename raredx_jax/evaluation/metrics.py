@@ -1,0 +1,33 @@
+"""Ranking metrics over gold ranks: top-k recall and MRR (rank None = the gold was not in the list)."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+def topk_recall(ranks: Sequence[int | None], k: int) -> float:
+    """Fraction of cases whose gold diagnosis is within the first k predictions."""
+    if not ranks:
+        return 0.0
+    return sum(1 for r in ranks if r is not None and r <= k) / len(ranks)
+
+
+def mean_reciprocal_rank(ranks: Sequence[int | None]) -> float:
+    if not ranks:
+        return 0.0
+    return sum(1.0 / r for r in ranks if r is not None) / len(ranks)
+
+
+def rank_of(predicted_ids: Sequence[str | None], gold_ids: Iterable[str]) -> int | None:
+    """1-based position of the first prediction that is a gold id."""
+    gold = set(gold_ids)
+    for i, pid in enumerate(predicted_ids, 1):
+        if pid is not None and pid in gold:
+            return i
+    return None
+
+
+def summarize(ranks: Sequence[int | None], ks: Sequence[int] = (1, 3, 10)) -> dict[str, float]:
+    out = {f"top{k}": topk_recall(ranks, k) for k in ks}
+    out["mrr"] = mean_reciprocal_rank(ranks)
+    out["n"] = float(len(ranks))
+    return out

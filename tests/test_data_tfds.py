@@ -1,0 +1,133 @@
+"""TFDS array_record builders without tensorflow: write, read back through tfds.data_source, feed grain."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from raredx_jax.data import tfds_builders as tb
+from raredx_jax.data.case import Case
+
+tfds.display_progress_bar(False)
+
+
+def _knowledge(n=9):
+    recs = [{"prompt": "", "completion": f"Passage {i}: café-au-lait spots, 日本語 {i}.", "disease_id": f"OMIM:{i}",
+             "kind": "passage"} for i in range(n)]
+    recs.append({"prompt": [{"role": "user", "content": "Which disease has A, B and C?"}],
+                 "completion": "<think>A+B+C</think>\n<answer>\n1. X\n</answer>", "disease_id": "OMIM:1",
+                 "kind": "qa"})
+    return recs
+
+
+def _cases():
+    return [Case(id=f"c{i}", text=f"A {i}-year-old with seizures.", diagnosis=("OMIM:154700",),
+                 diagnosis_name="Marfan syndrome", present_hpo=("HP:0001250",), absent_hpo=("HP:0000505",),
+                 sex="female", age=f"{i} years", level="typical", meta={"seed": i, "style": "hpi"})
+            for i in range(6)]
+
+
+def test_knowledge_write_and_read_without_tensorflow(tmp_path):
+    recs = _knowledge()
+    tb.prepare("raredx_knowledge", tmp_path, {"train": recs, "validation": recs[:3]})
+    assert "tensorflow" not in sys.modules, "array_record path must not import tensorflow"
+    files = sorted(p.name for p in (tmp_path / "raredx_knowledge" / "1.0.0").iterdir())
+    assert any(".array_record-" in f for f in files) and "dataset_info.json" in files
+    src = tb.data_source("raredx_knowledge", "train", tmp_path)
+    assert len(src) == len(recs)
+    got = sorted((tb.decode_sft(src[i]) for i in range(len(src))), key=lambda r: r["completion"])
+    want = sorted(recs, key=lambda r: r["completion"])
+    assert got == want  # every field round-trips, chat prompts included
+    assert len(tb.data_source("raredx_knowledge", "validation", tmp_path)) == 3
+    with pytest.raises(ValueError, match="no split 'test'"):
+        tb.data_source("raredx_knowledge", "test", tmp_path)
+
+
+def test_cases_round_trip_as_case_objects(tmp_path):
+    cases = _cases()
+    tb.prepare("raredx_simulated_cases", tmp_path, {"train": cases[:4], "test": cases[4:]})
+    src = tb.data_source("raredx_simulated_cases", "train", tmp_path)
+    got = sorted((tb.decode_case(src[i]) for i in range(len(src))), key=lambda c: c.id)
+    assert got == cases[:4]
+    # Dict records (Case.to_json) are accepted too.
+    tb.prepare("raredx_imported_cases", tmp_path, {"test": [c.to_json() for c in cases]})
+    src = tb.data_source("raredx_imported_cases", "test", tmp_path)
+    assert sorted(tb.decode_case(src[i]).id for i in range(len(src))) == [c.id for c in cases]
+
+
+def test_rers_from_jsonl_staging_with_provenance(tmp_path):
+    prompt = [{"role": "system", "content": "Diagnose."}, {"role": "user", "content": "Note ..."}]
+    rows = [{"prompt": prompt, "completion": f"<think>t{i}</think><answer>1. X</answer>", "case_id": f"c{i // 2}",
+             "round": 0, "try_index": i % 2, "rank": (1 if i % 3 else None), "checkpoint": "ckpt/100",
+             "kind": "reflected" if i % 2 else "sampled"} for i in range(8)]
+    # Two staging files, as two hosts would write them.
+    a, b = tmp_path / "host0.jsonl", tmp_path / "host1.jsonl"
+    assert tb.write_jsonl(a, rows[:5]) == 5 and tb.write_jsonl(b, rows[5:]) == 3
+    tb.prepare("raredx_rers_trajectories", tmp_path / "d", {"train": [str(a), str(b)]})
+    src = tb.data_source("raredx_rers_trajectories", "train", tmp_path / "d")
+    got = sorted((tb.decode_sft(src[i]) for i in range(len(src))), key=lambda r: r["completion"])
+    for g, r in zip(got, sorted(rows, key=lambda r: r["completion"])):
+        assert g["prompt"] == prompt and g["case_id"] == r["case_id"] and g["try_index"] == r["try_index"]
+        assert g["rank"] == (-1 if r["rank"] is None else r["rank"]) and g["checkpoint"] == "ckpt/100"
+        assert isinstance(g["round"], int)
+
+
+def test_bad_records_name_split_record_and_field(tmp_path):
+    bad = _knowledge(3)
+    bad[2] = {"prompt": "", "completion": 5}
+    with pytest.raises(tb.RecordError, match=r"raredx_knowledge split 'train', record 2: field 'completion'"):
+        tb.prepare("raredx_knowledge", tmp_path / "a", {"train": bad})
+    cases = [c.to_json() for c in _cases()]
+    cases[3]["id"] = cases[1]["id"]
+    with pytest.raises(tb.RecordError, match=r"record 3.*duplicate record key 'c1'"):
+        tb.prepare("raredx_simulated_cases", tmp_path / "b", {"train": cases})
+    cases = [c.to_json() for c in _cases()]
+    del cases[2]["diagnosis"]
+    with pytest.raises(tb.RecordError, match=r"case 'c2'.*missing field 'diagnosis'"):
+        tb.prepare("raredx_simulated_cases", tmp_path / "c", {"train": cases})
+    staged = tmp_path / "bad.jsonl"
+    staged.write_text(json.dumps({"completion": "x"}) + "\n{not json\n")
+    with pytest.raises(tb.RecordError, match=r"bad\.jsonl:2: invalid JSON"):
+        tb.prepare("raredx_knowledge", tmp_path / "d", {"train": str(staged)})
+    with pytest.raises(ValueError, match="split 'train' has no records"):
+        tb.prepare("raredx_knowledge", tmp_path / "e", {"train": []})
+
+
+def test_reuse_and_overwrite(tmp_path):
+    tb.prepare("raredx_knowledge", tmp_path, {"train": _knowledge(3)})
+    tb.prepare("raredx_knowledge", tmp_path, {"train": _knowledge(5)})  # exists: kept as is
+    assert len(tb.data_source("raredx_knowledge", "train", tmp_path)) == 4
+    tb.prepare("raredx_knowledge", tmp_path, {"train": _knowledge(5)}, overwrite=True)
+    assert len(tb.data_source("raredx_knowledge", "train", tmp_path)) == 6
+
+
+def test_unbuilt_dataset_error_names_build_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"raredx_jax\.data\.build"):
+        tb.data_source("raredx_knowledge", "train", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        tb.data_source("nope", "train", tmp_path)
+
+
+def test_stored_rows_feed_the_grain_pipeline(tmp_path):
+    from raredx_jax.data.pipeline import sft_dataset, tokenize_sft
+    from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    recs = _knowledge()
+    tb.prepare("raredx_knowledge", tmp_path, {"train": recs})
+    src = tb.data_source("raredx_knowledge", "train", tmp_path)
+    tok = SentencePieceTokenizer(train_sentencepiece([r["completion"] for r in recs], tmp_path / "spm", 400))
+    batches = list(sft_dataset(src, tok, 64, 4, seed=0, shard_index=0, shard_count=1, num_epochs=1,
+                               with_record_ids=True))
+    seen = set()
+    for b in batches:
+        for row in range(4):
+            for s in set(b["segment_ids"][row].tolist()) - {0}:
+                idx = b["segment_ids"][row] == s
+                rid = int(b["record_ids"][row][idx][0])
+                want = tokenize_sft(tb.decode_sft(src[rid]), tok, 64)["tokens"]
+                np.testing.assert_array_equal(b["tokens"][row][idx], want)
+                seen.add(rid)
+    assert seen == set(range(len(recs)))

@@ -1,0 +1,67 @@
+"""Ranking metrics by hand, and the Phrank-style baseline on real HPO annotations."""
+from __future__ import annotations
+
+import pytest
+from ml_collections import ConfigDict
+
+from raredx_jax.data.hpo import load_ontology, select_diseases
+from raredx_jax.evaluation.baseline import PhenotypeRanker, TermMatcher, phenotype_pool
+from raredx_jax.evaluation.metrics import mean_reciprocal_rank, rank_of, summarize, topk_recall
+
+
+def test_metrics_hand_computed():
+    ranks = [1, 2, None, 5, 12]
+    assert topk_recall(ranks, 1) == pytest.approx(1 / 5)
+    assert topk_recall(ranks, 3) == pytest.approx(2 / 5)
+    assert topk_recall(ranks, 10) == pytest.approx(3 / 5)
+    assert mean_reciprocal_rank(ranks) == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 12) / 5)
+    s = summarize(ranks)
+    assert s["n"] == 5 and s["top10"] == pytest.approx(0.6)
+    assert rank_of(["OMIM:1", None, "OMIM:2"], {"OMIM:2"}) == 3
+    assert rank_of(["OMIM:1"], {"OMIM:9"}) is None
+    assert topk_recall([], 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def subset():
+    ont = load_ontology()
+    spec = ConfigDict({"kind": "random", "n": 60, "seed": 3, "ids": "", "min_phenotypes": 8})
+    return ont, select_diseases(ont, spec)
+
+
+def test_baseline_ranks_disease_first_given_its_terms(subset):
+    ont, diseases = subset
+    ranker = PhenotypeRanker(ont, diseases)
+    firsts = 0
+    for d in diseases:
+        terms = [p.hpo_id for p in d.phenotypes]
+        scores = dict(zip((x.id for x in diseases), ranker.scores(terms)))
+        best = max(scores.values())
+        assert scores[d.id] == pytest.approx(best), d.id  # its own closure is the maximum attainable score
+        top = ranker.rank(terms, top=1)[0][0]
+        firsts += top == d.id
+        ties = [k for k, v in scores.items() if v == pytest.approx(best)]
+        if len(ties) == 1:
+            assert top == d.id
+    assert firsts >= 0.95 * len(diseases)
+
+
+def test_baseline_excluded_terms_lower_score(subset):
+    ont, diseases = subset
+    ranker = PhenotypeRanker(ont, diseases)
+    d = diseases[0]
+    terms = [p.hpo_id for p in d.phenotypes]
+    half = terms[: len(terms) // 2]
+    with_neg = dict(zip((x.id for x in diseases), ranker.scores(half, absent=terms[len(terms) // 2:])))
+    without = dict(zip((x.id for x in diseases), ranker.scores(half)))
+    assert with_neg[d.id] < without[d.id]
+
+
+def test_term_matcher_finds_terms_and_negation(subset):
+    ont, diseases = subset
+    pool = phenotype_pool(ont, diseases) | {"HP:0004322", "HP:0001250"}
+    m = TermMatcher(ont, pool)
+    present, absent = m.match("A 6-year-old girl with short stature and hypotonia. She has no seizures.")
+    assert "HP:0004322" in present  # Short stature
+    assert "HP:0001250" in absent  # Seizure
+    assert "HP:0001250" not in present
