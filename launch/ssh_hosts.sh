@@ -103,18 +103,18 @@ RUN_NAME=${RUN_NAME:-raredx-$(date +%Y%m%d-%H%M%S)}
 LOG_DIR=${LOG_DIR:-$REPO/runs/launch/$RUN_NAME/collected}  # never the remote folder itself (shared FS)
 COORDINATOR=${COORDINATOR:-${HOSTS[0]#*@}}
 ADDRESS="$COORDINATOR:$PORT"
-RDIR="$REMOTE_DIR/runs/launch/$RUN_NAME"  # log folder on every host
+RDIR="$REMOTE_DIR/runs/launch/$RUN_NAME"  # log folder on every host (relative: to the home dir)
 
-start() {
-  local i=$1 host=${HOSTS[$1]} inner remote
+start() {  # paths after `cd --remote-dir` are relative to it (it may itself be relative to the home dir)
+  local i=$1 host=${HOSTS[$1]} inner remote logs="runs/launch/$RUN_NAME"
   inner=""
   if [[ -n $VENV ]]; then inner+="source $(q "$VENV")/bin/activate; "; fi
-  inner+="\"\$@\"; rc=\$?; echo \$rc > $(q "$RDIR/process-$i.rc"); exit \$rc"
-  remote="cd $(q "$REMOTE_DIR") && mkdir -p $(q "$RDIR") && rm -f $(q "$RDIR/process-$i.rc")"
-  remote+=" && nohup env RAREDX_COORDINATOR=$(q "$ADDRESS") RAREDX_NUM_PROCESSES=$N RAREDX_PROCESS_ID=$i"
+  inner+="\"\$@\"; rc=\$?; echo \$rc > $(q "$logs/process-$i.rc"); exit \$rc"
+  remote="cd $(q "$REMOTE_DIR") && mkdir -p $(q "$logs") && rm -f $(q "$logs/process-$i.rc")"
+  remote+=" && { nohup env RAREDX_COORDINATOR=$(q "$ADDRESS") RAREDX_NUM_PROCESSES=$N RAREDX_PROCESS_ID=$i"
   if (( ${#EXTRA_ENV[@]} )); then remote+=" $(qcmd "${EXTRA_ENV[@]}")"; fi
   remote+=" bash -c $(q "$inner") raredx $(qcmd "${CMD[@]}")"
-  remote+=" > $(q "$RDIR/process-$i.log") 2>&1 < /dev/null & echo \$! > $(q "$RDIR/process-$i.pid")"
+  remote+=" > $(q "$logs/process-$i.log") 2>&1 < /dev/null & echo \$! > $(q "$logs/process-$i.pid"); }"
   run ssh "${SSH_OPTS[@]}" "$host" "$remote"
 }
 

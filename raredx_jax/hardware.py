@@ -78,7 +78,8 @@ def apply_hardware(config, name: str) -> None:
     module = load_target(name)
     module.apply(config)
     path = Path(module.__file__).resolve()
-    config.hardware = path.stem if path.parent == HARDWARE_DIR else str(path)  # canonical: "tpu-v5p-128" -> "tpu_v5p_128"
+    # canonical name ("TPU-v5p-128" -> "tpu_v5p_128"); a target given as a file keeps its path
+    config.hardware = path.stem if path.parent == HARDWARE_DIR else str(path)
     resolve_mesh_shape(config.mesh, num_devices=None)  # fail early on a malformed mesh (e.g. two -1)
 
 

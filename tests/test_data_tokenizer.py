@@ -126,3 +126,17 @@ def test_hf_tokenizer_local_dir(tmp_path):
                                 "model": {"hf_path": str(d)}})
     loaded = load_tokenizer(c)
     assert isinstance(loaded, HFTokenizer) and loaded.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_exports_to_hf_with_identical_ids(tmp_path, model_type):
+    spm_file = train_sentencepiece(CORPUS, tmp_path / "spm", vocab_size=400, seed=0, model_type=model_type)
+    sp = SentencePieceTokenizer(spm_file)
+    assert sp.model_type == model_type
+    hf = HFTokenizer(sp.save_hf(tmp_path / "hf"))
+    assert (hf.vocab_size, hf.pad_id, hf.eos_id, hf.bos_id) == (sp.vocab_size, sp.pad_id, sp.eos_id, sp.bos_id)
+    msgs = [{"role": "user", "content": "A 6-year-old girl with seizures."}]
+    assert hf.apply_chat_template(msgs) == sp.apply_chat_template(msgs)
+    for text in VARIED + CORPUS + ["word  two   three    four", "x 123456 y", "a\n\n\nb"]:
+        assert hf.encode(text) == sp.encode(text), text
+        assert hf.decode(sp.encode(text)) == text

@@ -13,15 +13,14 @@ import pytest
 from raredx_jax.parallel import distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import base  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------
 # resolve_settings: which source wins, without starting anything
 # --------------------------------------------------------------------------------------------------------
 def _config(**distributed):
-    sys.path.insert(0, str(REPO))
-    from configs import base
-
     c = base.get_config("cpu")
     for k, v in distributed.items():
         c.distributed[k] = v

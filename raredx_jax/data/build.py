@@ -185,8 +185,6 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
 def build_imported(ontology: Any, config: Any, data_dir: Path, log: Log) -> tuple[list[Any], list[dict]]:
     """Real cases from data.phenopackets / data.jsonl_notes; with on_error=skip, every skipped record is
     written to <data.dir>/import_report.jsonl (file, record, field, reason) and counted."""
-    from raredx_jax.data import importers
-
     cases: list[Any] = []
     skipped: list[dict] = []
     on_error = config.data.on_error
@@ -196,6 +194,8 @@ def build_imported(ontology: Any, config: Any, data_dir: Path, log: Log) -> tupl
         path = config.data.get(field, "")
         if not path:
             continue
+        from raredx_jax.data import importers
+
         fn = getattr(importers, fn_name)
         got, report = _call_importer(fn, path, ontology, on_error)
         log(f"imported {len(got)} cases from data.{field}={path}" + (f", skipped {len(report)}" if report else ""))
@@ -228,27 +228,27 @@ def _as_dict(x: Any) -> dict:
     return {"error": str(x)}
 
 
-def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]]) -> Iterable[str]:
+def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]]) -> list[str]:
     """Training text of the tokenizer: knowledge items, training notes, and the prompt templates they meet."""
+    texts: list[str] = []
     for r in knowledge.get("train", []):
-        if r.get("prompt"):
-            for m in r["prompt"]:
-                yield m["content"]
-        yield r["completion"]
+        texts.extend(m["content"] for m in (r.get("prompt") or []))
+        texts.append(r["completion"])
     train_cases = cases.get("train", [])
-    for c in train_cases:
-        yield c.text
+    texts.extend(c.text for c in train_cases)
     try:
         from raredx_jax.data import prompts
-    except ImportError:
-        return
+    except ImportError:  # prompts.py not available: notes and knowledge alone still train a usable model
+        return texts
     # The fixed instructions appear in every prompt: let them become few tokens.
-    for c in train_cases[:: max(1, len(train_cases) // 50)]:
-        for m in prompts.diagnosis_messages(c.text):
-            yield m["content"]
-        for m in prompts.closed_set_messages(c.text, [c.diagnosis_name]):
-            yield m["content"]
-        yield prompts.format_completion("reasoning", [c.diagnosis_name])
+    names = sorted({c.diagnosis_name for c in train_cases})
+    for i, c in enumerate(train_cases[:: max(1, len(train_cases) // 50)]):
+        texts.extend(m["content"] for m in prompts.diagnosis_messages(c.text))
+        if len(names) >= 2:
+            candidates = [names[(i + k) % len(names)] for k in range(min(5, len(names)))]
+            texts.extend(m["content"] for m in prompts.closed_set_messages(c.text, candidates))
+        texts.append(prompts.format_completion("reasoning", names[:3]))
+    return texts
 
 
 # --- orchestration ----------------------------------------------------------------------------------------------
@@ -347,8 +347,11 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit("--config is required, e.g. --config=configs/data.py")
     import tensorflow_datasets as tfds
 
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO; our own lines report progress
     if not sys.stdout.isatty():
-        tfds.display_progress_bar(False)  # keep logs readable when piped; our own lines report progress
+        tfds.display_progress_bar(False)  # no carriage-return bars in piped logs
     build_all(config, force=flags.FLAGS.force)
 
 

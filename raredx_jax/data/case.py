@@ -16,7 +16,7 @@ class Case:
     """A clinical note plus gold diagnosis; `diagnosis_name` feeds the RERS reflection prompt (label only)."""
 
     id: str
-    text: str
+    text: str = dataclasses.field(repr=False)  # sensitive: kept out of repr, logs and test failure output
     diagnosis: tuple[str, ...]
     diagnosis_name: str
     present_hpo: tuple[str, ...] = ()

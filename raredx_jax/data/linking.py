@@ -188,6 +188,35 @@ def _trigrams(norm: str) -> set[str]:
     return {s[i:i + 3] for i in range(len(s) - 2)}
 
 
+_NEGATORS = frozenset({"non", "not", "no", "without", "un"})
+_OPPOSITE_PREFIXES = (("hypo", "hyper"), ("an", ""), ("a", ""), ("non", ""), ("in", ""), ("un", ""),
+                      ("micro", "macro"), ("brady", "tachy"))
+
+
+def _opposed_words(a: str, b: str) -> bool:
+    """'anhidrotic'/'hidrotic', 'hypoinsulinemia'/'hyperproinsulinemia': one word negates or inverts the other."""
+    for p, q in _OPPOSITE_PREFIXES:
+        for x, y in ((a, b), (b, a)):
+            if x.startswith(p) and y.startswith(q) and len(x) - len(p) >= 4 and not (q == "" and y.startswith(p[-1])):
+                # (the last test: "aautosomal" is a doubled letter, not "a-" + "autosomal")
+                xs, ys = x[len(p):], y[len(q):]
+                if xs == ys or (p and q and xs[:3] == ys[:3]) or (p and q and len(xs) > 5 and xs[-6:] == ys[-6:]):
+                    return True
+    return False
+
+
+def _polarity_conflict(m_tokens: Sequence[str], c_tokens: Sequence[str]) -> bool:
+    """True when the strings differ by a negation or an opposite prefix, which edit similarity rates as a small
+    change although it names the opposite finding ("Non-medullary ..." vs "Medullary ...")."""
+    only_m = set(m_tokens) - set(c_tokens)
+    only_c = set(c_tokens) - set(m_tokens)
+    for extra, other in ((only_m, only_c), (only_c, only_m)):
+        for neg in _NEGATORS.intersection(extra):  # unless the other side has it misspelt ("wihtout")
+            if not any(SequenceMatcher(None, neg, o).ratio() >= 0.7 for o in other):
+                return True
+    return any(_opposed_words(a, b) for a in only_m for b in only_c)
+
+
 def _similarity(m_tokens: tuple[str, ...], c_tokens: tuple[str, ...]) -> float:
     """Edit similarity in [0, 1], order-insensitive, with a penalty when subtype markers disagree."""
     a, b = " ".join(m_tokens), " ".join(c_tokens)
@@ -199,6 +228,8 @@ def _similarity(m_tokens: tuple[str, ...], c_tokens: tuple[str, ...]) -> float:
     if mm != cm:
         # both sides name a subtype and they differ: another disease. One side unspecified: a weaker match.
         s *= 0.75 if (mm - cm and cm - mm) else 0.9
+    if s >= 0.7 and _polarity_conflict(m_tokens, c_tokens):  # (cheap guard: only near matches can pass)
+        s *= 0.85
     return s
 
 

@@ -277,15 +277,24 @@ def _onset_range(onset_hpo: str, ontology: Ontology) -> tuple[float, float]:
     return (0.0, 15.0)
 
 
-def _sample_demographics(disease: Disease, ontology: Ontology, rng: np.random.Generator) -> tuple[str, float, str | None, float]:
-    """Sex (inheritance-aware), current age and onset consistent with the annotated onset."""
+def _sample_demographics(disease: Disease, ontology: Ontology, rng: np.random.Generator
+                         ) -> tuple[str, float, str | None, float | None]:
+    """Sex (inheritance-aware), current age, and onset consistent with the annotated onset.
+
+    Without an onset annotation no onset is invented (None) and the age is drawn broadly, mostly paediatric
+    as rare-disease referrals are.
+    """
     inh = set(disease.inheritance)
     onset_hpo = disease.onset[int(rng.integers(len(disease.onset)))] if disease.onset else None
+    onset_years: float | None = None
     if onset_hpo is not None:
         lo, hi = _onset_range(onset_hpo, ontology)
+        onset_years = float(rng.uniform(lo, hi)) if hi > lo else lo
+        base = max(onset_years, 0.0)
+        delay = float(rng.uniform(0.0, 2.0 if base < 1.0 else 10.0)) if rng.random() < 0.8 else 0.0
+        age = base + delay
     else:
-        lo, hi = (0.0, 15.0) if rng.random() < 0.6 else (16.0, 60.0)
-    onset_years = float(rng.uniform(lo, hi)) if hi > lo else lo
+        age = float(rng.uniform(0.05, 18.0)) if rng.random() < 0.7 else float(rng.uniform(18.0, 60.0))
     if "HP:0001450" in inh or "HP:0001475" in inh:
         sex = "male"
     elif onset_hpo in _FEMALE_ONSETS or "HP:0034344" in inh:
@@ -294,10 +303,7 @@ def _sample_demographics(disease: Disease, ontology: Ontology, rng: np.random.Ge
         sex = "male" if rng.random() < 0.85 else "female"
     else:
         sex = "female" if rng.random() < 0.5 else "male"
-    base = max(onset_years, 0.0)
-    delay = float(rng.uniform(0.0, 2.0 if base < 1.0 else 10.0)) if rng.random() < 0.8 else 0.0
-    age = max(base + delay, 2 / 365)
-    return sex, min(age, 85.0), onset_hpo, onset_years
+    return sex, min(max(age, 2 / 365), 85.0), onset_hpo, onset_years
 
 
 def _family_history(disease: Disease, sex: str, clue: str | None, rng: np.random.Generator) -> str:
@@ -514,6 +520,7 @@ class _Ctx:
     present_ids: list[str]
     absent: list[str]
     family: str | None
+    child: bool
 
 
 def _render_hpi(c: _Ctx, ontology: Ontology, rng: np.random.Generator) -> str:
@@ -546,7 +553,8 @@ def _render_referral(c: _Ctx, ontology: Ontology, rng: np.random.Generator) -> s
     if c.family:
         body.append(c.family)
     body.append("I would be grateful for your assessment and advice on further investigations.")
-    closing = str(rng.choice(["Yours sincerely,\nGeneral practitioner", "Kind regards,\nConsultant paediatrician",
+    who = "Consultant paediatrician" if c.child else "Consultant physician"
+    closing = str(rng.choice(["Yours sincerely,\nGeneral practitioner", f"Kind regards,\n{who}",
                               "With best wishes,\nReferring physician"]))
     return f"{opening}\n\n" + " ".join(body) + f"\n\n{closing}"
 
@@ -561,7 +569,7 @@ def _render_discharge(c: _Ctx, ontology: Ontology, rng: np.random.Generator) -> 
     if c.absent:
         lines.append("Pertinent negatives: " + "; ".join(f"no {w}" for w in c.absent) + ".")
     if c.family:
-        lines.append(f"Family history: {c.family}")
+        lines.append(c.family if c.family.startswith("Family history") else f"Family history: {c.family}")
     lines.append("Diagnosis at discharge: unifying diagnosis not yet established. Plan: outpatient genetics review.")
     return "\n".join(lines)
 
@@ -609,7 +617,7 @@ def render_note(ontology: Ontology, present_hpo: Sequence[str], absent_hpo: Sequ
     who = _person(sex, age_years) if age_years is not None else {"female": "a female patient", "male": "a male patient"}.get(sex, "a patient")
     ctx = _Ctx(who=who, pr=_pronouns(sex), age=age_text(age_years) if age_years is not None else "",
                onset=_onset_phrase(onset_years, onset_hpo, rng), present=pw, present_ids=pids, absent=aw,
-               family=family_history)
+               family=family_history, child=age_years is not None and age_years < 18)
     return _RENDERERS[style](ctx, ontology, rng)
 
 

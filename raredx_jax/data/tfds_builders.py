@@ -11,7 +11,7 @@ host). Nested/ragged fields (chat messages, id lists, provenance dicts) are stor
 feature is a scalar and no padding is needed; `decode_*` helpers turn stored rows back into Python objects.
 
 Datasets (name -> splits, produced by `raredx_jax.data.build` unless noted):
-  raredx_knowledge          train, validation  {prompt, completion, disease_id, kind}
+  raredx_knowledge          train, validation  {prompt, completion, disease_id, kind, template}
   raredx_simulated_cases    train, validation, test  (every disease in every split, different notes)
   raredx_imported_cases     test  (phenopackets / JSONL notes)
   raredx_rers_trajectories  train (written by the RERS stage)  {prompt, completion, case_id, round, ...}
@@ -181,13 +181,14 @@ class RaredxKnowledge(_RecordsBuilder):
 
     DESCRIPTION = "Rare-disease knowledge passages and Q&A items generated from HPO annotations."
     FEATURES = {"prompt": tfds.features.Text(), "completion": tfds.features.Text(),
-                "disease_id": tfds.features.Text(), "kind": tfds.features.Text()}
+                "disease_id": tfds.features.Text(), "kind": tfds.features.Text(), "template": tfds.features.Text()}
 
     def _encode(self, record: Mapping[str, Any], ctx: str) -> dict[str, Any]:
         return {"prompt": _prompt_json(record, ctx),
                 "completion": _get(record, "completion", ctx, str),
                 "disease_id": _get(record, "disease_id", ctx, str, ""),
-                "kind": _get(record, "kind", ctx, str, "")}
+                "kind": _get(record, "kind", ctx, str, ""),
+                "template": _get(record, "template", ctx, str, "")}
 
 
 # --- cases -------------------------------------------------------------------------------------------------------

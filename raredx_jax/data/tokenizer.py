@@ -188,6 +188,57 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def save_hf(self, out_dir: str | os.PathLike) -> Path:
+        """Writes this model as an HF tokenizer directory (tokenizer.json + config + ChatML template).
+
+        Why: an exported checkpoint must load in transformers with its tokenizer. The `tokenizers` pipeline
+        mirrors the training options (identity normalisation, whitespace as "▁" with no dummy prefix, split
+        digits, byte fallback, the special symbols as added tokens) so it gives the same ids as SentencePiece;
+        tests check that on varied text. Same ids, same pad/bos/eos (eos = `<|im_end|>`).
+        """
+        from tokenizers import AddedToken, Tokenizer as RawTokenizer, decoders, models, normalizers, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        sp = self._sp
+        pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        specials = [PAD_PIECE, UNK_PIECE, BOS_PIECE, *SPECIAL_SYMBOLS]
+        fixed = set(specials) | {"\n"}
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        if self.model_type == "bpe":
+            # SentencePiece BPE merges the adjacent pair whose union scores highest: rank merges by that score.
+            normal = [(p, s) for i, (p, s) in enumerate(pieces)
+                      if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) and p not in fixed]
+            merges = [(p[:k], p[k:]) for p, _ in sorted(normal, key=lambda x: -x[1]) for k in range(1, len(p))
+                      if p[:k] in vocab and p[k:] in vocab]
+            model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK_PIECE, byte_fallback=True, fuse_unk=True)
+        else:
+            model = models.Unigram(pieces, unk_id=sp.unk_id(), byte_fallback=True)
+        raw = RawTokenizer(model)
+        raw.normalizer = normalizers.Replace(" ", "▁")
+        raw.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+            pre_tokenizers.Digits(individual_digits=True)])
+        raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        raw.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+        raw.add_tokens([AddedToken("\n", special=False, normalized=False)])
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=raw, bos_token=BOS_PIECE, eos_token=IM_END, unk_token=UNK_PIECE, pad_token=PAD_PIECE,
+            additional_special_tokens=list(SPECIAL_SYMBOLS), clean_up_tokenization_spaces=False)
+        hf.chat_template = CHATML_JINJA
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(out))
+        return out
+
+    @property
+    def model_type(self) -> str:
+        """'bpe' or 'unigram', from the model file's trainer spec."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        return "bpe" if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE else "unigram"
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 

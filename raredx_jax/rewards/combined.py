@@ -73,8 +73,8 @@ def _resolve(cfg: Any) -> tuple[config_dict.ConfigDict, int]:
     default_max = 0
     if cfg is None:
         sub = None
-    elif "rewards" in cfg:
-        sub = cfg.rewards
+    elif any(k in cfg for k in ("rewards", "sampling", "model", "stage")):  # the full config
+        sub = cfg.rewards if "rewards" in cfg else None
         if "sampling" in cfg and "max_new_tokens" in cfg.sampling:
             default_max = int(cfg.sampling.max_new_tokens)
     else:

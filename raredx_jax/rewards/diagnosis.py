@@ -60,7 +60,7 @@ _MARKER = re.compile(
     re.IGNORECASE | re.VERBOSE,
 )
 # Inline numbering inside one line: "1. A 2. B 3. C" (a number marker preceded by whitespace or start).
-_INLINE_NUM = re.compile(r"(?:(?<=\s)|^)(?:\d+\s*[.)]|\(\d+\)|#\d+)(?=\s)(?!\s*\d)")
+_INLINE_NUM = re.compile(r"(?:(?<=\s)|^)(?:(\d+)\s*[.)]|\((\d+)\)|#(\d+))(?=\s+\S)(?!\s*\d)")
 
 # Prose lead-ins: a short prefix before ':' containing one of these words is dropped.
 _PROSE_WORDS = (
@@ -166,9 +166,7 @@ def _find_answer_block(text: str) -> tuple[str | None, bool, int]:
     """(content of the last <answer> block, closed?, start offset of its opening tag)."""
     opens = list(_ANSWER_OPEN.finditer(text))
     if not opens:
-        # A closing tag without an opening one: take what precedes it after the last </think>, unclosed
-        # formatting is wrong anyway (format_ok stays False).
-        return None, False, len(text)
+        return None, False, len(text)  # no answer block: prose is never graded
     last = opens[-1]
     rest = text[last.end():]
     close = _ANSWER_CLOSE.search(rest)
@@ -280,6 +278,20 @@ def _split_commas(line: str) -> list[str]:
     return merged
 
 
+def _sequential_markers(line: str) -> list[re.Match]:
+    """Inline numbering markers that count 1, 2, 3 ... (so "... dominant 72. 2. X" does not cut at "72.")."""
+    cands = [(int(next(g for g in m.groups() if g)), m) for m in _INLINE_NUM.finditer(line)]
+    if len(cands) < 2:
+        return []
+    expected = 1 if any(v == 1 for v, _ in cands) else cands[0][0]
+    kept = []
+    for v, m in cands:
+        if v == expected:
+            kept.append(m)
+            expected += 1
+    return kept if len(kept) >= 2 else []
+
+
 def _split_lines(content: str) -> list[tuple[str, bool]]:
     """Answer block -> [(raw entry text, came from a marked line)]."""
     out: list[tuple[str, bool]] = []
@@ -287,7 +299,7 @@ def _split_lines(content: str) -> list[tuple[str, bool]]:
         if not raw.strip():
             continue
         # Inline numbering "1. A 2. B" -> several lines.
-        inline = list(_INLINE_NUM.finditer(raw))
+        inline = _sequential_markers(raw)
         segments = [raw]
         if len(inline) >= 2:
             cuts = [m.start() for m in inline]
@@ -356,11 +368,17 @@ def _candidates(mention: str, linker: Any, ties: int = 8) -> list[str]:
     """Ids the linker gives ``mention`` at its best score (several when a name is shared, e.g. the OMIM and the
     ORPHA entry of "Marfan syndrome"); best first, empty when nothing links."""
     if hasattr(linker, "link"):
-        hits = linker.link(mention, top=ties)
+        hits = linker.link(mention, top=1)  # top=1 keeps exact matches on the cheap dictionary path
         if not hits:
             return []
-        top = hits[0].score
-        return [h.id for h in hits if h.score >= top - 1e-9]
+        first = hits[0]
+        if getattr(first, "how", "") in ("name", "synonym") and hasattr(linker, "owners"):
+            # every disease whose name or synonym the mention spells exactly
+            return [first.id] + sorted(set(linker.owners(mention)) - {first.id})
+        if getattr(first, "how", "") in ("id", "name", "synonym"):
+            return [first.id]
+        hits = linker.link(mention, top=ties)
+        return [h.id for h in hits if h.score >= first.score - 1e-9]
     best = linker.best(mention)
     return [best] if best else []
 

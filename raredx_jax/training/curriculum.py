@@ -83,8 +83,9 @@ def curriculum_config() -> config_dict.ConfigDict:
 def _resolve(cfg: Any) -> config_dict.ConfigDict:
     out = curriculum_config()
     sub, total = cfg, 0
-    if cfg is not None and "curriculum" in cfg:
-        sub = cfg.curriculum
+    full = cfg is not None and any(k in cfg for k in ("curriculum", "grpo", "model", "stage"))
+    if full:
+        sub = cfg.curriculum if "curriculum" in cfg else None
         if "grpo" in cfg and "steps" in cfg.grpo:
             total = int(cfg.grpo.steps)
         if "seed" in cfg:

@@ -1,0 +1,101 @@
+"""Text-level generation: chat messages in, decoded completions out (used by RERS, GRPO, evaluation, diagnose).
+
+Prompts are encoded with `tokenizer.encode_chat(messages, add_generation_prompt=True)`, sorted by length,
+chunked into `params.batch_size` prompts per compiled call, and left-padded to a bucketed length (powers of two,
+capped at `params.max_prompt_len`), so a whole dataset compiles only a handful of programs. Sample j of prompt i
+uses the key `fold_in(fold_in(key(seed), i), j)` (`sampler.sample_keys`), so results do not depend on the
+chunking, the sort or the batch size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from raredx_jax.sampling.sampler import Sampler, SamplingParams, bucket_length, left_pad, sample_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One sampled completion.
+
+    token_ids / logprobs: every generated token, the stop token included (GRPO trains on it); logprobs are
+    `log_softmax(logits / temperature)` of each token (see `sampler`). text: decoded token_ids without a final
+    EOS / stop id (a matched stop *string* stays in the text). finish_reason: "stop" (EOS id or stop sequence)
+    or "length" (max_new_tokens reached).
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str
+
+
+def _batch_rows(count: int, batch_size: int, divisor: int) -> int:
+    """Rows a chunk of `count` prompts is padded to: the full batch_size for full chunks, else the next power of
+    two (so the last, partial chunk reuses few shapes), always a multiple of the mesh's batch shards."""
+    rows = batch_size if count == batch_size else min(batch_size, 1 << max(0, count - 1).bit_length())
+    return -(-rows // divisor) * divisor
+
+
+def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]], n: int = 1,
+                  params: SamplingParams | None = None, seed: int | jax.Array = 0,
+                  mesh: jax.sharding.Mesh | None = None, *, progress: bool = False, desc: str = "generate",
+                  sampler: Sampler | None = None) -> list[list[Completion]]:
+    """Sample `n` completions per chat prompt; returns one list of n Completions per prompt, in input order.
+
+    model: the nnx Transformer (or pass a reusable `sampler=`, which keeps its KV cache between calls).
+    params: SamplingParams (e.g. `SamplingParams.from_config(config.sampling)`); its `stop` strings are encoded
+    with the tokenizer and stop generation like EOS, as do `tokenizer.stop_ids`. seed: int or jax key.
+    A prompt longer than `params.max_prompt_len` tokens raises ValueError naming its index.
+    """
+    params = params or SamplingParams()
+    sampler = sampler or Sampler(model, mesh)
+    prompts = [list(tokenizer.encode_chat(m, add_generation_prompt=True)) for m in messages_list]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i}: encodes to no tokens")
+        if len(ids) > params.max_prompt_len:
+            raise ValueError(f"prompt {i}: {len(ids)} tokens exceed sampling.max_prompt_len="
+                             f"{params.max_prompt_len}")
+    eos_ids = tuple(tokenizer.stop_ids) or (int(tokenizer.eos_id),)
+    stop_seqs = tuple(tuple(tokenizer.encode(s)) for s in params.stop)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    divisor = sampler.batch_shards()
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[Completion] | None] = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    try:
+        for start in range(0, len(order), params.batch_size):
+            idx = order[start:start + params.batch_size]
+            rows = _batch_rows(len(idx), params.batch_size, divisor)
+            length = bucket_length(max(len(prompts[i]) for i in idx), params.max_prompt_len)
+            chunk = [prompts[i] for i in idx] + [[]] * (rows - len(idx))
+            tokens, mask = left_pad(chunk, length, tokenizer.pad_id)
+            ids = np.asarray(idx + [len(prompts) + k for k in range(rows - len(idx))])  # pad rows: unused ids
+            active = np.arange(rows) < len(idx)
+            out = sampler.generate(tokens, mask, None, params, n=n, eos_ids=eos_ids, stop_sequences=stop_seqs,
+                                   pad_id=tokenizer.pad_id, keys=sample_keys(key, ids, n), active=active)
+            toks, lps, lens, done = jax.device_get((out.tokens, out.logprobs, out.lengths, out.done))
+            for r, i in enumerate(idx):
+                comps = []
+                for j in range(n):
+                    row = r * n + j
+                    t = [int(x) for x in toks[row, :lens[row]]]
+                    text_ids = t[:-1] if t and t[-1] in eos_ids else t
+                    comps.append(Completion(text=tokenizer.decode(text_ids), token_ids=tuple(t),
+                                            logprobs=tuple(float(x) for x in lps[row, :lens[row]]),
+                                            finish_reason="stop" if done[row] else "length"))
+                results[i] = comps
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results  # type: ignore[return-value]
