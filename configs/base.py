@@ -10,6 +10,8 @@ from typing import Callable
 from ml_collections import config_dict
 
 from raredx_jax.hardware import apply_hardware
+from raredx_jax.rewards.combined import rewards_config
+from raredx_jax.training.curriculum import curriculum_config
 
 
 def make_config(hardware: str | None, stage: Callable[[config_dict.ConfigDict], None] | None = None
@@ -134,8 +136,8 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.grpo.epochs_per_step = 1
     c.grpo.minibatch_size = 16
     c.grpo.lr = 1e-4
-    c.curriculum = config_dict.ConfigDict()
-    c.curriculum.remeasure_every = 10
+    c.curriculum = curriculum_config()  # dual-level: lessons (task:level) + case pass-rate buckets
+    c.rewards = rewards_config()  # weights of diagnosis / format / length rewards, leak check for RERS
 
     # --- evaluation / export -------------------------------------------------------------------
     c.eval = config_dict.ConfigDict()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -70,7 +71,9 @@ def main(argv: list[str]) -> None:
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
     except (MissingInputError, FileNotFoundError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RAREDX_TRACEBACK"):
+            raise
+        print(f"train: error: {e}\n(set RAREDX_TRACEBACK=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
     if summary is not None:
         print(json.dumps({"summary": summary}, default=str), flush=True)

@@ -137,7 +137,8 @@ PARSE = [
     # inline numbering only cuts at markers counting 1, 2, 3 (not at the "72." of a name)
     ("<answer>1. Deafness, autosomal dominant 72. 2. B disease</answer>", True,
      ["Deafness, autosomal dominant 72", "B disease"]),
-    ("<answer>Top 3: (1) A syndrome (2) B disease (3) C disease</answer>", True, ["A syndrome", "B disease", "C disease"]),
+    ("<answer>Top 3: (1) A syndrome (2) B disease (3) C disease</answer>", True,
+     ["A syndrome", "B disease", "C disease"]),
     ("<answer></answer>", False, []),
     ("no tags", False, []),
 ]

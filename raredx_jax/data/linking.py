@@ -217,20 +217,43 @@ def _polarity_conflict(m_tokens: Sequence[str], c_tokens: Sequence[str]) -> bool
     return any(_opposed_words(a, b) for a in only_m for b in only_c)
 
 
+class _Similarity:
+    """Edit similarity of one mention against many candidates, in [0, 1], order-insensitive, with penalties
+    when subtype markers disagree or a word is negated/inverted. The mention is difflib's second sequence, so
+    its index is built once; ``quick_ratio`` bounds skip candidates that cannot reach ``floor`` (scored 0)."""
+
+    def __init__(self, m_tokens: tuple[str, ...], floor: float = 0.55):
+        self.m_tokens, self.floor = m_tokens, floor
+        self.a, self.sa = " ".join(m_tokens), _sorted_key(m_tokens)
+        self.m_markers = _markers(m_tokens)
+        self._sm = SequenceMatcher(None, autojunk=False)
+        self._sm.set_seq2(self.a)
+        self._sm_sorted = SequenceMatcher(None, autojunk=False)
+        self._sm_sorted.set_seq2(self.sa)
+
+    def __call__(self, c_tokens: tuple[str, ...]) -> float:
+        b = " ".join(c_tokens)
+        self._sm.set_seq1(b)
+        s = self._sm.ratio() if self._sm.quick_ratio() >= self.floor else 0.0
+        sb = _sorted_key(c_tokens)
+        if sb != b or self.sa != self.a:  # another word order is a slightly weaker match than the same order
+            self._sm_sorted.set_seq1(sb)
+            if 0.98 * self._sm_sorted.quick_ratio() > max(s, self.floor):
+                s = max(s, 0.98 * self._sm_sorted.ratio())
+        if s <= 0.0:
+            return 0.0
+        cm = _markers(c_tokens)
+        if self.m_markers != cm:
+            # both sides name a subtype and they differ: another disease. One side unspecified: a weaker match.
+            s *= 0.75 if (self.m_markers - cm and cm - self.m_markers) else 0.9
+        if s >= 0.7 and _polarity_conflict(self.m_tokens, c_tokens):  # only near matches can pass anyway
+            s *= 0.85
+        return s
+
+
 def _similarity(m_tokens: tuple[str, ...], c_tokens: tuple[str, ...]) -> float:
-    """Edit similarity in [0, 1], order-insensitive, with a penalty when subtype markers disagree."""
-    a, b = " ".join(m_tokens), " ".join(c_tokens)
-    s = SequenceMatcher(None, a, b, autojunk=False).ratio()
-    sa, sb = _sorted_key(m_tokens), _sorted_key(c_tokens)
-    if sa != a or sb != b:  # another word order is a slightly weaker match than the same order
-        s = max(s, 0.98 * SequenceMatcher(None, sa, sb, autojunk=False).ratio())
-    mm, cm = _markers(m_tokens), _markers(c_tokens)
-    if mm != cm:
-        # both sides name a subtype and they differ: another disease. One side unspecified: a weaker match.
-        s *= 0.75 if (mm - cm and cm - mm) else 0.9
-    if s >= 0.7 and _polarity_conflict(m_tokens, c_tokens):  # (cheap guard: only near matches can pass)
-        s *= 0.85
-    return s
+    """One-off similarity (see `_Similarity`)."""
+    return _Similarity(m_tokens, floor=0.0)(c_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,21 +406,24 @@ class DiseaseLinker:
         if self._fuzzy_index is None:
             self._fuzzy_index = self._build_fuzzy()
         postings, idf, n = self._fuzzy_index
-        q = [t for t in _trigrams(" ".join(tokens)) if t in postings]
+        grams = _trigrams(" ".join(tokens))
+        q = [t for t in grams if t in postings]
         if not q or n == 0:
             return []
-        qnorm = math.sqrt(sum(idf[t] ** 2 for t in _trigrams(" ".join(tokens)) if t in idf)) or 1.0
+        unseen = math.log((n + 1) / 0.5)  # a trigram no disease string has is as informative as the rarest
+        qnorm = math.sqrt(sum(idf.get(t, unseen) ** 2 for t in grams)) or 1.0
         idx = np.concatenate([postings[t][0] for t in q])
         w = np.concatenate([postings[t][1] * (idf[t] / qnorm) for t in q])
         cos = np.bincount(idx, weights=w, minlength=n)
         k = min(self._n_candidates, n)
         cand = np.argpartition(-cos, k - 1)[:k]
         best: dict[str, float] = {}
+        sim_to = _Similarity(tokens)
         for j in cand[np.argsort(-cos[cand], kind="stable")]:
             if cos[j] <= 0.1:
                 break
             c_tokens, did = self._strings[int(j)]
-            sim = _similarity(tokens, c_tokens)
-            if sim > best.get(did, 0.0):
+            sim = sim_to(c_tokens)
+            if sim > 0.0 and sim > best.get(did, 0.0):
                 best[did] = sim
         return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))

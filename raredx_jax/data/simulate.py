@@ -53,7 +53,8 @@ class DifficultyLevel:
         if not 0.0 <= self.imprecision <= 1.0:
             raise bad("imprecision", f"must be in [0, 1], got {self.imprecision}")
         if not 1 <= self.min_terms <= self.max_terms:
-            raise bad("min_terms/max_terms", f"need 1 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+            raise bad("min_terms/max_terms",
+                      f"need 1 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
         for field in ("noise_terms", "absent_terms"):
             lo, hi = getattr(self, field)
             if not 0 <= lo <= hi:
@@ -194,7 +195,8 @@ class Findings:
 def _noise_pool(ontology: Ontology, min_diseases: int = 60) -> tuple[str, ...]:
     """Common, specific-enough phenotypes (annotated in many diseases): realistic incidental findings."""
     systems = ontology.organ_systems
-    return tuple(sorted(h for h, n in ontology.phenotype_disease_counts.items() if n >= min_diseases and h not in systems))
+    counts = ontology.phenotype_disease_counts
+    return tuple(sorted(h for h, n in counts.items() if n >= min_diseases and h not in systems))
 
 
 def _closure(ids: Sequence[str], ontology: Ontology) -> set[str]:
@@ -222,7 +224,9 @@ def _pick_unrelated(rng: np.random.Generator, k: int, pool: Sequence[str], relat
     return out
 
 
-def _sample_disease_terms(disease: Disease, ontology: Ontology, rng: np.random.Generator, lv: DifficultyLevel) -> list[str]:
+def _sample_disease_terms(disease: Disease, ontology: Ontology, rng: np.random.Generator,
+                          lv: DifficultyLevel) -> list[str]:
+    """Annotated terms by frequency (or uniformly), topped up to min_terms, capped at max_terms, thinned."""
     cands = usable_phenotypes(disease, ontology)
     if not cands:
         raise ValueError(f"{disease.id}: no phenotype annotation can be stated without naming the disease")
@@ -560,7 +564,8 @@ def _render_referral(c: _Ctx, ontology: Ontology, rng: np.random.Generator) -> s
 
 
 def _render_discharge(c: _Ctx, ontology: Ontology, rng: np.random.Generator) -> str:
-    lines = ["DISCHARGE SUMMARY", f"Patient: {c.who}.", f"Reason for admission: {_join(c.present[:2]) or 'evaluation'}."]
+    reason = _join(c.present[:2]) or "evaluation"
+    lines = ["DISCHARGE SUMMARY", f"Patient: {c.who}.", f"Reason for admission: {reason}."]
     if c.onset:
         lines.append(f"History: {_cap(c.onset)}.")
     lines.append("Findings:")
@@ -614,7 +619,10 @@ def render_note(ontology: Ontology, present_hpo: Sequence[str], absent_hpo: Sequ
             pids.append(h)
     aw = [w for w in (_wording(h, ontology, rng, lay_probability, forbidden) for h in absent_hpo)
           if not _forbidden_in(w, forbidden, ())]
-    who = _person(sex, age_years) if age_years is not None else {"female": "a female patient", "male": "a male patient"}.get(sex, "a patient")
+    if age_years is not None:
+        who = _person(sex, age_years)
+    else:
+        who = {"female": "a female patient", "male": "a male patient"}.get(sex, "a patient")
     ctx = _Ctx(who=who, pr=_pronouns(sex), age=age_text(age_years) if age_years is not None else "",
                onset=_onset_phrase(onset_years, onset_hpo, rng), present=pw, present_ids=pids, absent=aw,
                family=family_history, child=age_years is not None and age_years < 18)

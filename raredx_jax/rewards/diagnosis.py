@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 MAX_ENTRIES = 50
 

@@ -38,7 +38,6 @@ restored curriculum continues with exactly the same samples.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import numpy as np

@@ -285,6 +285,29 @@ def _source(config: Any, split: str) -> Any | None:
         raise
 
 
+class IndexView:
+    """A random-access view of some records of a source (grain reads it like the source itself)."""
+
+    def __init__(self, source: Any, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[int(self.indices[i])]
+
+
+def split_holdout(source: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train view, held-out view): a seeded `fraction` of the records held out (at least one)."""
+    n = len(source)
+    n_eval = max(1, int(round(n * fraction)))
+    if n_eval >= n:
+        raise ValueError(f"train.eval_holdout_fraction={fraction} leaves no training records out of {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return IndexView(source, np.sort(perm[n_eval:])), IndexView(source, np.sort(perm[:n_eval]))
+
+
 # --- knowledge probe ---------------------------------------------------------------------------------------------
 def _probe_diseases(config: Any) -> tuple[list[Any], Any]:
     from raredx_jax.data.hpo import load_ontology, select_diseases
@@ -487,6 +510,13 @@ def run_sft(config: Any) -> dict[str, Any]:
         if train_src is None:
             raise MissingInputError(f"dataset {_dataset_name(config)} under {_data_dir(config)} has no "
                                     f"'{tc.get('train_split', 'train')}' split")
+        eval_src = _source(config, tc.get("eval_split", "validation"))
+        holdout = float(tc.get("eval_holdout_fraction", 0.0))
+        if eval_src is None and holdout > 0:
+            train_src, eval_src = split_holdout(train_src, holdout, int(config.seed))
+            print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split: holding out {len(eval_src)} of "
+                  f"{len(train_src) + len(eval_src)} training records for evaluation "
+                  "(train.eval_holdout_fraction)", flush=True)
         train_ds = sft_dataset(train_src, tokenizer, seq_len, local_bs, seed=int(config.seed),
                                shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack))
         it = iter(train_ds)
@@ -495,7 +525,6 @@ def run_sft(config: Any) -> dict[str, Any]:
         elif start > 0:
             print(f"WARNING: checkpoint step {start} has no data iterator state; the data restarts from the "
                   "beginning", flush=True)
-        eval_src = _source(config, tc.get("eval_split", "validation"))
         eval_every, eval_batches = int(tc.get("eval_every", 0)), int(tc.get("eval_batches", 0))
         if eval_src is None and eval_every > 0:
             print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split in {_dataset_name(config)}: "

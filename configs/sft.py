@@ -1,0 +1,46 @@
+"""SFT on RERS trajectories (stage 3 of RareDxR1): `python -m raredx_jax.train --config=configs/sft.py`.
+
+Starts from the knowledge-SFT run (`model.init_from`, a run dir or checkpoint) and trains on the verified
+trajectories the RERS stage wrote (`raredx_rers_trajectories` under `train.data_dir`, default `data.dir`).
+Missing inputs fail with the command to run first (knowledge SFT, then RERS).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ml_collections import config_dict  # noqa: E402
+
+from configs.base import get_config as base_config  # noqa: E402
+
+
+def get_config(hardware=None):
+    c = base_config(hardware)
+    c.stage = "sft"
+    c.run_dir = "runs/sft"
+    c.model.init_from = "runs/knowledge_sft"
+    t = c.train
+    t.dataset = "rers_trajectories"
+    t.build_data = False
+    t.data_dir = ""  # "" = data.dir (where the RERS stage writes its trajectory dataset)
+    t.train_split = "train"
+    t.eval_split = "validation"
+    t.eval_holdout_fraction = 0.05
+    t.eval_at_start = True
+    t.async_checkpointing = True
+    t.debug_nan_at_step = -1
+    t.steps = 150
+    t.lr = 1e-3
+    t.warmup_steps = 10
+    t.schedule = "cosine"
+    t.eval_every = 50
+    t.eval_batches = 0
+    t.log_every = 10
+    t.checkpoint_every = 50
+    t.keep_checkpoints = 2
+    c.probe = config_dict.ConfigDict()
+    c.probe.n = 0  # the knowledge probe is a knowledge-SFT measurement; set n > 0 and always=True to run it here
+    c.probe.seed = 1234
+    c.probe.num_candidates = 0
+    c.probe.batch_size = 64
+    c.probe.always = False
+    return c
