@@ -25,11 +25,17 @@ def records(onto, diseases):
 
 
 def test_record_shape(records, diseases):
-    assert len(records) == 12 * len(diseases)
+    assert len([r for r in records if r["kind"] != "exemplar"]) == 12 * len(diseases)
+    assert len([r for r in records if r["kind"] == "exemplar"]) == 3 * len(diseases)
     for r in records:
         assert set(r) == {"prompt", "completion", "disease_id", "kind", "template"}
         assert r["completion"].strip()
-        if r["kind"] == "passage":
+        if r["kind"] == "exemplar":
+            from raredx_jax.rewards.diagnosis import parse_answer
+            parsed = parse_answer(r["completion"])
+            assert parsed.format_ok and r["prompt"][0]["role"] == "system"
+            assert parsed.entries[0] == next(d.name for d in diseases if d.id == r["disease_id"])
+        elif r["kind"] == "passage":
             assert r["prompt"] == ""
         else:
             assert r["kind"] == "qa" and r["prompt"][0]["role"] == "user" and r["prompt"][0]["content"][-1] in "?."

@@ -258,8 +258,37 @@ def _qa_items(d: Disease, o: Ontology, rng: np.random.Generator) -> list[tuple[s
     return items
 
 
+def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) -> tuple[list[dict], str] | None:
+    """Disease knowledge in the diagnostic answer format: a short findings vignette -> reasoning + differential.
+
+    Why: a model trained from scratch (the embedded tiny default) has never seen the `<think>/<answer>` format
+    that RERS verifies, so knowledge internalization also states "findings A, B, C -> disease" in that format.
+    The reasoning is a fact template over the HPO annotations (frequencies, contrasts), not a case rationale;
+    the differential lists diseases of the set that share findings, as a clinician's list would.
+    """
+    from raredx_jax.data.prompts import diagnosis_messages, format_completion
+
+    ph = _ranked(d, rng, int(rng.integers(3, 6)))
+    if len(ph) < 2:
+        return None
+    findings = [_low(p.label) for p in ph]
+    vignette = _pick(rng, ["A patient presents with {f}.", "Findings: {f}.", "The patient has {f}."]).format(
+        f=_join(findings))
+    details = []
+    for p in ph[:3]:
+        fp = frequency_phrase(p, rng)
+        details.append(f"{_low(p.label)} is {fp} in {d.name}" if fp else f"{_low(p.label)} is reported in {d.name}")
+    others = [ctx["by_id"][o_id].name for o_id, _ in ctx["neighbours"].get(d.id, []) if o_id in ctx["by_id"]]
+    contrast = ""
+    if others:
+        contrast = f" {others[0]} shares some of these findings but fits the combination less well."
+    reasoning = (f"Key findings: {_join(findings)}. " + "; ".join(details) + "." + contrast +
+                 f" Together these findings point to {d.name}.")
+    return diagnosis_messages(vignette), format_completion(reasoning, [d.name, *others[:2]])
+
+
 def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int,
-                      passages_per_disease: int) -> list[Record]:
+                      passages_per_disease: int, exemplars_per_disease: int = 3) -> list[Record]:
     """SFT records per disease: about half passages (prompt "", templates cycled) and half Q&A (chat prompt).
 
     A record is {"prompt": "" or [{"role": "user", "content": q}], "completion": str, "disease_id", "kind",
@@ -289,6 +318,11 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
         for name, q, a in qa[: passages_per_disease - n_pass]:
             out.append({"prompt": [{"role": "user", "content": q}], "completion": a,
                         "disease_id": d.id, "kind": "qa", "template": name})
+        for _ in range(exemplars_per_disease):
+            ex = _exemplar(d, ontology, rng, ctx)
+            if ex is not None:
+                out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "exemplar",
+                            "template": "diagnostic_exemplar"})
     return out
 
 

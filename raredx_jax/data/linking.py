@@ -234,11 +234,13 @@ class _Similarity:
     def __call__(self, c_tokens: tuple[str, ...]) -> float:
         b = " ".join(c_tokens)
         self._sm.set_seq1(b)
-        s = self._sm.ratio() if self._sm.quick_ratio() >= self.floor else 0.0
+        sm = self._sm
+        s = sm.ratio() if sm.real_quick_ratio() >= self.floor and sm.quick_ratio() >= self.floor else 0.0
         sb = _sorted_key(c_tokens)
         if sb != b or self.sa != self.a:  # another word order is a slightly weaker match than the same order
             self._sm_sorted.set_seq1(sb)
-            if 0.98 * self._sm_sorted.quick_ratio() > max(s, self.floor):
+            if 0.98 * self._sm_sorted.real_quick_ratio() > max(s, self.floor) and \
+                    0.98 * self._sm_sorted.quick_ratio() > max(s, self.floor):
                 s = max(s, 0.98 * self._sm_sorted.ratio())
         if s <= 0.0:
             return 0.0
@@ -402,6 +404,8 @@ class DiseaseLinker:
                                                                                      len(r))) for t, r in rows.items()}
         return postings, idf, n
 
+    _FUZZY_WINDOW = 0.15  # fuzzy hits are exact only within this distance of the best one (enough for top-k)
+
     def _fuzzy(self, tokens: tuple[str, ...]) -> list[tuple[str, float]]:
         if self._fuzzy_index is None:
             self._fuzzy_index = self._build_fuzzy()
@@ -426,4 +430,6 @@ class DiseaseLinker:
             sim = sim_to(c_tokens)
             if sim > 0.0 and sim > best.get(did, 0.0):
                 best[did] = sim
+                # candidates far below the best so far are not worth an exact edit ratio
+                sim_to.floor = max(sim_to.floor, sim - self._FUZZY_WINDOW)
         return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
