@@ -149,5 +149,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.eval.max_cases = 0  # 0 = all
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
+    c.export.dtype = "float32"  # tensor dtype written: float32 | bfloat16 | float16
+    c.export.verify = True  # reload with transformers and compare logits (needs the [torch] extra)
 
     return c

@@ -1,0 +1,65 @@
+"""Export stage: the latest checkpoint of a run -> an HF directory transformers loads (levanter style).
+
+  python -m raredx_jax.train --config=configs/export.py --config.model.init_from=runs/grpo
+
+Writes config.json, generation_config.json, sharded safetensors (+ index), the tokenizer files, and, when
+PyTorch is installed and `export.verify` is set, checks that transformers reproduces our logits.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def verify_with_transformers(model: Any, hf_dir: str, atol: float = 1e-3) -> float:
+    """Max |logit difference| between our model and transformers on a fixed input (raises above atol)."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    cfg = model.config
+    tokens = (np.arange(24, dtype=np.int32) * 7 + 3) % cfg.vocab_size
+    ours, _ = model(jnp.asarray(tokens[None]), jnp.arange(24, dtype=jnp.int32)[None])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(tokens[None], dtype=torch.long)).logits.numpy()
+    diff = float(np.abs(np.asarray(ours, np.float32) - ref).max())
+    if diff > atol:
+        raise ValueError(f"export.verify: transformers logits differ from ours by {diff:.2e} (> {atol})")
+    return diff
+
+
+def run_export(config: Any) -> dict[str, Any]:
+    import jax
+
+    from raredx_jax.checkpoints import hf_io
+    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
+    from raredx_jax.parallel.mesh import make_mesh
+    from raredx_jax.policy import find_tokenizer
+    from raredx_jax.training.sft import MissingInputError
+
+    src = config.model.init_from or config.run_dir
+    try:
+        ckpt = resolve_model_checkpoint(src)
+    except FileNotFoundError as e:
+        raise MissingInputError(f"export: model.init_from={src!r}: {e}. Train a stage first, e.g. "
+                                "`python -m raredx_jax.train --config=configs/knowledge_sft.py`") from None
+    from raredx_jax.checkpoints.orbax import load_model
+
+    mesh = make_mesh(config.mesh)
+    model = load_model(ckpt, mesh, dtype="float32")
+    out = config.export.hf_dir or os.path.join(config.run_dir, "hf")
+    tok = find_tokenizer(ckpt)
+    tok_dir = tok.path.parent if tok.path.is_file() else tok.path
+    hf_io.save_hf_model(model, out, dtype=config.export.get("dtype", "float32"), tokenizer_dir=str(tok_dir),
+                        generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True)
+    summary: dict[str, Any] = {"hf_dir": out, "checkpoint": ckpt, "params": model.config.num_params()}
+    if config.export.get("verify", True) and jax.process_index() == 0:
+        try:
+            summary["max_logit_diff_vs_transformers"] = verify_with_transformers(model, out)
+        except ImportError:
+            summary["verify"] = "skipped: torch/transformers not installed (pip install .[torch])"
+    print(f"[export] wrote {out}", flush=True)
+    return summary

@@ -1,0 +1,264 @@
+"""The whole RareDxR1 recipe in one command, resumable stage by stage.
+
+  python -m raredx_jax.train --config=configs/pipeline.py
+
+data build -> knowledge SFT -> RERS -> RERS-SFT -> GRPO curriculum -> HF export, with an evaluation after
+each training stage (held-out simulated notes and real phenopacket cases of the trained diseases, the HPO
+baseline beside it). Each stage runs with its own config file (configs/<stage>.py) in `<run_dir>/<stage>`,
+receives the pipeline's shared sections (seed, data, tokenizer, model shape, rewards, eval) and starts from
+the previous stage's checkpoint. A finished stage leaves `stage_done.json`; rerunning skips it, and an
+interrupted stage resumes from its own checkpoints / journal.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from typing import Any
+
+from ml_collections import config_dict
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# stage name -> (config file, function "module:fn"), in order.
+STAGE_SPECS: dict[str, tuple[str, str]] = {
+    "knowledge_sft": ("knowledge_sft.py", "raredx_jax.training.sft:run_sft"),
+    "rers": ("rers.py", "raredx_jax.training.rers:run_rers"),
+    "rers_sft": ("rers_sft.py", "raredx_jax.training.sft:run_sft"),
+    "grpo": ("rl_curriculum.py", "raredx_jax.training.grpo:run_grpo"),
+    "export": ("export.py", "raredx_jax.export:run_export"),
+}
+# sections / fields every stage takes from the pipeline config
+SHARED = ("seed", "hardware", "data", "tokenizer", "mesh", "distributed", "rewards", "eval",
+          "model.preset", "model.hf_path", "model.vocab_size", "model.max_seq_len", "model.dtype",
+          "model.param_dtype", "model.remat", "model.attention", "model.scan_layers")
+DONE = "stage_done.json"
+
+# Per-stage overrides (dotted field -> value) of each scale; "pipeline" applies to the shared sections.
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "smoke": {
+        "pipeline": {"data.diseases.n": 6, "data.notes_per_disease": 4, "data.knowledge_passages_per_disease": 4,
+                     "pipeline.case_diseases": 2},
+        "knowledge_sft": {"train.steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3,
+                          "train.batch_size": 8, "train.seq_len": 128, "probe.n": 8},
+        "rers": {"rers.num_samples": 2, "rers.reflection_tries": 2, "sampling.max_new_tokens": 24},
+        "rers_sft": {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+                     "train.batch_size": 8, "train.seq_len": 128},
+        "grpo": {"grpo.steps": 2, "grpo.prompts_per_step": 2, "grpo.group_size": 2,
+                 "sampling.max_new_tokens": 24},
+        "export": {},
+    },
+}
+
+
+def apply_scale(config: Any) -> None:
+    """Merge the named scale's overrides under the explicit ones (command-line overrides win)."""
+    scale = config.pipeline.scale
+    if scale not in SCALES:
+        raise ValueError(f"pipeline.scale: unknown {scale!r}; one of {sorted(SCALES)}")
+    for stage, fields in SCALES[scale].items():
+        merged = {**fields, **dict(config.pipeline.overrides.get(stage, {}))}
+        with config.pipeline.overrides.ignore_type():
+            config.pipeline.overrides[stage] = merged
+    for key, value in config.pipeline.overrides.get("pipeline", {}).items():
+        _set(config, key, value)
+
+
+def _load_stage_config(filename: str, hardware: str) -> config_dict.ConfigDict:
+    path = os.path.join(_REPO, "configs", filename)
+    spec = importlib.util.spec_from_file_location(f"raredx_stage_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(hardware)
+
+
+def _get(c: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _set(c: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        c = c[part]
+    with c.ignore_type():
+        c[leaf] = value
+
+
+def stage_config(pipeline: Any, stage: str) -> config_dict.ConfigDict:
+    """The config one stage runs with: its own file, then the shared fields, chaining, and overrides."""
+    filename, _ = STAGE_SPECS[stage]
+    c = _load_stage_config(filename, pipeline.hardware)
+    c.unlock()
+    for key in SHARED:
+        value = _get(pipeline, key)
+        _set(c, key, config_dict.ConfigDict(value.to_dict()) if isinstance(value, config_dict.ConfigDict)
+             else value)
+    root = pipeline.run_dir
+    c.run_dir = os.path.join(root, stage)
+    prev = {"rers": "knowledge_sft", "rers_sft": "knowledge_sft", "grpo": "rers_sft", "export": "grpo"}
+    if stage in prev:
+        c.model.init_from = os.path.join(root, prev[stage])
+    if stage == "rers_sft":
+        c.train.trajectories_dir = os.path.join(root, "rers", "trajectories")
+    if stage == "export":
+        c.export.hf_dir = os.path.join(root, "hf")
+    for key, value in pipeline.pipeline.overrides.get(stage, {}).items():
+        try:
+            _set(c, key, value)
+        except (KeyError, AttributeError):
+            raise ValueError(f"pipeline.overrides.{stage}: {key!r} is not a field of configs/"
+                             f"{STAGE_SPECS[stage][0]}") from None
+    return c
+
+
+def _run_fn(spec: str):
+    import importlib
+
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _done(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, DONE), encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _mark_done(path: str, payload: dict) -> None:
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, DONE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(path, DONE))
+
+
+def _eval_rows(stage: str, report: dict) -> list[dict]:
+    rows = []
+    for name, s in report["sets"].items():
+        o = s["overall"]
+        rows.append({"stage": stage, "set": name, "n": o["n"], "llm_top1": o["llm"]["top1"],
+                     "llm_top10": o["llm"]["top10"], "llm_mrr": o["llm"]["mrr"], "format_ok": o["format_ok"],
+                     "baseline_top1": o["baseline"]["top1"], "baseline_top10": o["baseline"]["top10"]})
+    return rows
+
+
+def results_markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# RareDxR1 pipeline: stage-by-stage results", "",
+             f"Model preset `{meta['preset']}`, {meta['n_diseases']} diseases, seed {meta['seed']}. "
+             "Top-k recall in % on held-out cases; baseline = Phrank-style HPO similarity over the same "
+             "candidate diseases (structured HPO terms where the case has them, dictionary-matched note text "
+             "otherwise).", "",
+             "| stage | case set | n | LLM top-1 | LLM top-10 | LLM MRR | format ok | baseline top-1 | "
+             "baseline top-10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['set']} | {r['n']} | {100 * r['llm_top1']:.1f} | "
+                     f"{100 * r['llm_top10']:.1f} | {r['llm_mrr']:.3f} | {100 * r['format_ok']:.0f} | "
+                     f"{100 * r['baseline_top1']:.1f} | {100 * r['baseline_top10']:.1f} |")
+    lines += ["", f"Wall time: {meta['seconds']:.0f} s ({meta['hardware']})."]
+    return "\n".join(lines) + "\n"
+
+
+def choose_diseases(pipeline: Any) -> None:
+    """Fix the disease subset once for every stage: some diseases of the real case archive (so real cases of
+    trained diseases exist to evaluate on) plus seeded random others. Writes data.diseases kind=ids."""
+    from raredx_jax.data.hpo import load_ontology, select_diseases
+
+    d = pipeline.data.diseases
+    if d.kind == "ids":
+        return
+    ontology = load_ontology()
+    n_case = int(pipeline.pipeline.case_diseases)
+    ids: list[str] = []
+    if n_case and pipeline.data.phenopackets and os.path.exists(pipeline.data.phenopackets):
+        import numpy as np
+
+        from raredx_jax.data.importers import load_phenopackets
+
+        res = load_phenopackets(pipeline.data.phenopackets, ontology, on_error="skip")
+        counts: dict[str, int] = {}
+        for case in res.cases:
+            for did in case.diagnosis:
+                counts[did] = counts.get(did, 0) + 1
+        eligible = sorted(k for k, v in counts.items() if v >= int(pipeline.pipeline.min_cases_per_disease)
+                          and _phenotype_count(ontology, k) >= int(d.min_phenotypes))
+        rng = np.random.default_rng(int(d.seed))
+        ids = [eligible[i] for i in sorted(rng.choice(len(eligible), min(n_case, len(eligible)), replace=False))]
+    rest = select_diseases(ontology, config_dict.ConfigDict(
+        {"kind": "random", "n": int(d.n) + len(ids), "seed": int(d.seed), "ids": "",
+         "min_phenotypes": int(d.min_phenotypes)}))
+    for dis in rest:
+        if len(ids) >= int(d.n):
+            break
+        if dis.id not in ids:
+            ids.append(dis.id)
+    d.kind, d.ids = "ids", ",".join(ids)
+
+
+def _phenotype_count(ontology: Any, disease_id: str) -> int:
+    try:
+        return len(ontology.disease(disease_id).phenotypes)
+    except KeyError:
+        return 0
+
+
+def run_pipeline(config: Any) -> dict[str, Any]:
+    import jax
+
+    from raredx_jax.data.build import build_all
+    from raredx_jax.evaluate import evaluate_checkpoint
+    from raredx_jax.evaluation.report import plot_stages
+
+    t0 = time.time()
+    config.unlock()
+    apply_scale(config)
+    if not config.data.dir:
+        config.data.dir = os.path.join(config.run_dir, "data")
+    choose_diseases(config)
+    root = config.run_dir
+    os.makedirs(root, exist_ok=True)
+    print(f"[pipeline] run dir {root}; {len(config.data.diseases.ids.split(','))} diseases; "
+          f"stages: data, {', '.join(config.pipeline.stages)}", flush=True)
+    data_cfg = stage_config(config, "knowledge_sft")
+    build_all(data_cfg)
+    specs = [s for s in config.pipeline.eval_cases.split(",") if s]
+    if config.data.phenopackets or config.data.jsonl_notes:
+        specs.append("imported:test")
+    rows: list[dict] = []
+    summaries: dict[str, Any] = {}
+    for stage in config.pipeline.stages:
+        sc = stage_config(config, stage)
+        done = _done(sc.run_dir)
+        if done is not None:
+            print(f"[pipeline] {stage}: already done, skipping ({os.path.join(sc.run_dir, DONE)})", flush=True)
+        else:
+            print(f"[pipeline] === {stage} ===", flush=True)
+            ts = time.time()
+            summary = _run_fn(STAGE_SPECS[stage][1])(sc)
+            done = {"summary": summary, "seconds": round(time.time() - ts, 1)}
+            if stage in config.pipeline.eval_after:
+                report = evaluate_checkpoint(sc, sc.run_dir, specs, os.path.join(sc.run_dir, "eval"),
+                                             title=f"Evaluation after {stage}")
+                done["eval_rows"] = _eval_rows(stage, report)
+            _mark_done(sc.run_dir, done)
+        summaries[stage] = done.get("summary")
+        rows += done.get("eval_rows", [])
+    meta = {"preset": config.model.preset, "n_diseases": len(config.data.diseases.ids.split(",")),
+            "seed": config.seed, "seconds": time.time() - t0, "hardware": config.hardware}
+    if jax.process_index() == 0:
+        with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "meta": meta, "stages": summaries}, f, indent=1, default=str)
+        with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
+            f.write(results_markdown(rows, meta))
+        plot_stages(rows, os.path.join(root, "stages.png"))
+        print(results_markdown(rows, meta), flush=True)
+    return {"rows": rows, "results": os.path.join(root, "results.md")}
