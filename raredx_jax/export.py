@@ -55,6 +55,8 @@ def run_export(config: Any) -> dict[str, Any]:
     tok_dir = tok.path.parent if tok.path.is_file() else tok.path
     hf_io.save_hf_model(model, out, dtype=config.export.get("dtype", "float32"), tokenizer_dir=str(tok_dir),
                         generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True)
+    if hasattr(tok, "save_hf") and jax.process_index() == 0:
+        tok.save_hf(out)  # the embedded SentencePiece model as HF tokenizer files, so AutoTokenizer loads it
     summary: dict[str, Any] = {"hf_dir": out, "checkpoint": ckpt, "params": model.config.num_params()}
     if config.export.get("verify", True) and jax.process_index() == 0:
         try:

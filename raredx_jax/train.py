@@ -16,12 +16,14 @@ import sys
 from typing import Any, Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 # stage -> "module:function(config) -> dict". Add a line to register a stage.
 STAGES: dict[str, str] = {
     "knowledge_sft": "raredx_jax.training.sft:run_sft",
     "sft": "raredx_jax.training.sft:run_sft",
+    "rers": "raredx_jax.training.rers:run_rers",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,6 +62,8 @@ def run(config: Any) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]} (use --config.x=y to override fields)")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
     if config is None:
         sys.exit("train: --config is required, e.g. --config=configs/knowledge_sft.py")

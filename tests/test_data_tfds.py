@@ -171,7 +171,7 @@ def test_build_tiny_end_to_end_and_idempotent(tmp_path):
     assert len(ids) == len(set(ids)), "case ids unique across splits"
     assert {c_.level for c_ in splits["test"]} >= {"typical", "hard"}, "every difficulty level held out"
     know = tb.data_source("raredx_knowledge", "train", c.data.dir)
-    assert len(know) == first["datasets"]["raredx_knowledge"]["train"] == 3 * 4
+    assert len(know) == first["datasets"]["raredx_knowledge"]["train"] >= 3 * 4
     # Logs never contain whole notes.
     assert not any(t in line for line in lines for t in texts["train"])
 
@@ -203,3 +203,26 @@ def test_build_tiny_end_to_end_and_idempotent(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "up to date" in out.stdout
+
+
+def test_build_imports_jsonl_notes_and_reports_skips(tmp_path):
+    from raredx_jax.data import build
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "n1", "text": "A 3-year-old boy with seizures and hypotonia.", "diagnosis": ["OMIM:154700"]},
+        {"id": "n2", "text": "An adult woman with tall stature.", "diagnosis": ["OMIM:154700"], "sex": "female"},
+        {"id": "n3", "text": "Missing its diagnosis."},
+    ]) + "\n")
+    c = _tiny_build_config(tmp_path / "data")
+    c.data.jsonl_notes = str(notes)
+    c.data.on_error = "skip"
+    m = build.build_all(c, log=lambda _: None)
+    assert m["imported"] == {"seen": 3, "imported": 2, "skipped": 1}
+    src = tb.data_source("raredx_imported_cases", "test", c.data.dir)
+    assert sorted(tb.decode_case(src[i]).id for i in range(len(src))) == ["n1", "n2"]
+    report = json.loads((tmp_path / "data" / "import_report.json").read_text())
+    assert [(s["record"], s["field"]) for s in report["skipped"]] == [("3", "diagnosis")]
+    c.data.on_error = "raise"
+    with pytest.raises(ValueError, match=r"notes\.jsonl: record 3: field diagnosis"):
+        build.build_all(c, log=lambda _: None)

@@ -6,7 +6,9 @@ tokenizer trained on the training text -> TFDS array_record datasets under `data
 
 Idempotent: the manifest records a hash of everything the output depends on (the data + tokenizer config
 fields, the generator source code, the HPO asset, the imported input files). A rerun with the same hash
-skips; any difference rebuilds from scratch. The manifest is written last, so an interrupted build reruns.
+skips; any difference rebuilds from scratch (the previous outputs of this builder are removed first; RERS
+datasets and other files in data.dir are left alone). The manifest is written last, so an interrupted or
+failed build reruns.
 Other stages call `build_all(config)` in-process (on one process; others wait for it).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,50 +184,24 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     return out
 
 
-def build_imported(ontology: Any, config: Any, data_dir: Path, log: Log) -> tuple[list[Any], list[dict]]:
-    """Real cases from data.phenopackets / data.jsonl_notes; with on_error=skip, every skipped record is
-    written to <data.dir>/import_report.jsonl (file, record, field, reason) and counted."""
-    cases: list[Any] = []
-    skipped: list[dict] = []
+def build_imported(ontology: Any, config: Any, log: Log) -> Any | None:
+    """Real cases from data.phenopackets / data.jsonl_notes (`importers.load_cases`), or None if none is set.
+
+    With data.on_error=raise the first bad record stops the build (the error names file, record and field);
+    with skip, every skipped record is kept in the returned ImportResult for the report.
+    """
+    paths = [config.data.get(f, "") for f in ("phenopackets", "jsonl_notes")]
+    paths = [p for p in paths if p]
+    if not paths:
+        return None
     on_error = config.data.on_error
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    for field, fn_name in (("phenopackets", "import_phenopackets"), ("jsonl_notes", "import_jsonl")):
-        path = config.data.get(field, "")
-        if not path:
-            continue
-        from raredx_jax.data import importers
+    from raredx_jax.data import importers
 
-        fn = getattr(importers, fn_name)
-        got, report = _call_importer(fn, path, ontology, on_error)
-        log(f"imported {len(got)} cases from data.{field}={path}" + (f", skipped {len(report)}" if report else ""))
-        cases.extend(got)
-        skipped.extend(report)
-    return cases, skipped
-
-
-def _call_importer(fn: Callable[..., Any], path: str, ontology: Any, on_error: str) -> tuple[list[Any], list[dict]]:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {}
-    if "ontology" in params:
-        kwargs["ontology"] = ontology
-    if "on_error" in params:
-        kwargs["on_error"] = on_error
-    result = fn(path, **kwargs)
-    if isinstance(result, tuple) and len(result) == 2:
-        cases, report = result
-    else:
-        cases, report = result, []
-    report = [r if isinstance(r, dict) else _as_dict(r) for r in (report or [])]
-    return list(cases), report
-
-
-def _as_dict(x: Any) -> dict:
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    return {"error": str(x)}
+    result = importers.load_cases(paths, ontology, on_error=on_error)
+    log(f"imported cases from {', '.join(paths)}: {result.summary()}")
+    return result
 
 
 def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]]) -> list[str]:
@@ -283,10 +259,14 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
     log("knowledge: " + ", ".join(f"{k} {len(v)}" for k, v in knowledge.items()) + f" items [{time.time() - t0:.1f}s]")
     cases = build_simulated(diseases, ontology, config, log)
     log("simulated notes: " + ", ".join(f"{k} {len(v)}" for k, v in cases.items()) + f" [{time.time() - t0:.1f}s]")
-    imported, skipped = build_imported(ontology, config, data_dir, log)
-    if skipped:
-        tb.write_jsonl(data_dir / "import_report.jsonl", skipped)
-        log(f"import report: {len(skipped)} skipped records listed in {data_dir / 'import_report.jsonl'}")
+    imported_result = build_imported(ontology, config, log)
+    imported = imported_result.cases if imported_result is not None else []
+    if imported_result is not None:
+        from raredx_jax.data import importers
+
+        importers.write_report(imported_result, data_dir / "import_report.json")
+        report = importers.write_report(imported_result, data_dir / "import_report.md")
+        log(f"import report ({imported_result.n_skipped} skipped records, each with file/record/field/why): {report}")
 
     vocab = int(config.tokenizer.vocab_size)
     model_type = config.tokenizer.get("model_type", "bpe")
@@ -314,7 +294,8 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
         "diseases": [d.id for d in diseases],
         "datasets": datasets,
         "tokenizer": {"path": "tokenizer/spm.model", "vocab_size": spm_vocab, "model_type": model_type},
-        "imported_skipped": len(skipped),
+        "imported": ({"seen": imported_result.n_seen, "imported": len(imported_result.cases),
+                      "skipped": imported_result.n_skipped} if imported_result is not None else None),
         "seconds": round(time.time() - t0, 2),
     }
     tmp = data_dir / (MANIFEST + ".tmp")
@@ -334,7 +315,8 @@ def _clear_outputs(data_dir: Path) -> None:
             continue  # written by the RERS stage, not by this build
         shutil.rmtree(tb.dataset_dir(name, data_dir), ignore_errors=True)
     shutil.rmtree(data_dir / "tokenizer", ignore_errors=True)
-    (data_dir / "import_report.jsonl").unlink(missing_ok=True)
+    for name in ("import_report.json", "import_report.md"):
+        (data_dir / name).unlink(missing_ok=True)
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------

@@ -122,14 +122,15 @@ def _map_token(tok: str, prev: str | None, nxt: str | None) -> list[str]:
     if tok in _NUMBER_WORDS:
         return [_NUMBER_WORDS[tok]]
     seg_start, seg_end = prev in (None, ","), nxt in (None, ",")
+    context = prev in _ROMAN_CONTEXT or nxt in ("type", "types")  # "type IC" or "IC type"
     if tok in _ROMAN:
-        if (len(tok) > 1 or prev in _ROMAN_CONTEXT
+        if (len(tok) > 1 or context
                 or (seg_start and seg_end and prev == ",")  # a whole comma part: "Heterotaxy, visceral, I, X-linked"
                 or (seg_end and not seg_start and tok != "x")):  # ends a phrase: "Mucolipidosis I"
             return [_ROMAN[tok]]
         return [tok]
     m = _ROMAN_SUFFIX.match(tok)
-    if m and tok not in _NOT_ROMAN and m.group(1) in _ROMAN and (len(m.group(1)) > 1 or prev in _ROMAN_CONTEXT
+    if m and tok not in _NOT_ROMAN and m.group(1) in _ROMAN and (len(m.group(1)) > 1 or context
                                                                    or (seg_end and not seg_start)):
         return [_ROMAN[m.group(1)], m.group(2)]
     if tok not in _BRITISH_KEEP and len(tok) > 4:

@@ -193,8 +193,11 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array | None, temperature: f
 
 def sample_keys(key: jax.Array, prompt_ids: Sequence[int] | jax.Array, n: int) -> jax.Array:
     """Typed keys [len(prompt_ids) * n]: row `i*n + j` = fold_in(fold_in(key, prompt_ids[i]), j)."""
-    key = _as_typed_key(key)
-    ids = jnp.asarray(prompt_ids, jnp.uint32)
+    return _sample_keys(_as_typed_key(key), jnp.asarray(np.asarray(prompt_ids), jnp.uint32), int(n))
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _sample_keys(key: jax.Array, ids: jax.Array, n: int) -> jax.Array:
     per_prompt = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
     rows = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n, dtype=jnp.uint32)))(
         per_prompt)
@@ -356,12 +359,9 @@ class Sampler:
         self._caches.clear()
 
     def _mesh(self, state: Any) -> jax.sharding.Mesh | None:
-        if self.mesh is not None:
-            return self.mesh
-        mesh = _model_mesh(state)
-        if mesh is not None and math.prod(mesh.shape.values()) == 1:
-            return None  # one device: plain jit, no mesh context needed
-        return mesh
+        # The model's own mesh (even a 1-device one): the decode cache handed back by one call must carry the same
+        # sharding as the one the next call passes in, or the program would be recompiled.
+        return self.mesh if self.mesh is not None else _model_mesh(state)
 
     def batch_shards(self) -> int:
         """How many ways sample rows are split (data * fsdp of the mesh); batches are padded to a multiple."""

@@ -1,0 +1,208 @@
+"""Sampler benchmark: decode tokens/s of our jit generate vs transformers `generate`, same shape, same script.
+
+    python -m benchmarks.sampler                 # full sweep: tiny + qwen2.5-0.5b, batch 1/16/64, prompt 256, 256 new
+    python -m benchmarks.sampler --quick         # CPU-sized sweep (see QUICK below)
+    python -m benchmarks.sampler --presets=tiny --batches=1,16 --n=4 --new-tokens=128
+
+Both models are random-initialised with the preset's shape (ours via `init_model`, HF via `from_config`), in
+bfloat16 on an accelerator and float32 on CPU. Sampling: temperature 1, no top-k/top-p, no EOS (every row
+generates exactly `new_tokens`; HF gets `min_new_tokens=new_tokens`). Each measurement is one warm call (the
+compile / first call is excluded) timed end to end, and a second warm call with 1 new token times the prefill:
+
+    decode tokens/s = rows * (new_tokens - 1) / (t_generate - t_prefill)      (rows = batch * n)
+    end-to-end tokens/s = rows * new_tokens / t_generate
+
+On GPU/TPU it also prints the HBM-roofline fraction of our decode: (bytes of weights + bytes of the KV cache
+that a step must read, at the mean filled length prompt + new/2) / decode step time / peak bandwidth of the
+device (table below). Our decode actually reads the whole preallocated cache (prompt + new slots) each step;
+the roofline uses the minimum, so it is the honest bound.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak HBM bandwidth in bytes/s by `device_kind` substring (first match wins; checked lower-case).
+PEAK_BANDWIDTH = (
+    ("h200", 4.8e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("h800", 3.35e12), ("gh200", 4.0e12),
+    ("b200", 8.0e12), ("a100-sxm4-80gb", 2.039e12), ("a100 80gb", 1.935e12), ("a100", 1.555e12),
+    ("l40s", 0.864e12), ("l4", 0.3e12), ("a10g", 0.6e12), ("v100", 0.9e12),
+    ("tpu v6", 1.64e12), ("tpu v5p", 2.765e12), ("tpu v5 lite", 0.819e12), ("tpu v5e", 0.819e12),
+    ("tpu v5", 2.765e12), ("tpu v4", 1.2e12),
+)
+QUICK = dict(runs=(("tiny", (1, 16), 256), ("qwen2.5-0.5b", (1,), 32)))
+
+
+def peak_bandwidth(device: jax.Device) -> float | None:
+    kind = device.device_kind.lower()
+    for key, bw in PEAK_BANDWIDTH:
+        if key in kind:
+            return bw
+    return None
+
+
+@dataclasses.dataclass
+class Result:
+    preset: str
+    batch: int
+    n: int
+    prompt: int
+    new_tokens: int
+    dtype: str
+    ours_decode_tok_s: float
+    ours_e2e_tok_s: float
+    ours_prefill_s: float
+    ours_generate_s: float
+    hf_decode_tok_s: float | None = None
+    hf_e2e_tok_s: float | None = None
+    hf_prefill_s: float | None = None
+    hf_generate_s: float | None = None
+    roofline_fraction: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.hf_decode_tok_s else self.ours_decode_tok_s / self.hf_decode_tok_s
+
+
+def _model_config(preset: str, dtype: str):
+    from raredx_jax.models.config import PRESETS, ModelConfig
+    return ModelConfig(**PRESETS[preset], dtype=dtype, param_dtype=dtype)
+
+
+def _prompts(batch: int, prompt: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, (batch, prompt)).astype(np.int32)
+
+
+def bench_ours(model, tokens: np.ndarray, n: int, new_tokens: int) -> tuple[float, float]:
+    """(t_generate, t_prefill) in seconds, warm."""
+    from raredx_jax.sampling import Sampler, SamplingParams
+    sampler = Sampler(model)
+    mask = np.ones_like(tokens)
+    times = []
+    for new in (new_tokens, 1):
+        params = SamplingParams(temperature=1.0, max_new_tokens=new)
+        run = lambda seed: sampler.generate(tokens, mask, seed, params, n=n, eos_ids=()).tokens.block_until_ready()
+        run(0)  # compile
+        t = time.perf_counter()
+        out = run(1)
+        times.append(time.perf_counter() - t)
+        assert out.shape == (tokens.shape[0] * n, new)
+    sampler.release()
+    return times[0], times[1]
+
+
+def bench_hf(cfg, tokens: np.ndarray, n: int, new_tokens: int, dtype: str) -> tuple[float, float]:
+    import torch
+    import transformers
+    from raredx_jax.models.config import to_hf_config
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in to_hf_config(cfg).items()
+                                                  if k not in ("architectures", "dtype")})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype] if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype).to(device).eval()
+    ids = torch.as_tensor(np.repeat(tokens, n, 0), dtype=torch.long, device=device)
+    attn = torch.ones_like(ids)
+
+    def run(new: int) -> float:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        sync()
+        assert out.shape[1] == ids.shape[1] + new
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    t_gen, t_pre = run(new_tokens), run(1)
+    del model
+    return t_gen, t_pre
+
+
+def run_one(preset: str, batch: int, n: int, prompt: int, new_tokens: int, hf: bool) -> Result:
+    from raredx_jax.checkpoints.hf_io import init_model
+    from raredx_jax.parallel.mesh import single_device_mesh
+    on_accel = jax.default_backend() != "cpu"
+    dtype = "bfloat16" if on_accel else "float32"
+    cfg = _model_config(preset, dtype)
+    model = init_model(cfg, single_device_mesh(), seed=0)
+    tokens = _prompts(batch, prompt, cfg.vocab_size)
+    rows = batch * n
+    t_gen, t_pre = bench_ours(model, tokens, n, new_tokens)
+    decode_s = max(t_gen - t_pre, 1e-9)
+    res = Result(preset, batch, n, prompt, new_tokens, dtype,
+                 ours_decode_tok_s=rows * (new_tokens - 1) / decode_s, ours_e2e_tok_s=rows * new_tokens / t_gen,
+                 ours_prefill_s=t_pre, ours_generate_s=t_gen)
+    peak = peak_bandwidth(jax.devices()[0]) if on_accel else None
+    if peak and new_tokens > 1:
+        itemsize = jnp.dtype(dtype).itemsize
+        kv = 2 * cfg.num_layers * rows * (prompt + new_tokens / 2) * cfg.num_kv_heads * cfg.head_dim * itemsize
+        step_bytes = cfg.num_params() * itemsize + kv
+        res.roofline_fraction = step_bytes / (decode_s / (new_tokens - 1)) / peak
+    del model
+    if hf:
+        h_gen, h_pre = bench_hf(cfg, tokens, n, new_tokens, dtype)
+        res.hf_generate_s, res.hf_prefill_s = h_gen, h_pre
+        res.hf_decode_tok_s = rows * (new_tokens - 1) / max(h_gen - h_pre, 1e-9)
+        res.hf_e2e_tok_s = rows * new_tokens / h_gen
+    return res
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+HEADER = (f"{'preset':<14}{'batch':>6}{'n':>3}{'prompt':>7}{'new':>5} {'dtype':<9}"
+          f"{'ours dec tok/s':>15}{'ours e2e':>10}{'HF dec tok/s':>13}{'HF e2e':>9}{'ratio':>8}{'roofline':>9}")
+
+
+def format_row(r: Result) -> str:
+    ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+    return (f"{r.preset:<14}{r.batch:>6}{r.n:>3}{r.prompt:>7}{r.new_tokens:>5} {r.dtype:<9}"
+            f"{_fmt(r.ours_decode_tok_s):>15}{_fmt(r.ours_e2e_tok_s):>10}{_fmt(r.hf_decode_tok_s):>13}"
+            f"{_fmt(r.hf_e2e_tok_s):>9}{ratio:>8}{_fmt(r.roofline_fraction, '.1%'):>9}")
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="tiny,qwen2.5-0.5b")
+    ap.add_argument("--batches", default="1,16,64", help="prompts per call")
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt (rows = batch * n)")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU sweep: tiny at batch 1,16 (256 new tokens); qwen2.5-0.5b at batch 1 (32 new tokens)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    a = ap.parse_args(argv)
+    if a.quick:
+        runs = [(p, b, new) for p, bs, new in QUICK["runs"] for b in bs]
+    else:
+        runs = [(p, int(b), a.new_tokens) for p in a.presets.split(",") for b in a.batches.split(",")]
+    dev = jax.devices()[0]
+    print(f"# devices: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
+          f"prompt {a.prompt_len}, n {a.n}; peak bandwidth {_fmt(peak_bandwidth(dev), '.3g')} B/s", flush=True)
+    print(HEADER + "\n" + "-" * len(HEADER), flush=True)
+    results = []
+    for preset, batch, new in runs:
+        results.append(run_one(preset, batch, a.n, a.prompt_len, new, hf=not a.no_hf))
+        print(format_row(results[-1]), flush=True)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump([dict(dataclasses.asdict(r), ratio=r.ratio) for r in results], f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

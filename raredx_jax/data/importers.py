@@ -1,0 +1,647 @@
+"""Real cases -> `Case`: GA4GH Phenopacket v2 JSON (a folder or a .tar.gz) and JSONL notes.
+
+Why the care: a phenopacket carries its answer in several places besides the diagnosis field: the gene and the
+variants (`interpretations[].diagnosis.genomicInterpretations`), the cohort folder and the file name (which
+name the gene or the disease), the PMID. The note we build from a phenopacket therefore uses only the
+phenotypes (observed and excluded), sex, age and onset, rendered by the same renderer as the simulated notes
+(`simulate.render_note`), and it is checked afterwards: it must not contain the disease name/synonyms/ids,
+gene symbols, variant strings, cohort or file-name parts. Case ids are hashes (no cohort, no PMID); the PMID
+is kept in `meta` only.
+
+Validation: every bad record becomes one `ImportIssue(file, record, field, message)`. With
+``on_error="raise"`` the first one raises a ValueError naming file, record and field; with ``"skip"`` they are
+collected (`write_report` lists each skipped record and why) and ``n_seen == len(cases) + len(issues)``
+always holds: nothing is dropped silently. Messages never quote note text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raredx_jax.data.case import Case
+from raredx_jax.data.hpo import Disease, Ontology
+from raredx_jax.data.linking import DiseaseLinker, parse_disease_id
+from raredx_jax.data import simulate
+
+__all__ = ["ImportIssue", "ImportResult", "load_phenopackets", "load_jsonl_notes", "load_cases", "write_report",
+           "parse_iso8601_age", "phenopacket_to_case"]
+
+ON_ERROR = ("raise", "skip")
+_HPO_RE = re.compile(r"HP:\d{7}")
+_SEX = {"FEMALE": "female", "MALE": "male", "UNKNOWN_SEX": "unknown", "OTHER_SEX": "unknown"}
+_ISO_DURATION = re.compile(r"P(?!$)(?:(\d+(?:\.\d+)?)Y)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?"
+                           r"(?:T(?=\d)(?:\d+(?:\.\d+)?H)?(?:\d+(?:\.\d+)?M)?(?:\d+(?:\.\d+)?S)?)?")
+RENDER_TRIES = 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# results and errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportIssue:
+    """Why one record was not imported: where (file, record = member name / line number) and which field."""
+
+    file: str
+    record: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: record {self.record}: field {self.field}: {self.message}"
+
+
+@dataclasses.dataclass
+class ImportResult:
+    """Imported cases plus one issue per skipped record; ``n_seen == len(cases) + len(issues)`` by construction."""
+
+    cases: list[Case]
+    issues: list[ImportIssue]
+    n_seen: int
+
+    def __post_init__(self) -> None:
+        if self.n_seen != len(self.cases) + len(self.issues):
+            raise RuntimeError(f"import bookkeeping broken: {self.n_seen} records seen but {len(self.cases)} "
+                               f"imported + {len(self.issues)} skipped")
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.issues)
+
+    def __add__(self, other: "ImportResult") -> "ImportResult":
+        return ImportResult(self.cases + other.cases, self.issues + other.issues, self.n_seen + other.n_seen)
+
+    def summary(self) -> str:
+        """One line for logs (counts only, never note text)."""
+        return f"{self.n_seen} records: {len(self.cases)} imported, {len(self.issues)} skipped"
+
+
+class _RecordError(Exception):
+    """Internal: one record is bad; carries the field path for the ImportIssue."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+class _Collector:
+    """Runs the per-record conversions and applies the raise/skip policy in one place."""
+
+    def __init__(self, on_error: str):
+        _check_on_error(on_error)
+        self.on_error = on_error
+        self.cases: list[Case] = []
+        self.issues: list[ImportIssue] = []
+        self.n_seen = 0
+        self._ids: dict[str, str] = {}
+
+    def fail(self, file: str, record: str, field: str, message: str) -> None:
+        issue = ImportIssue(str(file), str(record), field, message)
+        if self.on_error == "raise":
+            raise ValueError(str(issue))
+        self.issues.append(issue)
+
+    def add(self, file: str, record: str, make) -> None:
+        self.n_seen += 1
+        try:
+            case = make()
+        except _RecordError as e:
+            self.fail(file, record, e.field, e.message)
+            return
+        if case.id in self._ids:
+            self.fail(file, record, "id", f"duplicate case id {case.id!r} (first seen in record {self._ids[case.id]})")
+            return
+        self._ids[case.id] = str(record)
+        self.cases.append(case)
+
+    def result(self) -> ImportResult:
+        return ImportResult(self.cases, self.issues, self.n_seen)
+
+
+def write_report(issues: ImportResult | Sequence[ImportIssue], path: str | Path) -> Path:
+    """Write the skipped-record report: JSON for a ``.json`` path, Markdown otherwise. Returns the path.
+
+    Pass the ImportResult to include the seen/imported counts; a bare list of issues works too.
+    """
+    path = Path(path)
+    if isinstance(issues, ImportResult):
+        counts = {"n_seen": issues.n_seen, "n_imported": len(issues.cases), "n_skipped": len(issues.issues)}
+        items = issues.issues
+    else:
+        items = list(issues)
+        counts = {"n_skipped": len(items)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({**counts, "skipped": [dataclasses.asdict(i) for i in items]}, indent=2) + "\n",
+                        encoding="utf-8")
+        return path
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["# Import report", "", ", ".join(f"{k.removeprefix('n_')}: {v}" for k, v in counts.items()), ""]
+    if items:
+        lines += ["| file | record | field | why skipped |", "|---|---|---|---|"]
+        lines += [f"| {cell(i.file)} | {cell(i.record)} | {cell(i.field)} | {cell(i.message)} |" for i in items]
+    else:
+        lines.append("No record was skipped.")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small typed accessors: every failure names the JSON path of the field
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def _get(obj: dict, key: str, kind: type | tuple[type, ...], path: str, required: bool = False) -> Any:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise _RecordError(path, "missing")
+        return None
+    v = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        want = " or ".join(_type_name(k()) if k is not type(None) else "null" for k in kinds)
+        raise _RecordError(path, f"must be {want}, got {_type_name(v)}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ages and onsets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_iso8601_age(text: str) -> float:
+    """'P6Y3M' -> 6.25 years ('P4W', 'P10D', 'P1Y2M3D' too); ValueError for anything else."""
+    m = _ISO_DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"not an ISO 8601 duration: {text!r} (expected e.g. P6Y3M)")
+    y, mo, w, d = (float(g) if g else 0.0 for g in m.groups())
+    return y + mo / 12.0 + w * 7.0 / 365.25 + d / 365.25
+
+
+def _onset_years_of_class(hpo_id: str, ontology: Ontology) -> float:
+    """A representative age for an HPO onset class ('Infantile onset' -> mid-infancy)."""
+    lo, hi = simulate._onset_range(hpo_id, ontology)  # the simulator's onset table: one source of truth
+    return (lo + hi) / 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Time:
+    years: float | None  # None when not an age (ontology class without a table entry, timestamp)
+    text: str  # free text for Case.age / meta
+    onset_hpo: str | None = None
+
+
+def _parse_time(te: Any, path: str, ontology: Ontology) -> _Time | None:
+    """A Phenopacket TimeElement -> years + text; None for forms that carry no age (timestamp, interval)."""
+    if not isinstance(te, dict):
+        raise _RecordError(path, f"must be an object (TimeElement), got {_type_name(te)}")
+    if "age" in te:
+        age = _get(te, "age", dict, f"{path}.age", required=True)
+        dur = _get(age, "iso8601duration", str, f"{path}.age.iso8601duration", required=True)
+        try:
+            years = parse_iso8601_age(dur)
+        except ValueError as e:
+            raise _RecordError(f"{path}.age.iso8601duration", str(e)) from None
+        return _Time(years, simulate.age_text(years) if years > 0 else "newborn")
+    if "ageRange" in te:
+        rng = _get(te, "ageRange", dict, f"{path}.ageRange", required=True)
+        start = _get(rng, "start", dict, f"{path}.ageRange.start", required=True)
+        inner = _parse_time(start, f"{path}.ageRange.start", ontology)
+        return inner
+    if "gestationalAge" in te:
+        ga = _get(te, "gestationalAge", dict, f"{path}.gestationalAge", required=True)
+        weeks = _get(ga, "weeks", int, f"{path}.gestationalAge.weeks", required=True)
+        days = _get(ga, "days", int, f"{path}.gestationalAge.days") or 0
+        if not 0 < weeks < 45 or not 0 <= days < 7:
+            raise _RecordError(f"{path}.gestationalAge", f"implausible gestational age {weeks}w{days}d")
+        return _Time(-((40 - weeks) * 7 - days) / 365.25, f"fetus at {weeks} weeks {days} days of gestation")
+    if "ontologyClass" in te:
+        oc = _get(te, "ontologyClass", dict, f"{path}.ontologyClass", required=True)
+        hid = _get(oc, "id", str, f"{path}.ontologyClass.id", required=True)
+        if not ontology.has_term(hid):
+            raise _RecordError(f"{path}.ontologyClass.id", f"unknown HPO id {hid!r} (HPO release {ontology.version})")
+        label = ontology.label(hid)
+        text = re.sub(r"\s*onset$", "", label, flags=re.I).lower() or label.lower()
+        if ontology.is_onset(hid):
+            return _Time(_onset_years_of_class(hid, ontology), text, hid)
+        return _Time(None, text)
+    if "timestamp" in te or "interval" in te:
+        return None  # a date, not an age: nothing to say without the birth date
+    raise _RecordError(path, f"unrecognised TimeElement (keys {sorted(te)})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# phenopackets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _leak_strings(packet: dict, location: Sequence[str]) -> list[str]:
+    """Everything that would give the answer away besides the disease itself: gene symbols and ids, variant
+    ids/labels/expressions (HGVS) from genomicInterpretations, PMIDs, and the cohort/file names of the location."""
+    out: list[str] = []
+
+    def strings(node: Any, *keys: str) -> list[str]:
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return [node] if isinstance(node, str) and len(node) >= 2 else []
+
+    for interp in packet.get("interpretations") or []:
+        diag = interp.get("diagnosis") if isinstance(interp, dict) else None
+        gis = diag.get("genomicInterpretations") if isinstance(diag, dict) else None
+        for gi in gis if isinstance(gis, list) else []:
+            if not isinstance(gi, dict):
+                continue
+            out += strings(gi, "gene", "symbol") + strings(gi, "gene", "valueId")
+            vd = (gi.get("variantInterpretation") or {}).get("variationDescriptor") if isinstance(
+                gi.get("variantInterpretation"), dict) else None
+            if isinstance(vd, dict):
+                out += strings(vd, "geneContext", "symbol") + strings(vd, "geneContext", "valueId")
+                out += strings(vd, "id") + strings(vd, "label")
+                for e in vd.get("expressions") or []:
+                    out += strings(e, "value")
+    for ref in (packet.get("metaData") or {}).get("externalReferences") or [] if isinstance(
+            packet.get("metaData"), dict) else []:
+        for pm in strings(ref, "id"):
+            out += [pm] + re.findall(r"\d{5,}", pm)
+    for part in location:
+        stem = re.sub(r"\.json$", "", part, flags=re.I)
+        if stem and stem.lower() not in ("phenopackets", "phenopacket", "json", "data"):
+            out.append(stem.replace("_", " "))  # the whole cohort / file name as a phrase
+            out += [t for t in re.split(r"[_\s]+", stem) if simulate._is_abbreviation(t) and t != "PMID"]  # gene-like
+    return list(dict.fromkeys(out))
+
+
+def _secret_hits(text: str, secrets: Sequence[str]) -> list[str]:
+    """Which leak strings occur in the text (names only, never the text)."""
+    hits = []
+    for s in secrets:
+        if simulate._is_abbreviation(s) or re.fullmatch(r"[A-Za-z0-9-]+", s) and any(c.isupper() for c in s[1:]):
+            if re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", text):
+                hits.append(s)
+        elif simulate._norm(s).strip() and simulate._norm(s) in simulate._norm(text):
+            hits.append(s)
+    return hits
+
+
+def _case_id(prefix: str, key: str) -> str:
+    return f"{prefix}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]}"
+
+
+def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Disease] | None = None,
+                        location: Sequence[str] = ()) -> Case:
+    """One Phenopacket v2 dict -> Case (raises `_RecordError(field, message)` on bad input).
+
+    ``location`` = path parts (cohort folder, file name) whose words must not appear in the note.
+    """
+    if not isinstance(packet, dict):
+        raise _RecordError("<root>", f"a phenopacket must be a JSON object, got {_type_name(packet)}")
+    diseases = diseases if diseases is not None else {d.id: d for d in ontology.diseases()}
+    pid = _get(packet, "id", str, "id")
+
+    # --- subject: sex, age -------------------------------------------------------------------------------------
+    subject = _get(packet, "subject", dict, "subject") or {}
+    raw_sex = _get(subject, "sex", str, "subject.sex")
+    if raw_sex is not None and raw_sex not in _SEX:
+        raise _RecordError("subject.sex", f"unknown value {raw_sex!r} (expected one of {', '.join(_SEX)})")
+    sex = _SEX.get(raw_sex or "UNKNOWN_SEX", "unknown")
+    age = None
+    if subject.get("timeAtLastEncounter") is not None:
+        age = _parse_time(subject["timeAtLastEncounter"], "subject.timeAtLastEncounter", ontology)
+    deceased = isinstance(subject.get("vitalStatus"), dict) and subject["vitalStatus"].get("status") == "DECEASED"
+
+    # --- diagnosis ---------------------------------------------------------------------------------------------
+    dx: list[str] = []
+    dx_field: dict[str, str] = {}
+    interps = _get(packet, "interpretations", list, "interpretations") or []
+    for i, interp in enumerate(interps):
+        p = f"interpretations[{i}]"
+        if not isinstance(interp, dict):
+            raise _RecordError(p, f"must be an object, got {_type_name(interp)}")
+        diag = _get(interp, "diagnosis", dict, f"{p}.diagnosis")
+        if diag is None:
+            continue
+        disease = _get(diag, "disease", dict, f"{p}.diagnosis.disease", required=True)
+        did = _get(disease, "id", str, f"{p}.diagnosis.disease.id", required=True)
+        dx_field.setdefault(did, f"{p}.diagnosis.disease.id")
+        dx.append(did)
+    if not dx:  # fall back to the diseases block (not excluded ones)
+        for i, item in enumerate(_get(packet, "diseases", list, "diseases") or []):
+            p = f"diseases[{i}]"
+            if not isinstance(item, dict):
+                raise _RecordError(p, f"must be an object, got {_type_name(item)}")
+            if _get(item, "excluded", bool, f"{p}.excluded"):
+                continue
+            term = _get(item, "term", dict, f"{p}.term", required=True)
+            did = _get(term, "id", str, f"{p}.term.id", required=True)
+            dx_field.setdefault(did, f"{p}.term.id")
+            dx.append(did)
+    if not dx:
+        raise _RecordError("interpretations", "no diagnosis: neither interpretations[].diagnosis.disease.id nor "
+                                              "diseases[].term.id is given")
+    gold: list[str] = []
+    for did in dict.fromkeys(dx):
+        canon = next(iter(parse_disease_id(did)), did)
+        if canon not in diseases:
+            raise _RecordError(dx_field[did], f"disease {did!r} is not in the ontology's annotated disease set "
+                                              f"(HPO release {ontology.version})")
+        gold.append(canon)
+
+    # --- phenotypic features -----------------------------------------------------------------------------------
+    feats = _get(packet, "phenotypicFeatures", list, "phenotypicFeatures", required=True)
+    present: list[str] = []
+    absent: list[str] = []
+    feature_onsets: list[_Time] = []
+    for i, f in enumerate(feats):
+        p = f"phenotypicFeatures[{i}]"
+        if not isinstance(f, dict):
+            raise _RecordError(p, f"must be an object, got {_type_name(f)}")
+        t = _get(f, "type", dict, f"{p}.type", required=True)
+        hid = _get(t, "id", str, f"{p}.type.id", required=True)
+        if not _HPO_RE.fullmatch(hid):
+            raise _RecordError(f"{p}.type.id", f"{hid!r} is not an HPO id (HP:NNNNNNN)")
+        if not ontology.has_term(hid):
+            raise _RecordError(f"{p}.type.id", f"unknown HPO id {hid!r} (not in HPO release {ontology.version}; "
+                                               "obsolete or newer term)")
+        _get(t, "label", str, f"{p}.type.label")
+        excluded = _get(f, "excluded", bool, f"{p}.excluded") or False
+        if f.get("onset") is not None:
+            ft = _parse_time(f["onset"], f"{p}.onset", ontology)
+            if ft is not None and ft.years is not None and not excluded:
+                feature_onsets.append(ft)
+        (absent if excluded else present).append(hid)
+    present = list(dict.fromkeys(present))
+    absent = [h for h in dict.fromkeys(absent) if h not in set(present)]  # observed wins over a contradiction
+
+    # --- onset: the disease's, else the earliest feature's -----------------------------------------------------
+    onset: _Time | None = None
+    for i, item in enumerate(packet.get("diseases") or []):
+        if isinstance(item, dict) and item.get("onset") is not None:
+            onset = _parse_time(item["onset"], f"diseases[{i}].onset", ontology)
+            if onset is not None and onset.years is not None:
+                break
+            onset = None
+    if onset is None and feature_onsets:
+        onset = min(feature_onsets, key=lambda t: t.years)
+
+    # --- what may not appear in the note -----------------------------------------------------------------------
+    gold_diseases = [diseases[g] for g in gold]
+    names = [s for d in gold_diseases for s in (d.name, *d.synonyms)]
+    distinct = [w for d in gold_diseases for w in simulate.distinctive_words(d, ontology)]
+    secrets = _leak_strings(packet, location)
+    # wordings are filtered against the short strings a phenotype label could contain (names, genes, cohort);
+    # variant descriptors/HGVS/PMIDs cannot be HPO wording, so they are only checked in the finished note
+    forbidden = (*names, *distinct, *(s for s in secrets if not re.search(r"[.:>]|\d{5,}", s)))
+    withheld = [h for h in present + absent if simulate._forbidden_in(ontology.label(h), forbidden, distinct)]
+    present = [h for h in present if h not in withheld]
+    absent = [h for h in absent if h not in withheld]
+    if not present:
+        raise _RecordError("phenotypicFeatures", "no observed (non-excluded) phenotypic feature to describe"
+                           + (f" ({len(withheld)} withheld: their wording would reveal the answer)" if withheld else ""))
+
+    # --- render with the simulator's renderer, then check ------------------------------------------------------
+    key = pid if pid else json.dumps(packet, sort_keys=True)
+    case_id = _case_id("pp", key)
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:16], "little"))
+    age_years = age.years if age is not None and age.years is not None and age.years >= 0 else None
+    style = simulate.STYLES[int(rng.integers(len(simulate.STYLES)))]
+    text, leaks = "", ["not rendered"]
+    for _ in range(RENDER_TRIES):
+        text = simulate.render_note(
+            ontology, present, absent, rng, sex=sex, age_years=age_years,
+            onset_years=onset.years if onset else None, onset_hpo=onset.onset_hpo if onset else None,
+            style=style, forbidden=forbidden)
+        leaks = [x for d in gold_diseases for x in simulate.find_leaks(text, d, ontology)]
+        leaks += [f"leak string {s!r}" for s in _secret_hits(text, secrets)]
+        if not leaks:
+            break
+    if leaks:
+        raise _RecordError("phenotypicFeatures", "every rendering of the note would reveal the answer ("
+                           + "; ".join(leaks[:3]) + ")")
+    pmids = [r["id"] for r in ((packet.get("metaData") or {}).get("externalReferences") or [])
+             if isinstance(r, dict) and isinstance(r.get("id"), str) and r["id"].upper().startswith("PMID")]
+    meta: dict[str, Any] = {"pmid": pmids, "style": style, "onset": onset.text if onset else "",
+                            "onset_hpo": onset.onset_hpo or "" if onset else "", "deceased": deceased,
+                            "withheld_hpo": withheld}
+    return Case(id=case_id, text=text, diagnosis=tuple(gold), diagnosis_name=gold_diseases[0].name,
+                present_hpo=tuple(present), absent_hpo=tuple(absent), sex=sex, age=age.text if age else "",
+                level="real", source="phenopacket", meta=meta)
+
+
+def _iter_json_records(path: Path) -> Iterator[tuple[str, str, tuple[str, ...], bytes | Exception]]:
+    """(file, record, location parts, raw bytes or read error) for each .json record under ``path``.
+
+    Hidden files (``.*``, e.g. macOS ``._x.json``) are not records; everything else ending in .json is.
+    """
+    def hidden(name: str) -> bool:
+        return any(part.startswith(".") for part in Path(name).parts if part not in (".", ".."))
+
+    if path.is_dir():
+        for f in sorted(path.rglob("*.json")):
+            rel = f.relative_to(path)
+            if hidden(str(rel)) or not f.is_file():
+                continue
+            try:
+                raw: bytes | Exception = f.read_bytes()
+            except OSError as e:
+                raw = e
+            yield str(f), rel.name, tuple(rel.parts), raw
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if not m.isfile() or not m.name.lower().endswith(".json") or hidden(m.name):
+                    continue
+                fh = tar.extractfile(m)
+                try:
+                    raw = fh.read() if fh is not None else OSError("unreadable member")
+                except (OSError, tarfile.TarError) as e:
+                    raw = e
+                yield str(path), m.name, tuple(Path(m.name).parts), raw
+    elif path.is_file():
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raw = e
+        yield str(path), path.name, (path.name,), raw
+    else:
+        raise FileNotFoundError(f"{path}: no such phenopacket file, folder or archive")
+
+
+def load_phenopackets(path: str | Path, ontology: Ontology, on_error: str = "raise") -> ImportResult:
+    """Every .json phenopacket in a folder (recursive), a .tar.gz/.tar archive (read in memory) or one file."""
+    _check_on_error(on_error)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such phenopacket file, folder or archive")
+    diseases = {d.id: d for d in ontology.diseases()}
+    col = _Collector(on_error)
+    for file, record, location, raw in _iter_json_records(path):
+        def make(raw=raw, location=location) -> Case:
+            if isinstance(raw, Exception):
+                raise _RecordError("<file>", f"cannot read: {raw}")
+            try:
+                packet = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
+            except json.JSONDecodeError as e:
+                raise _RecordError("<json>", f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+            return phenopacket_to_case(packet, ontology, diseases, location)
+
+        col.add(file, record, make)
+    return col.result()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSONL notes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _jsonl_case(obj: Any, ontology: Ontology, linker: DiseaseLinker, diseases: dict[str, Disease]) -> Case:
+    if not isinstance(obj, dict):
+        raise _RecordError("<root>", f"each line must be a JSON object, got {_type_name(obj)}")
+    cid = _get(obj, "id", str, "id", required=True)
+    if not cid.strip():
+        raise _RecordError("id", "is empty")
+    text = _get(obj, "text", str, "text", required=True)
+    if not text.strip():
+        raise _RecordError("text", "is empty")
+    raw_dx = _get(obj, "diagnosis", list, "diagnosis", required=True)
+    if not raw_dx:
+        raise _RecordError("diagnosis", "is an empty list")
+    gold: list[str] = []
+    links: list[dict] = []
+    for i, entry in enumerate(raw_dx):
+        if not isinstance(entry, str) or not entry.strip():
+            raise _RecordError(f"diagnosis[{i}]", f"must be a non-empty string (id or name), got {_type_name(entry)}")
+        ids = parse_disease_id(entry)
+        if ids and re.fullmatch(r"\s*[A-Za-z]+\s*[:_# -]?\s*#?\s*\d+\s*", entry):  # the entry is just an id
+            if ids[0] not in diseases:
+                raise _RecordError(f"diagnosis[{i}]", f"disease id {entry!r} is not in the ontology's annotated "
+                                                      "disease set")
+            did, how, score = ids[0], "id", 1.0
+        else:
+            hits = linker.link(entry, top=1)
+            if not hits:
+                raise _RecordError(f"diagnosis[{i}]", f"disease name {entry!r} could not be linked to an ontology "
+                                                      f"id (no match scoring >= {linker.fuzzy_threshold})")
+            did, how, score = hits[0].id, hits[0].how, hits[0].score
+            if did not in diseases:
+                raise _RecordError(f"diagnosis[{i}]", f"{entry!r} linked to {did}, which is not in the ontology's "
+                                                      "annotated disease set")
+        if did not in gold:
+            gold.append(did)
+        links.append({"mention": entry, "id": did, "how": how, "score": score})
+    sex = _get(obj, "sex", str, "sex") or "unknown"
+    sex = _SEX.get(sex.upper(), sex.lower())
+    if sex not in ("female", "male", "unknown"):
+        raise _RecordError("sex", f"unknown value {obj['sex']!r} (expected female, male or unknown)")
+    age = _get(obj, "age", (str, int, float), "age")
+    hpo: dict[str, list[str]] = {}
+    for name in ("present_hpo", "absent_hpo"):
+        vals = _get(obj, name, list, name) or []
+        for j, h in enumerate(vals):
+            if not isinstance(h, str) or not ontology.has_term(h):
+                raise _RecordError(f"{name}[{j}]", f"unknown HPO id {h!r}")
+        hpo[name] = vals
+    meta = _get(obj, "meta", dict, "meta") or {}
+    return Case(id=cid, text=text, diagnosis=tuple(gold), diagnosis_name=diseases[gold[0]].name,
+                present_hpo=tuple(hpo["present_hpo"]), absent_hpo=tuple(hpo["absent_hpo"]), sex=sex,
+                age="" if age is None else str(age), level="real", source="jsonl",
+                meta={**meta, "diagnosis_links": links})
+
+
+def load_jsonl_notes(path: str | Path, ontology: Ontology, linker: DiseaseLinker | None = None,
+                     on_error: str = "raise") -> ImportResult:
+    """JSONL notes, one ``{"id", "text", "diagnosis": [ids or names]}`` per line (blank lines are not records).
+
+    Names are linked with ``linker`` (default: one over every ontology disease). Optional fields: ``sex``,
+    ``age``, ``present_hpo``, ``absent_hpo``, ``meta``; the record number in issues is the 1-based line number.
+    """
+    _check_on_error(on_error)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such JSONL file")
+    diseases = {d.id: d for d in ontology.diseases()}
+    linker = linker if linker is not None else DiseaseLinker(list(diseases.values()))
+    col = _Collector(on_error)
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+
+            def make(raw=raw) -> Case:
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
+                except json.JSONDecodeError as e:
+                    raise _RecordError("<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+                return _jsonl_case(obj, ontology, linker, diseases)
+
+            col.add(str(path), str(lineno), make)
+    return col.result()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_cases(spec: str | Path | Sequence[str | Path], ontology: Ontology, linker: DiseaseLinker | None = None,
+               on_error: str = "raise") -> ImportResult:
+    """Import from one or several paths (a comma-separated string works too), dispatching on the path type:
+    a folder, ``.tar.gz``/``.tgz``/``.tar`` or ``.json`` -> phenopackets; ``.jsonl`` -> JSONL notes.
+    Case ids must be unique across all sources (a repeat is an issue on the later record)."""
+    _check_on_error(on_error)
+    if isinstance(spec, (str, os.PathLike)):
+        paths = [p.strip() for p in str(spec).split(",") if p.strip()]
+    else:
+        paths = [str(p) for p in spec]
+    if not paths:
+        raise ValueError("load_cases: no input path given")
+    total = ImportResult([], [], 0)
+    for p in paths:
+        path = Path(p)
+        name = path.name.lower()
+        if name.endswith(".jsonl"):
+            if linker is None:
+                linker = DiseaseLinker(ontology.diseases())
+            res = load_jsonl_notes(path, ontology, linker, on_error)
+        elif path.is_dir() or name.endswith((".tar.gz", ".tgz", ".tar", ".json")):
+            res = load_phenopackets(path, ontology, on_error)
+        elif not path.exists():
+            raise FileNotFoundError(f"{path}: no such input (expected a folder, .tar.gz, .json or .jsonl)")
+        else:
+            raise ValueError(f"{path}: cannot tell the input format (expected a folder, .tar.gz, .json or .jsonl)")
+        seen = {c.id for c in total.cases}
+        dups = [c for c in res.cases if c.id in seen]
+        if dups:
+            col = _Collector(on_error)  # reuse the raise/skip policy for cross-source duplicates
+            for c in dups:
+                col.fail(str(path), c.id, "id", f"duplicate case id {c.id!r} (already imported from an earlier input)")
+            res = ImportResult([c for c in res.cases if c.id not in seen], res.issues + col.issues, res.n_seen)
+        total = total + res
+    return total

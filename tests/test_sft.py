@@ -1,0 +1,346 @@
+"""SFT trainer: the loss contract (prompt masked, packing-invariant), gradient accumulation, the schedule,
+checkpoint fall-back past a damaged latest step, the NaN guard, stage errors, and HF export after training.
+
+Runs in-process on the 8 forced CPU devices of conftest (mesh fsdp=8), with the tiny preset and small batches.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from raredx_jax.checkpoints.hf_io import init_model
+from raredx_jax.data.pipeline import sft_dataset, tokenize_sft
+from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from raredx_jax.models.config import ModelConfig
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.training import sft
+from raredx_jax.training.optim import make_optimizer, make_schedule
+from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
+
+SMALL = dict(family="qwen2", vocab_size=0, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True, max_position_embeddings=256)
+
+
+def _records(n: int = 24) -> list[dict]:
+    recs = []
+    for i in range(n):
+        prompt = "" if i % 3 == 0 else [{"role": "user", "content": f"Case {i}: fever, rash and seizures " * (1 + i % 3)}]
+        recs.append({"prompt": prompt, "completion": f"<think>finding {i}</think> diagnosis {i} " * (1 + i % 4)})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [r["completion"] for r in _records()] + [str(r["prompt"]) for r in _records()]
+    return SentencePieceTokenizer(train_sentencepiece(texts, tmp_path_factory.mktemp("tok") / "spm", 320))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
+
+
+@pytest.fixture(scope="module")
+def model(tok, mesh):
+    cfg = ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size})
+    return init_model(cfg, mesh, seed=3)
+
+
+_LOSS_FNS = {}
+
+
+def _loss_sums(model, batch):
+    """(sum NLL, targets) of a host batch, jitted once per model."""
+    graphdef, params = split_model(model)
+    if id(model) not in _LOSS_FNS:
+        _LOSS_FNS[id(model)] = jax.jit(lambda p, b: sft.lm_loss_sums(sft.forward(graphdef, p, b), b))
+    return _LOSS_FNS[id(model)](params, {k: jnp.asarray(batch[k]) for k in sft.BATCH_KEYS})
+
+
+# --- loss contract ------------------------------------------------------------------------------------------------
+def test_prompt_tokens_contribute_no_loss(tok, model, mesh):
+    rec = _records()[4]
+    x = tokenize_sft(rec, tok, 128)
+    n = len(x["tokens"])
+    n_prompt = int((x["loss_mask"] == 0).sum())
+    n_completion = int(x["loss_mask"].sum())
+    assert n_prompt > 0 and n_completion > 0
+    batch = {"tokens": x["tokens"][None], "segment_ids": np.ones((1, n), np.int32),
+             "positions": np.arange(n, dtype=np.int32)[None], "loss_mask": x["loss_mask"][None]}
+    graphdef, params = split_model(model)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    with jax.set_mesh(mesh):
+        logits = sft.forward(graphdef, params, jb)
+        s, cnt = sft.lm_loss_sums(logits, jb)
+        g = jax.grad(lambda lg: sft.lm_loss_sums(lg, jb)[0])(logits)
+    # exactly the completion tokens (and the EOS) are targets
+    assert int(cnt) == n_completion
+    # the gradient reaches only the logits that predict completion tokens: position t predicts token t+1
+    touched = np.nonzero(np.abs(np.asarray(g[0])).sum(-1) > 0)[0]
+    np.testing.assert_array_equal(touched, np.arange(n_prompt - 1, n - 1))
+    # an independent numpy computation over the completion targets gives the same sum
+    lg = np.asarray(logits[0], np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    nll = lse[:-1] - lg[np.arange(n - 1), x["tokens"][1:]]
+    np.testing.assert_allclose(float(s), nll[n_prompt - 1:].sum(), rtol=1e-5)
+    # changing a prompt *target* (the token itself, with its context fixed) leaves the loss unchanged
+    alt = dict(jb, tokens=jb["tokens"].at[0, 1].set((int(jb["tokens"][0, 1]) + 7) % tok.vocab_size))
+    s2, _ = sft.lm_loss_sums(logits, alt)
+    assert float(s2) == float(s)
+
+
+def test_packing_gives_the_same_loss_as_unpacked(tok, model, mesh):
+    kw = dict(seq_len=96, batch_size=4, seed=0, shard_index=0, shard_count=1, num_epochs=1, shuffle=False)
+    totals = {}
+    with jax.set_mesh(mesh):
+        for pack in (True, False):
+            s_tot, n_tot, rows = 0.0, 0.0, 0
+            for b in sft_dataset(_records(), tok, pack=pack, **kw):
+                s, n = _loss_sums(model, b)
+                s_tot, n_tot = s_tot + float(s), n_tot + float(n)
+                rows += int((b["segment_ids"].max(1) > 0).sum())
+            totals[pack] = (s_tot, n_tot, rows)
+    (sp, npk, rows_p), (su, nu, rows_u) = totals[True], totals[False]
+    assert rows_p < rows_u, "packing put several sequences in a row"
+    assert npk == nu
+    np.testing.assert_allclose(sp / npk, su / nu, rtol=2e-5)
+
+
+def test_packed_row_equals_separate_rows(tok, model, mesh):
+    a = tokenize_sft(_records()[1], tok, 64)
+    b = tokenize_sft(_records()[3], tok, 64)
+    la, lb = len(a["tokens"]), len(b["tokens"])
+    T = la + lb + 5
+    packed = {k: np.zeros((1, T), np.int32) for k in sft.BATCH_KEYS}
+    packed["tokens"][0, :la + lb] = np.concatenate([a["tokens"], b["tokens"]])
+    packed["segment_ids"][0, :la + lb] = [1] * la + [2] * lb
+    packed["positions"][0, :la + lb] = np.concatenate([np.arange(la), np.arange(lb)])
+    packed["loss_mask"][0, :la + lb] = np.concatenate([a["loss_mask"], b["loss_mask"]])
+    sep = {k: np.zeros((2, T), np.int32) for k in sft.BATCH_KEYS}
+    for r, x in enumerate((a, b)):
+        n = len(x["tokens"])
+        sep["tokens"][r, :n], sep["segment_ids"][r, :n] = x["tokens"], 1
+        sep["positions"][r, :n], sep["loss_mask"][r, :n] = np.arange(n), x["loss_mask"]
+    with jax.set_mesh(mesh):
+        s1, n1 = _loss_sums(model, packed)
+        s2, n2 = _loss_sums(model, sep)
+    assert float(n1) == float(n2)
+    np.testing.assert_allclose(float(s1), float(s2), rtol=1e-5)
+
+
+# --- optimiser ----------------------------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_linear():
+    t = config_dict.ConfigDict(dict(lr=1.0, steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1))
+    f = make_schedule(t)
+    np.testing.assert_allclose([float(f(0)), float(f(4)), float(f(9))], [0.1, 0.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose([float(f(10)), float(f(60)), float(f(110)), float(f(500))], [1.0, 0.55, 0.1, 0.1],
+                               rtol=1e-5)
+    t.schedule = "linear"
+    np.testing.assert_allclose(float(make_schedule(t)(60)), 0.55, rtol=1e-6)
+    t.schedule = "bogus"
+    with pytest.raises(ValueError, match="train.schedule"):
+        make_schedule(t)
+
+
+@pytest.mark.parametrize("k", [4])
+def test_grad_accumulation_equals_large_batch(tok, mesh, k):
+    cfg = ModelConfig(**{**SMALL, "vocab_size": tok.vocab_size})
+    train = config_dict.ConfigDict(dict(lr=1e-2, steps=10, warmup_steps=0, schedule="constant", min_lr_ratio=0.0,
+                                        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=0.5))
+    tx, schedule = make_optimizer(train)
+    # 16 rows whose micro-batches hold different numbers of target tokens (normalisation matters)
+    batch = next(iter(sft_dataset(_records(40), tok, seq_len=64, batch_size=16, seed=1, shard_index=0, shard_count=1,
+                                  pack=False)))
+    results = {}
+    with jax.set_mesh(mesh):
+        _, p_abs, p_sh = abstract_params(cfg, mesh)
+        shardings = train_state_shardings(tx, p_abs, p_sh, mesh)
+        b_sh = sft.batch_sharding(mesh, 16, 64)
+        for accum in (1, k):
+            graphdef, params = split_model(init_model(cfg, mesh, seed=5))
+            state = create_train_state(params, tx, 0, shardings)
+            step = sft.make_train_step(graphdef, tx, schedule, shardings, mesh, (16, 64), grad_accum=accum)
+            for _ in range(2):  # two updates: the optimiser state after accumulation is equal as well
+                state, m = step(state, sft.to_global(batch, b_sh))
+            results[accum] = (jax.device_get(state.params), float(m["loss"]), float(m["grad_norm"]))
+    p1, loss1, g1 = results[1]
+    pk, lossk, gk = results[k]
+    micro_targets = [int(sft.target_weights({kk: jnp.asarray(v[i::k]) for kk, v in batch.items()}).sum())
+                     for i in range(k)]
+    assert len(set(micro_targets)) > 1, "micro-batches should differ in target count"
+    np.testing.assert_allclose(lossk, loss1, rtol=1e-5)
+    np.testing.assert_allclose(gk, g1, rtol=1e-4)
+    # Adam divides by sqrt(v): fp32 summation-order noise in tiny gradients shows up as ~1e-6 absolute in the
+    # update (lr 1e-2), so the params are compared to 1e-3 of one step's size.
+    p0 = jax.device_get(split_model(init_model(cfg, mesh, seed=5))[1])
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(pk)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * train.lr)
+
+
+def test_grad_accum_must_divide_the_mesh(mesh):
+    with pytest.raises(ValueError, match="train.grad_accum"):
+        sft.check_batch(mesh, 16, 3)
+    with pytest.raises(ValueError, match="micro-batch"):
+        sft.check_batch(mesh, 16, 4)  # 4 rows per micro-batch over 8 devices
+
+
+# --- a tiny real run: data built by data.build -----------------------------------------------------------------
+def _data_config(data_dir: str) -> config_dict.ConfigDict:
+    from configs.base import get_config
+
+    c = get_config("cpu")
+    c.data.dir = data_dir
+    c.data.diseases.n = 6
+    c.data.notes_per_disease = 2
+    c.data.eval_notes_per_disease = 0
+    c.data.knowledge_passages_per_disease = 6
+    c.data.knowledge_eval_passages_per_disease = 2
+    c.tokenizer.vocab_size = 600
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from raredx_jax.data.build import build_all
+
+    d = tmp_path_factory.getbasetemp() / "sft_tiny_data"  # shared with test_train_resume (idempotent build)
+    build_all(_data_config(str(d)), log=lambda m: None)
+    return str(d)
+
+
+def _run_config(data_dir: str, run_dir: str, **train) -> config_dict.ConfigDict:
+    from configs.knowledge_sft import get_config
+
+    c = get_config("cpu")
+    src = _data_config(data_dir)
+    c.data = src.data
+    c.tokenizer = src.tokenizer
+    c.run_dir = run_dir
+    c.train.update(dict(steps=4, batch_size=8, seq_len=64, checkpoint_every=2, keep_checkpoints=3, log_every=1,
+                        eval_every=2, eval_batches=2, warmup_steps=2, async_checkpointing=False, build_data=False))
+    c.train.update(train)
+    c.probe.n = 6
+    c.probe.batch_size = 16
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run") / "ksft")
+    summary = sft.run_sft(_run_config(data_dir, run_dir))
+    return run_dir, summary
+
+
+def test_run_writes_run_dir_and_learns_something(trained_run):
+    from raredx_jax.training.metrics import read_metrics
+
+    run_dir, summary = trained_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "probe.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, "tb"))
+    assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))) == [2, 4]
+    train = read_metrics(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [0, 2, 4]
+    p = summary["probe"]
+    assert p["items"] == 6 and p["candidates_per_item"] == 6 and abs(p["chance"] - 1 / 6) < 1e-9
+    assert 0.0 <= p["accuracy"] <= 1.0
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(trained_run, data_dir):
+    run_dir, summary = trained_run
+    again = sft.run_sft(_run_config(data_dir, run_dir))
+    assert again == summary
+
+
+def test_hf_export_after_sft_loads_in_transformers_with_same_logits(trained_run, mesh, tmp_path):
+    import torch
+    import transformers
+
+    from raredx_jax.checkpoints import hf_io, orbax
+
+    run_dir, _ = trained_run
+    ckpt = orbax.resolve_model_checkpoint(run_dir)
+    assert ckpt.endswith(os.path.join("checkpoints", "4"))
+    model = orbax.load_model(ckpt, mesh)
+    out = hf_io.save_hf_model(model, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, model.config.vocab_size, size=(2, 24)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(24, dtype=np.int32), (2, 24))
+    with jax.set_mesh(mesh):
+        ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos))[0])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_latest_checkpoint_falls_back_to_previous(trained_run, data_dir, tmp_path, capsys, damage):
+    from raredx_jax.training.metrics import read_metrics
+
+    run_dir, _ = trained_run
+    work = str(tmp_path / "run")
+    shutil.copytree(run_dir, work)
+    os.remove(os.path.join(work, "summary.json"))
+    params_dir = os.path.join(work, "checkpoints", "4", "params")
+    if damage == "delete":
+        os.remove(os.path.join(params_dir, "manifest.ocdbt"))
+    else:  # truncate the largest data file of the parameters
+        files = [os.path.join(r, f) for r, _, fs in os.walk(params_dir) for f in fs if os.sep + "d" in r]
+        victim = max(files, key=os.path.getsize)
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    capsys.readouterr()
+    summary = sft.run_sft(_run_config(data_dir, work))
+    out = capsys.readouterr().out
+    assert "WARNING: checkpoint" in out and "falling back to step 2" in out
+    assert summary["resumed_from"] == 2
+    assert os.listdir(os.path.join(work, "checkpoints_corrupt"))
+    # the recomputed steps 3-4 equal the original run's
+    orig = {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+    redo = {r["step"]: r["loss"] for r in read_metrics(work, "train")}
+    assert redo == orig
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    run_dir = str(tmp_path / "nan")
+    cfg = _run_config(data_dir, run_dir, steps=6, debug_nan_at_step=2, eval_every=0)  # step index 2 = 3rd step
+    with pytest.raises(sft.NonFiniteLossError, match=r"non-finite loss or gradient at step 3.*last good checkpoint "
+                                                     r"is step 2"):
+        sft.run_sft(cfg)
+    assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))) == [2]
+
+
+# --- stage dispatch and missing inputs ----------------------------------------------------------------------------
+def test_unknown_stage_lists_known_ones():
+    from raredx_jax import train
+
+    with pytest.raises(ValueError, match="known stages: .*knowledge_sft"):
+        train.resolve_stage("pretrain")
+
+
+def test_sft_without_rers_data_names_the_stage_to_run(data_dir, tmp_path):
+    from configs.sft import get_config
+
+    c = get_config("cpu")
+    c.data.dir = data_dir
+    c.run_dir = str(tmp_path / "sft")
+    with pytest.raises(sft.MissingInputError, match="Run the RERS stage first: .*configs/rers.py"):
+        sft.run_sft(c)
+
+
+def test_missing_init_checkpoint_names_knowledge_sft(data_dir, tmp_path):
+    c = _run_config(data_dir, str(tmp_path / "r"))
+    c.model.init_from = str(tmp_path / "nothing_here")
+    with pytest.raises(sft.MissingInputError, match="configs/knowledge_sft.py"):
+        sft.run_sft(c)
