@@ -23,6 +23,7 @@ from ml_collections import config_flags
 STAGES: dict[str, str] = {
     "knowledge_sft": "raredx_jax.training.sft:run_sft",
     "sft": "raredx_jax.training.sft:run_sft",
+    "grpo": "raredx_jax.training.grpo:run_grpo",
     "rers": "raredx_jax.training.rers:run_rers",
 }
 

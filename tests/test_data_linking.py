@@ -207,7 +207,7 @@ def perturb_all(s: str, r: random.Random) -> str | None:
 
 
 # Floors, with the values measured on hpo3 1.5.1 (HPO 2025-11-24, 12,779 diseases) in brackets:
-#   case 0.99 [1.000], numerals 0.97 [1.000], order 0.97 [1.000], typo 0.97 [1.000], all four at once 0.95 [0.992].
+#   case 0.99 [1.000], numerals 0.97 [1.000], order 0.97 [1.000], typo 0.97 [1.000], all four at once 0.95 [0.991].
 # Why these: a mislinked answer is a wrong reward. The curriculum bins a case's pass rate in steps of 1/G
 # (G = 8 samples per prompt, 12.5%), so <= 3% label noise on any one kind of variation cannot move a case
 # across a difficulty bin on average; stacking all four variations on one mention is harsher than what models

@@ -38,7 +38,7 @@ from raredx_jax.training import rers  # noqa: E402
 # The tiny data set every test here shares (the subprocesses get the same values as overrides).
 DATA = {"data.diseases.n": 4, "data.diseases.seed": 0, "data.notes_per_disease": 3,
         "data.knowledge_passages_per_disease": 2, "data.eval_notes_per_disease": 1,
-        "data.knowledge_eval_passages_per_disease": 1, "tokenizer.vocab_size": 512}
+        "data.knowledge_eval_passages_per_disease": 1}
 
 
 def _set(c, dotted: str, value) -> None:
@@ -106,13 +106,13 @@ class FixedTexts:
     (longer)]; "unsolved" cases [correct but leaking, wrong, correct but citing no finding, truncated].
     """
 
-    def __init__(self, cases, diseases):
+    def __init__(self, cases):
         self.by_note = {c.text.strip(): c for c in cases}
-        self.diseases = sorted(diseases, key=lambda d: d.id)
+        self.names = sorted({(c.diagnosis, c.diagnosis_name) for c in cases})  # the run's diseases, by id
         self.calls: list[tuple[int, int, int]] = []  # (prompts, n, seed)
 
     def wrong_name(self, case) -> str:
-        return next(d.name for d in self.diseases if d.id not in case.diagnosis)
+        return next(name for ids, name in self.names if not set(ids) & set(case.diagnosis))
 
     def findings(self, case) -> str:
         return case.text.strip()[:400]
@@ -152,10 +152,8 @@ class FixedTexts:
 
 
 def fixed_sampler(config):
-    """`rers.sampler` factory used by the subprocess tests: FixedTexts over the run's cases and diseases."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-
-    return FixedTexts(rers.load_cases(config), select_diseases(load_ontology(), config.data.diseases))
+    """`rers.sampler` factory used by the subprocess tests: FixedTexts over the run's cases."""
+    return FixedTexts(rers.load_cases(config))
 
 
 # --- keep / reject (deterministic) ----------------------------------------------------------------------------------
@@ -165,7 +163,7 @@ def _settings(c, **kw):
 
 def test_reflection_keeps_original_prompt_and_no_leak(world):
     c, cases, diseases, linker = world
-    fixed = FixedTexts(cases, diseases)
+    fixed = FixedTexts(cases)
     outs = rers.rers_cases(cases, fixed, linker, _settings(c), seed=7)
     by_id = {c_.id: c_ for c_ in cases}
     refl = [o for o in outs if o.status == "reflection"]
@@ -192,7 +190,7 @@ def test_reflection_keeps_original_prompt_and_no_leak(world):
 
 def test_wrong_answers_are_never_kept(world):
     c, cases, diseases, linker = world
-    outs = rers.rers_cases(cases, FixedTexts(cases, diseases), linker, _settings(c))
+    outs = rers.rers_cases(cases, FixedTexts(cases), linker, _settings(c))
     statuses = {o.case_id: o.status for o in outs}
     assert statuses == {x.id: group(x.id) for x in cases}  # exactly the scripted outcome per case
     for o, case in zip(outs, cases):
@@ -205,7 +203,7 @@ def test_wrong_answers_are_never_kept(world):
     direct = [o for o in outs if o.status == "direct"]
     assert direct and all(o.record["try_index"] == 2 and o.direct["correct"] == 2 for o in direct)
     c_first = make_config(c.data.dir, rers__keep_rule="first")
-    outs_first = rers.rers_cases(cases, FixedTexts(cases, diseases), linker, _settings(c_first))
+    outs_first = rers.rers_cases(cases, FixedTexts(cases), linker, _settings(c_first))
     assert all(o.record["try_index"] == 1 for o in outs_first if o.status == "direct")
 
     # a sampler that only ever answers wrong / badly: nothing is kept, every case is reported unsolved
@@ -225,7 +223,7 @@ def test_wrong_answers_are_never_kept(world):
 
 def test_journal_ignores_uncommitted_chunk_and_torn_line(tmp_path, world):
     c, cases, diseases, linker = world
-    outs = rers.rers_cases(cases[:4], FixedTexts(cases, diseases), linker, _settings(c))
+    outs = rers.rers_cases(cases[:4], FixedTexts(cases), linker, _settings(c))
     path = str(tmp_path / "journal" / "shard-00000-of-00001.jsonl")
     j = rers.Journal(path)
     j.append_chunk(0, outs[:2], 1.0)
@@ -367,9 +365,10 @@ def test_two_shards_then_merge_equal_one_process(data_dir, single_run, tmp_path)
 
 
 def test_changed_settings_refuse_to_resume(data_dir, single_run):
-    p = subprocess.run(_cmd(data_dir, single_run[0], "--config.rers.num_samples=2"), cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=240)
-    assert p.returncode == 2 and "num_samples: 4 -> 2" in p.stderr
+    c = make_config(data_dir, single_run[0], rers__num_samples=2, rers__chunk_size=2,
+                    rers__sampler="tests.test_rers:fixed_sampler")
+    with pytest.raises(ValueError, match="num_samples: 4 -> 2"):
+        rers.run_rers(c)
 
 
 # --- the real tiny model, end to end (in process) -------------------------------------------------------------------
@@ -387,7 +386,7 @@ def test_real_tiny_model_end_to_end(data_dir, world, tmp_path):
     del model
     cfg = make_config(data_dir, str(tmp_path / "run"), model__init_from=ckpt, rers__max_cases=4,
                       rers__chunk_size=2, rers__num_samples=2, rers__reflection_tries=2,
-                      sampling__max_new_tokens=8, sampling__max_prompt_len=1024, sampling__batch_size=4)
+                      sampling__max_new_tokens=8, sampling__max_prompt_len=512, sampling__batch_size=4)
     summary = rers.run_rers(cfg)
     assert summary["cases"] == 4 and summary["checkpoint"] == ckpt
     assert summary["solved_direct"] + summary["solved_reflection"] + summary["unsolved"] == 4

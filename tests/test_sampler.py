@@ -240,6 +240,11 @@ def test_sharded_generate_equals_single_device(qwen3, tmp_path):
     assert cache.k.sharding.is_equivalent_to(want, 5), cache.k.sharding
     again = sampler.generate(tokens, mask, 0, params, n=2, eos_ids=(EOS,), pad_id=PAD)  # donated cache reused
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(ref.tokens))
+    # Sampled too: per-row keys make the draws independent of how rows are split over devices.
+    hot = params.replace(temperature=1.0, top_k=30)
+    out = sampler.generate(tokens, mask, 9, hot, n=2, eos_ids=(EOS,), pad_id=PAD)
+    ref = generate(single, tokens, mask, 9, hot, n=2, eos_ids=(EOS,), pad_id=PAD)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
 
 # --- text API ---------------------------------------------------------------------------------------------------

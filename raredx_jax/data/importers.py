@@ -5,8 +5,9 @@ variants (`interpretations[].diagnosis.genomicInterpretations`), the cohort fold
 name the gene or the disease), the PMID. The note we build from a phenopacket therefore uses only the
 phenotypes (observed and excluded), sex, age and onset, rendered by the same renderer as the simulated notes
 (`simulate.render_note`), and it is checked afterwards: it must not contain the disease name/synonyms/ids,
-gene symbols, variant strings, cohort or file-name parts. Case ids are hashes (no cohort, no PMID); the PMID
-is kept in `meta` only.
+gene symbols, variant strings, cohort or file-name parts. A finding whose label itself would leak (it contains
+the disease name, a distinctive word of it, by the simulator's policy, or a gene symbol) is withheld and
+listed in ``meta["withheld_hpo"]``. Case ids are hashes (no cohort, no PMID); the PMID is kept in `meta` only.
 
 Validation: every bad record becomes one `ImportIssue(file, record, field, message)`. With
 ``on_error="raise"`` the first one raises a ValueError naming file, record and field; with ``"skip"`` they are
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -34,7 +34,7 @@ from raredx_jax.data.linking import DiseaseLinker, parse_disease_id
 from raredx_jax.data import simulate
 
 __all__ = ["ImportIssue", "ImportResult", "load_phenopackets", "load_jsonl_notes", "load_cases", "write_report",
-           "parse_iso8601_age", "phenopacket_to_case"]
+           "parse_iso8601_age", "phenopacket_to_case", "phenopacket_case_id"]
 
 ON_ERROR = ("raise", "skip")
 _HPO_RE = re.compile(r"HP:\d{7}")
@@ -87,8 +87,8 @@ class ImportResult:
         return f"{self.n_seen} records: {len(self.cases)} imported, {len(self.issues)} skipped"
 
 
-class _RecordError(Exception):
-    """Internal: one record is bad; carries the field path for the ImportIssue."""
+class _RecordError(ValueError):
+    """One record is bad; carries the field path for the ImportIssue (a ValueError for direct callers)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -289,9 +289,12 @@ def _leak_strings(packet: dict, location: Sequence[str]) -> list[str]:
             out += [pm] + re.findall(r"\d{5,}", pm)
     for part in location:
         stem = re.sub(r"\.json$", "", part, flags=re.I)
-        if stem and stem.lower() not in ("phenopackets", "phenopacket", "json", "data"):
-            out.append(stem.replace("_", " "))  # the whole cohort / file name as a phrase
-            out += [t for t in re.split(r"[_\s]+", stem) if simulate._is_abbreviation(t) and t != "PMID"]  # gene-like
+        words = [t for t in re.split(r"[_\s]+", stem) if t]
+        if len(words) >= 2:  # a multi-word cohort / file name ("11q_terminal_deletion") as a phrase
+            out.append(" ".join(words))
+        # gene-like tokens ("FBN1", "NKX6-2"); single plain words ("patients", "data") leak nothing
+        out += [t for t in words if len(t) >= 3 and simulate._is_abbreviation(t) and t != "PMID"
+                and not re.fullmatch(r"[IVX]+", t)]
     return list(dict.fromkeys(out))
 
 
@@ -307,20 +310,24 @@ def _secret_hits(text: str, secrets: Sequence[str]) -> list[str]:
     return hits
 
 
-def _case_id(prefix: str, key: str) -> str:
-    return f"{prefix}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]}"
+def phenopacket_case_id(packet: dict) -> str:
+    """'pp-' + 16 hex of sha256(packet id) (of the canonical JSON when it has none): stable across runs and
+    copies, and free of cohort, gene and PMID, which packet ids and file names may carry."""
+    pid = packet.get("id")
+    key = pid if isinstance(pid, str) and pid else json.dumps(packet, sort_keys=True)
+    return f"pp-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]}"
 
 
 def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Disease] | None = None,
                         location: Sequence[str] = ()) -> Case:
-    """One Phenopacket v2 dict -> Case (raises `_RecordError(field, message)` on bad input).
+    """One Phenopacket v2 dict -> Case; a ValueError (with ``.field``, the JSON path) on bad input.
 
     ``location`` = path parts (cohort folder, file name) whose words must not appear in the note.
     """
     if not isinstance(packet, dict):
         raise _RecordError("<root>", f"a phenopacket must be a JSON object, got {_type_name(packet)}")
     diseases = diseases if diseases is not None else {d.id: d for d in ontology.diseases()}
-    pid = _get(packet, "id", str, "id")
+    _get(packet, "id", str, "id")  # optional, but a non-string id is an error
 
     # --- subject: sex, age -------------------------------------------------------------------------------------
     subject = _get(packet, "subject", dict, "subject") or {}
@@ -419,12 +426,11 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     present = [h for h in present if h not in withheld]
     absent = [h for h in absent if h not in withheld]
     if not present:
-        raise _RecordError("phenotypicFeatures", "no observed (non-excluded) phenotypic feature to describe"
-                           + (f" ({len(withheld)} withheld: their wording would reveal the answer)" if withheld else ""))
+        why = f" ({len(withheld)} withheld: their wording would reveal the answer)" if withheld else ""
+        raise _RecordError("phenotypicFeatures", f"no observed (non-excluded) phenotypic feature to describe{why}")
 
     # --- render with the simulator's renderer, then check ------------------------------------------------------
-    key = pid if pid else json.dumps(packet, sort_keys=True)
-    case_id = _case_id("pp", key)
+    case_id = phenopacket_case_id(packet)
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:16], "little"))
     age_years = age.years if age is not None and age.years is not None and age.years >= 0 else None
     style = simulate.STYLES[int(rng.integers(len(simulate.STYLES)))]

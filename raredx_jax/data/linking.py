@@ -9,16 +9,23 @@ cheap:
 2. ``name`` / ``synonym``   the normalised mention equals a normalised preferred name / synonym
 3. ``reordered`` the same tokens in another order ("Epilepsy, early-onset, 3" = "early onset epilepsy 3")
 4. ``loose``     the same after dropping generic words ("syndrome", "disease", "type", ...)
-5. ``fuzzy``     character-trigram TF-IDF retrieval of candidates, rescored with an edit similarity
-                 (``difflib``) that penalises disagreeing subtype markers (numbers, single letters), so
-                 "... type 2" never fuzzily becomes "... type 3".
+5. ``fuzzy``     character-trigram TF-IDF retrieval of 30 candidates (a sparse dot product in numpy), rescored
+                 with an edit similarity (``difflib``, order-insensitive) that penalises disagreeing subtype
+                 markers (numbers, single letters: "... type 2" never fuzzily becomes "... type 3") and
+                 negated / inverted words ("Non-medullary ...", "Anhidrotic" vs "Hidrotic", hypo- vs hyper-).
 
 Normalisation (applied identically to the index and the mention): Unicode folding, case, British spellings,
 parentheticals removed, punctuation to spaces, digits split from letters ("1A" -> "1 a"), roman numerals and
-number words to arabic ("type IIb" = "type 2b" = "type two b").
+number words to arabic ("type IIb" = "type 2b" = "type two b"; a lone "X" stays the chromosome unless it
+follows "type"/"group"/...). Names are also indexed without their OMIM "; ABBR" part and "with or without ..."
+clause (as synonyms).
 
 Scores: id/name 1.0, synonym 0.99, reordered 0.97, loose 0.93, fuzzy = 0.92 x similarity; ``fuzzy_threshold``
-applies to every hit (the exact levels are always above it).
+(0.80) applies to every hit (the exact levels are always above it). Measured on all 12,779 hpo3 diseases: every
+one of the 16,438 names/synonyms links back to an owner; single typos link correctly at threshold 0.80 (lowest
+correct fuzzy score 0.805), while 1% of HPO phenotype labels link fuzzily (mostly true near-synonyms). Cost: the
+index builds in ~1 s (+1.5 s for the fuzzy index, on first need); exact look-ups take microseconds, a fuzzy
+mention ~2 ms on one CPU core, and results are cached per linker.
 """
 from __future__ import annotations
 
@@ -85,7 +92,7 @@ def _to_roman(n: int) -> str:
 _ROMAN = {_to_roman(i): str(i) for i in range(1, 40)}  # i .. xxxix: only i/v/x, so no English words but "xi"
 # A lone "i", "v" or "x" is a numeral only after one of these, or ("i"/"v") as the last word; a lone "x" elsewhere
 # is the chromosome ("X-linked", "Fragile X", "Trisomy X").
-_ROMAN_CONTEXT = {"type", "types", "group", "class", "form", "grade", "stage", "subtype", "factor", "types",
+_ROMAN_CONTEXT = {"type", "types", "group", "class", "form", "grade", "stage", "subtype", "factor",
                   "complementation", "disease", "syndrome", "deficiency", "mucopolysaccharidosis", "mps", "gsd",
                   "collagen", "hyperlipoproteinemia", "hyperlipoproteinaemia", "level", "phase", "and", "or"}
 _ROMAN_SUFFIX = re.compile(r"^([ivx]+)([a-h])$")
@@ -267,6 +274,8 @@ def _similarity(m_tokens: tuple[str, ...], c_tokens: tuple[str, ...]) -> float:
 class DiseaseLinker:
     """Links disease mentions to the ids of ``diseases`` (see the module docstring for the levels and scores)."""
 
+    _CACHE_SIZE = 65_536
+
     def __init__(self, diseases: Sequence[Disease], fuzzy_threshold: float = DEFAULT_FUZZY_THRESHOLD,
                  candidates: int = 30):
         if not 0.0 <= fuzzy_threshold <= 1.0:
@@ -290,6 +299,7 @@ class DiseaseLinker:
                 for variant, derived in self._variants(text):
                     self._add(variant, d.id, "synonym" if derived else how)
         self._fuzzy_index: tuple | None = None  # built lazily: exact look-ups need none of it
+        self._cache: dict[tuple[str, int], tuple[LinkHit, ...]] = {}  # model answers repeat a lot
 
     @staticmethod
     def _variants(text: str) -> list[tuple[tuple[str, ...], bool]]:
@@ -353,10 +363,16 @@ class DiseaseLinker:
         if not isinstance(mention, str):
             raise TypeError(f"mention must be a str, got {type(mention).__name__}")
         threshold = self.fuzzy_threshold if min_score is None else float(min_score)
-        return [h for h in self._link_cached(mention, max(int(top), 1)) if h.score >= threshold][:top]
+        top = max(int(top), 1)
+        key = (mention, top)
+        hits = self._cache.get(key)
+        if hits is None:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            hits = self._cache[key] = self._link(mention, top)
+        return [h for h in hits if h.score >= threshold][:top]
 
-    @functools.lru_cache(maxsize=65_536)
-    def _link_cached(self, mention: str, top: int) -> tuple[LinkHit, ...]:
+    def _link(self, mention: str, top: int) -> tuple[LinkHit, ...]:
         found: dict[str, LinkHit] = {}
 
         def add(did: str, score: float, how: str) -> None:

@@ -112,6 +112,8 @@ class GRPOSettings:
     minibatch_size: int = 16  # rows (sequences) per optimiser step; 0 = the whole rollout
     micro_batch_size: int = 0  # rows per forward/backward inside a mini-batch; 0 = the whole mini-batch
     old_logprobs: str = "auto"  # auto | sampler | recompute (module docstring)
+    prompt_padding: str = "max"  # max: every prompt padded to sampling.max_prompt_len (one compiled program per
+    #                              run) | bucket: power-of-two buckets (less padding, one compile per bucket)
     # optimiser (AdamW from training/optim.py)
     lr: float = 1e-4
     warmup_steps: int = 0  # in optimiser steps
@@ -188,6 +190,8 @@ class GRPOSettings:
             bad("clip_eps", "need 0 < clip_eps < 1 and clip_eps_high > 0")
         if self.old_logprobs not in OLD_LOGPROBS:
             bad("old_logprobs", f"expected one of {OLD_LOGPROBS}")
+        if self.prompt_padding not in ("max", "bucket"):
+            bad("prompt_padding", "expected 'max' or 'bucket'")
         if self.lr <= 0:
             bad("lr", "must be > 0")
 
@@ -461,7 +465,7 @@ class RLLearner:
         with jax.set_mesh(self.mesh):
             adv_fn = lambda r, g: np.asarray(rlo.compute_advantages(s.advantage, r, g))  # noqa: E731
             batch = rollout(self.sampler, self.tokenizer, messages_list, payloads, s.group_size, self.sampling,
-                            self.sampler_key(step), self.reward_fn, adv_fn)
+                            self.sampler_key(step), self.reward_fn, adv_fn, pad_to_max=s.prompt_padding == "max")
             if s.release_kv_cache:
                 self.sampler.release()
             t_roll = time.time() - t0
@@ -548,7 +552,8 @@ class RLLearner:
         params = dataclasses.replace(self.sampling, temperature=0.0)
         with jax.set_mesh(self.mesh):
             ids = encode_prompts(self.tokenizer, messages_list, params.max_prompt_len)
-            gen = generate_groups(self.sampler, self.tokenizer, ids, 1, params, jax.random.key(0))
+            gen = generate_groups(self.sampler, self.tokenizer, ids, 1, params, jax.random.key(0),
+                                  pad_to_max=self.settings.prompt_padding == "max")
             if self.settings.release_kv_cache:
                 self.sampler.release()
         return decode_samples(self.tokenizer, gen, payloads, 1)
@@ -686,12 +691,10 @@ def run_grpo(config: Any) -> dict[str, Any]:
     sampling = SamplingParams.from_config(config.sampling)
     mesh = make_mesh(config.mesh)
 
-    ckpt = TrainCheckpointManager(run_dir, keep=st.keep_checkpoints, async_save=st.async_checkpointing,
-                                  extra_items=(CURRICULUM_ITEM, RL_ITEM))
-    resuming = bool(ckpt.steps())
+    resuming = orbax_io.latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
     init_path = None
     if not resuming or st.beta > 0:
-        init_path = _init_checkpoint(config)  # fails first, naming the stage to run
+        init_path = _init_checkpoint(config)  # fails first (nothing written yet), naming the stage to run
     try:
         tokenizer = load_tokenizer(config)
     except FileNotFoundError as e:
@@ -712,7 +715,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
         raise ValueError(f"config.grpo.curriculum_reward={st.curriculum_reward!r}: not a reward component "
                          f"({sorted(reward.weights)} or total | pass | rank)")
     _write_resolved_config(config, run_dir)
-
+    ckpt = TrainCheckpointManager(run_dir, keep=st.keep_checkpoints, async_save=st.async_checkpointing,
+                                  extra_items=(CURRICULUM_ITEM, RL_ITEM))
+    resuming = bool(ckpt.steps())
     model_cfg = _resume_model_config(ckpt, config) if resuming else None
     if model_cfg is None:
         init_path = init_path or _init_checkpoint(config)

@@ -138,12 +138,19 @@ class Generated:
 
 
 def generate_groups(sampler: Sampler, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], group_size: int,
-                    params: SamplingParams, key: jax.Array) -> Generated:
-    """``group_size`` samples for each prompt from the sampler's live model (chunked; one prefill per prompt)."""
+                    params: SamplingParams, key: jax.Array, *, pad_to_max: bool = False) -> Generated:
+    """``group_size`` samples for each prompt from the sampler's live model (chunked; one prefill per prompt).
+
+    Prompts are left-padded to ``params.max_prompt_len`` when ``pad_to_max`` (one compiled shape for a whole
+    run), else to the power-of-two bucket of the longest (``sampler.bucket_length``).
+    """
     p = len(prompt_ids)
     if p == 0:
         raise ValueError("generate_groups: no prompts")
-    lp = bucket_length(max(len(x) for x in prompt_ids), params.max_prompt_len)
+    longest = max(len(x) for x in prompt_ids)
+    lp = bucket_length(longest, params.max_prompt_len)
+    if pad_to_max:
+        lp = int(params.max_prompt_len)
     chunk = max(1, min(int(params.batch_size), p))
     eos_ids = tuple(int(t) for t in (getattr(tokenizer, "stop_ids", ()) or (tokenizer.eos_id,)))
     stop_seqs = tuple(tuple(tokenizer.encode(s)) for s in params.stop)
@@ -191,12 +198,12 @@ def training_layout(gen: Generated, group_size: int, pad_id: int) -> dict[str, n
 
 def rollout(sampler: Sampler, tokenizer: Any, messages_list: Sequence[list[dict]], payloads: Sequence[Any],
             group_size: int, params: SamplingParams, key: jax.Array, reward_fn: RewardFunction,
-            advantage_fn: Callable[[np.ndarray, int], np.ndarray]) -> RolloutBatch:
+            advantage_fn: Callable[[np.ndarray, int], np.ndarray], *, pad_to_max: bool = False) -> RolloutBatch:
     """Sample, score and lay out one GRPO step: P prompts x G samples -> :class:`RolloutBatch`."""
     if len(messages_list) != len(payloads):
         raise ValueError(f"{len(messages_list)} prompts but {len(payloads)} payloads")
     prompt_ids = encode_prompts(tokenizer, messages_list, params.max_prompt_len)
-    gen = generate_groups(sampler, tokenizer, prompt_ids, group_size, params, key)
+    gen = generate_groups(sampler, tokenizer, prompt_ids, group_size, params, key, pad_to_max=pad_to_max)
     samples = decode_samples(tokenizer, gen, payloads, group_size)
     rewards = reward_fn(samples)
     if "total" not in rewards:

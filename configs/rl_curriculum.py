@@ -1,0 +1,90 @@
+"""Dual-level curriculum GRPO (stage 4 of RareDxR1): `python -m raredx_jax.train --config=configs/rl_curriculum.py`.
+
+Starts from the SFT-on-RERS-trajectories run (`model.init_from`, default runs/sft; a missing checkpoint fails
+with the command to run first) and trains on the simulated train split with verifiable diagnosis rewards:
+closed-set diagnosis from 5 candidates on typical notes first, then open-domain ranked differentials on
+typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out pass@1 on a fixed
+subset of the validation split at step 0, every `grpo.eval_every` steps and at the end (`summary.json` holds
+before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
+
+The embedded default is sized for a 2-core CPU (the tiny model, 30 steps of 8 prompts x 4 samples). On an
+accelerator target (`configs/rl_curriculum.py:gpu1`, `:h100x8`, ...) raise prompts_per_step / group_size /
+minibatch_size with the hardware's batch scale, e.g. `--config.grpo.prompts_per_step=64 --config.grpo.group_size=8`.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.base import make_config  # noqa: E402
+
+
+def _stage(c):
+    c.stage = "grpo"
+    c.run_dir = "runs/grpo"
+    c.model.init_from = "runs/sft"  # the RERS-SFT run (configs/sft.py)
+
+    g = c.grpo
+    # one global step = prompts_per_step prompts x group_size samples from the current policy
+    g.steps = 30
+    g.prompts_per_step = 8
+    g.group_size = 4
+    # objective (training/rl_objectives.py registries)
+    g.loss = "grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
+    g.advantage = "grpo"  # grpo | dr_grpo | rloo
+    g.beta = 0.0  # k3 KL to the frozen reference; 0 = the reference is never loaded
+    g.clip_eps = 0.2
+    g.clip_eps_high = 0.28
+    g.max_len = 0  # dr_grpo normaliser; 0 = sampling.max_new_tokens
+    g.old_logprobs = "auto"  # auto: the sampler's in float32, recomputed (teacher-forced) otherwise
+    g.prompt_padding = "max"  # pad prompts to sampling.max_prompt_len: one compiled program for the run
+    # optimisation: epochs over the rollout, mini-batches (optimiser steps), micro-batches (accumulation)
+    g.epochs_per_step = 1
+    g.minibatch_size = 16  # rows; 32 rows per step -> 2 optimiser steps per global step
+    g.micro_batch_size = 0  # 0 = whole mini-batch per forward/backward
+    g.lr = 2e-4
+    g.warmup_steps = 4  # optimiser steps
+    g.schedule = "constant"
+    g.min_lr_ratio = 1.0
+    g.weight_decay = 0.0
+    g.grad_clip = 1.0
+    g.b1 = 0.9
+    g.b2 = 0.99
+    # task
+    g.train_split = "train"
+    g.max_train_cases = 0
+    g.closed_set_candidates = 5  # gold + 4 distractors from the run's disease subset
+    g.open_top_k = 5
+    g.curriculum_reward = "diagnosis"  # the component the promotion rule reads
+    # held-out evaluation (greedy pass@1 = top-1 on a fixed subset of the validation split)
+    g.eval_every = 10
+    g.eval_split = "validation"
+    g.eval_cases = 40
+    g.eval_top_k = 10
+    g.eval_at_start = True
+    # bookkeeping
+    g.log_every = 1
+    g.checkpoint_every = 10
+    g.keep_checkpoints = 2
+    g.async_checkpointing = True
+    g.release_kv_cache = False
+
+    # dual-level curriculum (training/curriculum.py documents every rule)
+    cur = c.curriculum
+    cur.lessons = ("closed_set:typical", "open:typical", "open:sparse", "open:noisy", "open:imprecise")
+    cur.promote_metric = "reward"  # mean diagnosis reward of current-lesson samples over the window
+    cur.promote_threshold = 0.5
+    cur.window = 4
+    cur.min_steps = 4
+    cur.max_steps = 10  # plateau guard: a 30-step CPU run still reaches the open-domain lessons
+    cur.replay = 0.2
+    cur.remeasure_every = 5
+    cur.min_attempts = 8
+
+    # sampling for rollouts (temperature > 0); evaluation decodes greedily with the same limits
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 0
+    c.sampling.top_p = 1.0
+
+
+def get_config(hardware=None):
+    return make_config(hardware, _stage)
