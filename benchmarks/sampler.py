@@ -158,6 +158,13 @@ def run_one(preset: str, batch: int, n: int, prompt: int, new_tokens: int, hf: b
     return res
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -183,15 +190,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--quick", action="store_true",
                     help="CPU sweep: tiny at batch 1,16 (256 new tokens); qwen2.5-0.5b at batch 1 (32 new tokens)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch.set_num_threads for the HF baseline on CPU (0 = torch default). On a loaded shared "
+                         "CPU, torch's spinning intra-op pool can be 20x slower with 2 threads than with 1")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     if a.quick:
         runs = [(p, b, new) for p, bs, new in QUICK["runs"] for b in bs]
     else:
         runs = [(p, int(b), a.new_tokens) for p in a.presets.split(",") for b in a.batches.split(",")]
+    if a.torch_threads and not a.no_hf:
+        import torch
+        torch.set_num_threads(a.torch_threads)
     dev = jax.devices()[0]
     print(f"# devices: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
-          f"prompt {a.prompt_len}, n {a.n}; peak bandwidth {_fmt(peak_bandwidth(dev), '.3g')} B/s", flush=True)
+          f"prompt {a.prompt_len}, n {a.n}; peak bandwidth {_fmt(peak_bandwidth(dev), '.3g')} B/s; "
+          f"torch threads {a.torch_threads or 'default'}; load average {_loadavg()}", flush=True)
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     results = []
     for preset, batch, new in runs:

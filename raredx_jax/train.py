@@ -25,6 +25,9 @@ STAGES: dict[str, str] = {
     "sft": "raredx_jax.training.sft:run_sft",
     "grpo": "raredx_jax.training.grpo:run_grpo",
     "rers": "raredx_jax.training.rers:run_rers",
+    "evaluate": "raredx_jax.evaluate:run_evaluate_stage",
+    "export": "raredx_jax.export:run_export",
+    "pipeline": "raredx_jax.pipeline:run_pipeline",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -355,7 +355,9 @@ def test_two_shards_then_merge_equal_one_process(data_dir, single_run, tmp_path)
         assert p.returncode == 0, out[-3000:]
     journals = sorted(os.listdir(os.path.join(run_dir, rers.JOURNAL_DIR)))
     assert journals == ["manifest.json", "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
-    _run(_cmd(data_dir, run_dir, "--config.rers.phase=merge"))
+    merge_cfg = make_config(data_dir, run_dir, rers__phase="merge", rers__chunk_size=2,
+                            rers__validation_fraction=0.25, rers__sampler="tests.test_rers:fixed_sampler")
+    rers.run_rers(merge_cfg)  # the merge step (in process: it samples nothing)
     ds = _dataset(run_dir)
     assert _key(ds) == _key(single_run[1])
     with open(os.path.join(run_dir, "summary.json")) as f:

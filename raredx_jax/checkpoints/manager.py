@@ -118,8 +118,10 @@ class TrainCheckpointManager:
             META_ITEM: ocp.JsonCheckpointHandler(),
             **{name: ocp.JsonCheckpointHandler() for name in self.extra_items},
         }
+        # cleanup_tmp_directories: a save cut short by a kill leaves `<step>.orbax-checkpoint-tmp`; remove it.
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep else None, create=True,
-                                               enable_async_checkpointing=async_save, save_interval_steps=1)
+                                               enable_async_checkpointing=async_save, save_interval_steps=1,
+                                               cleanup_tmp_directories=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # --- queries -------------------------------------------------------------------------------------------

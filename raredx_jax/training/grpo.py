@@ -401,6 +401,7 @@ class RLLearner:
         state's arrays)."""
         with jax.set_mesh(self.mesh):
             _, params = split_model(model)
+            params = jax.device_put(params, self.param_sh)  # no-op when already placed (e.g. orbax.load_model)
             params = cast_params(params, self.param_sh, self.cfg.param_dtype)
             if self.settings.beta > 0:
                 self.ref_params = self._load_reference(reference) if reference is not None else jax.jit(
@@ -456,22 +457,40 @@ class RLLearner:
     # --- one global step ---------------------------------------------------------------------------------------
     def step(self, messages_list: Sequence[list[dict]], payloads: Sequence[Any], step: int
              ) -> tuple[RolloutBatch, dict[str, Any]]:
-        """Rollout + ``epochs_per_step`` x mini-batch updates for global step ``step`` (1-based); returns the
-        rollout and the step's metrics (host scalars). ``state.step`` becomes ``step``."""
+        """Global step ``step`` (1-based): :meth:`rollout` then :meth:`learn`; returns the rollout and the step's
+        metrics (host scalars). ``state.step`` becomes ``step``."""
+        t0 = time.time()
+        batch = self.rollout(messages_list, payloads, step)
+        t_roll = time.time() - t0
+        metrics = self.learn(batch, step)
+        metrics["rollout_s"] = t_roll
+        metrics["sample_tokens_per_s"] = float(batch.samples.lengths.sum()) / max(t_roll, 1e-9)
+        metrics["step_time_s"] = time.time() - t0
+        return batch, metrics
+
+    def rollout(self, messages_list: Sequence[list[dict]], payloads: Sequence[Any], step: int) -> RolloutBatch:
+        """``group_size`` samples per prompt from the current policy, rewards and advantages (host arrays)."""
         s = self.settings
         if len(messages_list) != s.prompts_per_step:
             raise ValueError(f"{len(messages_list)} prompts for grpo.prompts_per_step={s.prompts_per_step}")
-        t0 = time.time()
         with jax.set_mesh(self.mesh):
             adv_fn = lambda r, g: np.asarray(rlo.compute_advantages(s.advantage, r, g))  # noqa: E731
             batch = rollout(self.sampler, self.tokenizer, messages_list, payloads, s.group_size, self.sampling,
                             self.sampler_key(step), self.reward_fn, adv_fn, pad_to_max=s.prompt_padding == "max")
             if s.release_kv_cache:
                 self.sampler.release()
-            t_roll = time.time() - t0
-            t1 = time.time()
+        return batch
+
+    def learn(self, batch: RolloutBatch, step: int) -> dict[str, Any]:
+        """``epochs_per_step`` passes of mini-batch updates on one rollout (global step ``step``, 1-based; on
+        return ``state.step == step`` and the policy model holds the new parameters). Returns host metrics."""
+        s = self.settings
+        if batch.num_rows != s.rows_per_step:
+            raise ValueError(f"rollout of {batch.num_rows} rows; grpo.prompts_per_step x group_size = {s.rows_per_step}")
+        t1 = time.time()
+        metrics: dict[str, Any] = {}
+        with jax.set_mesh(self.mesh):
             update, lp_fn = self._functions(batch.prompt_len, batch.completion_len)
-            metrics: dict[str, Any] = {}
             if self.recompute_old:
                 old = self._logprobs(self.state.params, batch, lp_fn)
                 self.counters["old_logprob_forward"] += 1
@@ -497,8 +516,7 @@ class RLLearner:
                         arr["ref_logprobs"] = np.zeros_like(arr["old_logprobs"])
                         arr["ref_logprobs"][:rows.size] = ref[rows]
                     n_upd += 1
-                    last = n_upd == self.updates_per_step
-                    inc = jax.device_put(np.int32(1 if last else 0), rep)
+                    inc = jax.device_put(np.int32(1 if n_upd == self.updates_per_step else 0), rep)
                     self.state, m = update(self.state, _put(arr, sh), inc)
                     outs.append(m)
             host = jax.device_get(outs)
@@ -512,14 +530,9 @@ class RLLearner:
             if k != "ok":
                 metrics[k] = float(np.mean([float(m[k]) for m in host]))
         metrics.update(self._rollout_metrics(batch))
-        opt_steps = int(step) * self.updates_per_step
-        metrics["lr"] = float(self.schedule(max(opt_steps - 1, 0)))
+        metrics["lr"] = float(self.schedule(max(int(step) * self.updates_per_step - 1, 0)))
         metrics["updates"] = n_upd
-        metrics["rollout_s"] = t_roll
         metrics["update_s"] = t_upd
-        metrics["step_time_s"] = time.time() - t0
-        gen_tokens = float(batch.samples.lengths.sum())
-        metrics["sample_tokens_per_s"] = gen_tokens / max(t_roll, 1e-9)
         train_tokens = n_upd * self.layout.padded * seq
         metrics["train_tokens_per_s"] = train_tokens / max(t_upd, 1e-9)
         from raredx_jax.training import metrics as metrics_lib
@@ -527,7 +540,7 @@ class RLLearner:
         peak = metrics_lib.device_peak_flops(jax.devices()[0].device_kind, self.cfg.dtype)
         metrics["mfu"] = metrics_lib.mfu(metrics["train_tokens_per_s"], metrics_lib.model_flops_per_token(self.cfg, seq),
                                          jax.device_count(), peak)
-        return batch, metrics
+        return metrics
 
     @staticmethod
     def _rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

@@ -616,8 +616,6 @@ def merge(config: Any, journal_dir: str, out_dir: str, n_chunks: int, run_dir: s
 # --- the stage ------------------------------------------------------------------------------------------------------
 def run_rers(config: Any) -> dict:
     """The RERS stage (see the module docstring); returns the summary (this shard's, on a non-merging shard)."""
-    import jax
-
     from raredx_jax.data.hpo import load_ontology, select_diseases
     from raredx_jax.data.linking import DiseaseLinker
     from raredx_jax.data.tokenizer import load_tokenizer

@@ -241,12 +241,20 @@ def _dataset_name(config: Any) -> str:
 
 
 def ensure_dataset(config: Any) -> None:
-    """Fail early, naming what to run first, when the training data is not there (the embedded knowledge
-    corpus is built in-process when `train.build_data` is set)."""
+    """Fail early, naming what to run first, when the training data is not there. With `train.build_data`
+    the embedded knowledge corpus is built (or checked up to date) in-process first."""
     from raredx_jax.data import tfds_builders
 
     name = _dataset_name(config)
     data_dir = _data_dir(config)
+    if config.train.get("build_data", False) and config.train.dataset == "knowledge":
+        # build_all is idempotent (a manifest hash of the data config + generator code): a no-op when the
+        # data matches this config, a rebuild when it does not.
+        from raredx_jax.data.build import build_all
+
+        if jax.process_index() == 0:
+            build_all(config, log=lambda m: print(f"[{config.stage}] data: {m}", flush=True))
+        _sync("raredx_build_data")
     built = tfds_builders.BUILDERS[name](data_dir=os.fspath(data_dir)).is_prepared() if os.path.isdir(data_dir) else False
     if built:
         return
@@ -255,14 +263,6 @@ def ensure_dataset(config: Any) -> None:
             f"train.dataset=rers_trajectories: no RERS trajectory dataset under {data_dir} "
             f"(train.data_dir / data.dir). Run the RERS stage first: `{STAGE_COMMANDS['rers']}` "
             "(after knowledge SFT), with the same data.dir")
-    if config.train.get("build_data", False):
-        from raredx_jax.data.build import build_all
-
-        if jax.process_index() == 0:
-            print(f"[{config.stage}] {name} not built under {data_dir}: building the embedded data now", flush=True)
-            build_all(config)
-        _sync("raredx_build_data")
-        return
     raise MissingInputError(f"dataset {name} is not built under {data_dir}; run `{STAGE_COMMANDS['data']}` "
                             "(with the same --config.data.dir) first")
 
