@@ -124,14 +124,14 @@ def bench_torch(shape: dict, batch: int, seq: int, dtype: str, steps: int, warmu
         sync()
         times.append(time.perf_counter() - t0)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    return {"impl": "torch", "step_s": statistics.median(times), "loss": float(loss), "device": name,
+    return {"impl": "torch", "step_s": statistics.median(times), "loss": float(loss.detach()), "device": name,
             "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,qwen2.5-0.5b")
-    p.add_argument("--batch", type=int, default=None, help="default 8 (GPU) / 4 (--quick)")
+    p.add_argument("--batch", type=int, default=None, help="default 8; --quick: 4 (tiny) / 1 (larger presets)")
     p.add_argument("--seq", type=int, default=None, help="default 2048 (GPU) / 256 (--quick)")
     p.add_argument("--dtype", default=None, help="compute dtype; default bfloat16 (GPU/TPU), float32 (--quick)")
     p.add_argument("--remat", default=None, help="none|dots|full; default dots for 0.5B on GPU, none otherwise")
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="reduced CPU shapes")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     a = p.parse_args(argv)
 
@@ -150,14 +151,16 @@ def main(argv=None) -> int:
 
     on_cpu = jax.default_backend() == "cpu"
     quick = a.quick
-    batch = a.batch or (4 if quick else 8)
-    seq = a.seq or (256 if quick else 2048)
     dtype = a.dtype or ("float32" if quick or on_cpu else "bfloat16")
     steps = a.steps or (3 if quick else 10)
     attention = a.attention or ("xla" if on_cpu else "dot_product")
     rows = []
     for preset in [x.strip() for x in a.presets.split(",") if x.strip()]:
-        layers = a.layers or (2 if quick and preset != "tiny" else None)
+        big = preset != "tiny"
+        # --quick: tiny 4 x 256; larger shapes 1 x 256 with 2 layers (a CPU step of the full 0.5B is minutes)
+        batch = a.batch or ((1 if big else 4) if quick else 8)
+        seq = a.seq or (256 if quick else 2048)
+        layers = a.layers or (2 if quick and big else None)
         shape = _shape(preset, layers, None)
         remat = a.remat or ("dots" if preset != "tiny" and not on_cpu else "none")
         label = f"{preset}" + (f" ({shape['num_layers']} layers)" if layers else "")
@@ -173,10 +176,15 @@ def main(argv=None) -> int:
         res["jax"] = {"tokens_per_s": j_tps, "step_s": j["step_s"], "compile_s": j["compile_s"],
                       "mfu": M.mfu(j_tps, fpt, j["devices"], peak), "loss": j["loss"]}
         if not a.skip_torch:
+            if a.torch_threads:
+                import torch
+
+                torch.set_num_threads(a.torch_threads)
             t = bench_torch(shape, batch, seq, dtype, steps, a.warmup)
             t_tps = tokens / t["step_s"]
             res["torch"] = {"tokens_per_s": t_tps, "step_s": t["step_s"], "mfu": M.mfu(t_tps, fpt, 1, peak),
                             "loss": t["loss"], "device": t["device"]}
+            res["torch_threads"] = t["threads"]
             res["ratio_jax_over_torch"] = j_tps / t_tps
         rows.append(res)
         fmt_mfu = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
@@ -189,7 +197,8 @@ def main(argv=None) -> int:
             print(f"   ratio jax/torch: {res['ratio_jax_over_torch']:.2f}x", flush=True)
     dev = rows[0]["device"] if rows else "?"
     print(f"\ndevice: {dev} x{rows[0]['devices'] if rows else 0}; peak "
-          f"{M.device_peak_flops(dev, dtype) or 'unknown'} FLOP/s ({dtype})")
+          f"{M.device_peak_flops(dev, dtype) or 'unknown'} FLOP/s ({dtype}); torch threads "
+          f"{rows[0].get('torch_threads', '?') if rows else '?'}")
     print("| shape | batch x seq | dtype | JAX tokens/s | JAX MFU | PyTorch tokens/s | PyTorch MFU | JAX/PyTorch |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

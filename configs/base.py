@@ -114,7 +114,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.sampling.top_k = 0
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 160
-    c.sampling.max_prompt_len = 384
+    c.sampling.max_prompt_len = 768  # longer notes are reported (eval scores them as misses)
     c.sampling.batch_size = 32  # prompts per generate call
 
     # --- RERS ----------------------------------------------------------------------------------
@@ -147,6 +147,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.eval.out_dir = ""  # "" = <run_dir>/eval
     c.eval.candidates = "trained"  # trained (= data.diseases) | all annotated diseases
     c.eval.max_cases = 0  # 0 = all
+    c.eval.max_prompt_len = 1024  # tokens; longer notes are scored as misses and counted
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
     c.export.dtype = "float32"  # tensor dtype written: float32 | bfloat16 | float16

@@ -22,6 +22,7 @@ def _stage(c):
     c.run_dir = "runs/pipeline"
     c.data.dir = ""  # "" = <run_dir>/data
     c.data.phenopackets = _DEV_CASES if os.path.exists(_DEV_CASES) else ""
+    c.data.on_error = "skip"  # real archives have a few bad records: report them (import_report.md), go on
     c.pipeline = config_dict.ConfigDict()
     c.pipeline.scale = "default"  # default | smoke
     c.pipeline.stages = ("knowledge_sft", "rers", "rers_sft", "grpo", "export")
@@ -29,9 +30,10 @@ def _stage(c):
     c.pipeline.eval_cases = "simulated:test"  # + imported:test when real cases are configured
     c.pipeline.case_diseases = 12  # of data.diseases.n, taken from the real-case archive's diagnoses
     c.pipeline.min_cases_per_disease = 3
-    # per-stage overrides {stage: {"dotted.field": value}}; a scale (raredx_jax/pipeline.py SCALES) adds its own
+    # per-stage overrides, e.g. --config.pipeline.overrides.grpo="grpo.steps=100,grpo.lr=2e-5"; they apply
+    # over the scale's own (raredx_jax/pipeline.py SCALES). "pipeline" applies to the shared sections.
     c.pipeline.overrides = config_dict.ConfigDict(
-        {k: {} for k in ("pipeline", "knowledge_sft", "rers", "rers_sft", "grpo", "export")})
+        {k: "" for k in ("pipeline", "knowledge_sft", "rers", "rers_sft", "grpo", "export")})
 
 
 def get_config(hardware=None):

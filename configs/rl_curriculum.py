@@ -1,9 +1,9 @@
 """Dual-level curriculum GRPO (stage 4 of RareDxR1): `python -m raredx_jax.train --config=configs/rl_curriculum.py`.
 
-Starts from the SFT-on-RERS-trajectories run (`model.init_from`, default runs/sft; a missing checkpoint fails
-with the command to run first) and trains on the simulated train split with verifiable diagnosis rewards:
-closed-set diagnosis from 5 candidates on typical notes first, then open-domain ranked differentials on
-typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out pass@1 on a fixed
+Starts from the SFT-on-RERS-trajectories run (`model.init_from`, default runs/rers_sft = configs/rers_sft.py; a
+missing checkpoint fails with the command to run first) and trains on the simulated train split with verifiable
+diagnosis rewards: closed-set diagnosis from 5 candidates on typical notes first, then open-domain ranked
+differentials on typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out pass@1 on a fixed
 subset of the validation split at step 0, every `grpo.eval_every` steps and at the end (`summary.json` holds
 before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
 
@@ -21,7 +21,7 @@ from configs.base import make_config  # noqa: E402
 def _stage(c):
     c.stage = "grpo"
     c.run_dir = "runs/grpo"
-    c.model.init_from = "runs/sft"  # the RERS-SFT run (configs/sft.py)
+    c.model.init_from = "runs/rers_sft"  # the RERS-SFT run (configs/rers_sft.py)
 
     g = c.grpo
     # one global step = prompts_per_step prompts x group_size samples from the current policy
@@ -84,6 +84,8 @@ def _stage(c):
     c.sampling.temperature = 1.0
     c.sampling.top_k = 0
     c.sampling.top_p = 1.0
+    c.sampling.max_new_tokens = 160  # as RERS sampled the trajectories the policy was fine-tuned on
+    c.sampling.max_prompt_len = 512  # diagnosis prompts of the embedded default reach ~400 tokens (+ candidates)
 
 
 def get_config(hardware=None):

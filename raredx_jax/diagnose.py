@@ -15,17 +15,6 @@ from typing import Any
 
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", None, "Orbax checkpoint / run dir / exported HF directory.")
-flags.DEFINE_string("note", "-", "Note file, or - for stdin.")
-flags.DEFINE_string("tokenizer", "", "Tokenizer directory if not stored with the checkpoint.")
-flags.DEFINE_bool("json", False, "Print JSON for machines.")
-flags.DEFINE_integer("top_k", 5, "Differential length asked for.")
-flags.DEFINE_integer("max_new_tokens", 256, "Generation budget.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("candidates", "all", "Diseases the answer is linked against: all, or comma-separated ids.")
-
-
 def diagnose(model: Any, tokenizer: Any, note: str, linker: Any, top_k: int = 5, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int = 0, mesh: Any = None) -> dict[str, Any]:
     from raredx_jax.data.prompts import diagnosis_messages
@@ -43,6 +32,19 @@ def diagnose(model: Any, tokenizer: Any, note: str, linker: Any, top_k: int = 5,
         differential.append({"rank": i, "text": entry, "id": did, "name": linker.name(did) if did else None})
     return {"differential": differential, "reasoning": parsed.think or "", "format_ok": parsed.format_ok,
             "finish_reason": comp.finish_reason, "raw": comp.text}
+
+
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a program so importing `diagnose` defines nothing."""
+    flags.DEFINE_string("checkpoint", None, "Orbax checkpoint / run dir / exported HF directory.")
+    flags.DEFINE_string("note", "-", "Note file, or - for stdin.")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer directory if not stored with the checkpoint.")
+    flags.DEFINE_bool("json", False, "Print JSON for machines.")
+    flags.DEFINE_integer("top_k", 5, "Differential length asked for.")
+    flags.DEFINE_integer("max_new_tokens", 256, "Generation budget.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("candidates", "all", "Diseases the answer is linked against: all, or comma-separated ids.")
 
 
 def main(argv: list[str]) -> None:
@@ -89,4 +91,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -65,15 +65,17 @@ def run_evaluate_stage(config: Any) -> dict[str, Any]:
     return evaluate_checkpoint(config, ckpt, specs, out)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (data subset, sampling, mesh).")
-flags.DEFINE_string("checkpoint", "", "Orbax checkpoint / run dir / exported HF dir. Empty: baseline only.")
-flags.DEFINE_string("cases", "simulated:test", "Comma-separated case specs.")
-flags.DEFINE_string("out", "", "Output directory (default <run_dir>/eval).")
+def _define_flags() -> Any:
+    """CLI flags, defined only when run as a program (stages import this module under train.py's flags)."""
+    flags.DEFINE_string("checkpoint", "", "Orbax checkpoint / run dir / exported HF dir. Empty: baseline only.")
+    flags.DEFINE_string("cases", "simulated:test", "Comma-separated case specs.")
+    flags.DEFINE_string("out", "", "Output directory (default <run_dir>/eval).")
+    return config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (data subset, sampling, mesh).")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], config_flag: Any = None) -> None:
     del argv
-    config = _CONFIG.value
+    config = config_flag.value
     F = flags.FLAGS
     out = F.out or os.path.join(config.run_dir, "eval")
     try:
@@ -83,4 +85,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _flag = _define_flags()
+    app.run(lambda argv: main(argv, _flag))

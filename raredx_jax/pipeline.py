@@ -40,7 +40,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "smoke": {
         "pipeline": {"data.diseases.n": 6, "data.notes_per_disease": 4, "data.knowledge_passages_per_disease": 4,
-                     "pipeline.case_diseases": 2},
+                     "pipeline.case_diseases": 2, "eval.max_cases": 6},
         "knowledge_sft": {"train.steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3,
                           "train.batch_size": 8, "train.seq_len": 128, "probe.n": 8},
         "rers": {"rers.num_samples": 2, "rers.reflection_tries": 2, "sampling.max_new_tokens": 24},
@@ -53,16 +53,34 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def apply_scale(config: Any) -> None:
-    """Merge the named scale's overrides under the explicit ones (command-line overrides win)."""
+def parse_overrides(text: str, where: str) -> dict[str, Any]:
+    """'train.steps=100, grpo.lr=1e-5' -> {"train.steps": 100, "grpo.lr": 1e-05} (values as Python literals)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"{where}: expected field=value, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def stage_overrides(config: Any, stage: str) -> dict[str, Any]:
+    """The scale's overrides for a stage, then the user's (`--config.pipeline.overrides.<stage>=...`)."""
     scale = config.pipeline.scale
     if scale not in SCALES:
         raise ValueError(f"pipeline.scale: unknown {scale!r}; one of {sorted(SCALES)}")
-    for stage, fields in SCALES[scale].items():
-        merged = {**fields, **dict(config.pipeline.overrides.get(stage, {}))}
-        with config.pipeline.overrides.ignore_type():
-            config.pipeline.overrides[stage] = merged
-    for key, value in config.pipeline.overrides.get("pipeline", {}).items():
+    user = parse_overrides(config.pipeline.overrides.get(stage, ""), f"pipeline.overrides.{stage}")
+    return {**SCALES[scale].get(stage, {}), **user}
+
+
+def apply_scale(config: Any) -> None:
+    """Apply the shared-section ("pipeline") overrides to the pipeline config itself."""
+    for key, value in stage_overrides(config, "pipeline").items():
         _set(config, key, value)
 
 
@@ -81,9 +99,12 @@ def _get(c: Any, dotted: str) -> Any:
 
 
 def _set(c: Any, dotted: str, value: Any) -> None:
+    """Set an existing field (KeyError for a typo: no field is created silently)."""
     *parents, leaf = dotted.split(".")
     for part in parents:
         c = c[part]
+    if leaf not in c:
+        raise KeyError(dotted)
     with c.ignore_type():
         c[leaf] = value
 
@@ -103,16 +124,27 @@ def stage_config(pipeline: Any, stage: str) -> config_dict.ConfigDict:
     if stage in prev:
         c.model.init_from = os.path.join(root, prev[stage])
     if stage == "rers_sft":
-        c.train.trajectories_dir = os.path.join(root, "rers", "trajectories")
+        c.train.data_dir = os.path.join(root, "rers", "trajectories")
+        if _rers_kept(root) == 0:  # nothing to train on: carry the knowledge-SFT model forward (reported)
+            c.model.init_from = os.path.join(root, "knowledge_sft")
+    if stage == "grpo" and _rers_kept(root) == 0:
+        c.model.init_from = os.path.join(root, "knowledge_sft")
     if stage == "export":
         c.export.hf_dir = os.path.join(root, "hf")
-    for key, value in pipeline.pipeline.overrides.get(stage, {}).items():
+    for key, value in stage_overrides(pipeline, stage).items():
         try:
             _set(c, key, value)
         except (KeyError, AttributeError):
             raise ValueError(f"pipeline.overrides.{stage}: {key!r} is not a field of configs/"
                              f"{STAGE_SPECS[stage][0]}") from None
     return c
+
+
+def _rers_kept(root: str) -> int | None:
+    done = _done(os.path.join(root, "rers"))
+    if done is None or not isinstance(done.get("summary"), dict):
+        return None
+    return int(done["summary"].get("kept", 0))
 
 
 def _run_fn(spec: str):
@@ -243,6 +275,12 @@ def run_pipeline(config: Any) -> dict[str, Any]:
         else:
             print(f"[pipeline] === {stage} ===", flush=True)
             ts = time.time()
+            if stage == "rers_sft" and _rers_kept(root) == 0:
+                print("[pipeline] rers_sft: RERS kept no trajectory, so there is nothing to fine-tune on; "
+                      "skipping it and starting GRPO from the knowledge-SFT checkpoint", flush=True)
+                _mark_done(sc.run_dir, {"summary": {"skipped": "RERS kept 0 trajectories"}, "seconds": 0})
+                summaries[stage] = {"skipped": "RERS kept 0 trajectories"}
+                continue
             summary = _run_fn(STAGE_SPECS[stage][1])(sc)
             done = {"summary": summary, "seconds": round(time.time() - ts, 1)}
             if stage in config.pipeline.eval_after:

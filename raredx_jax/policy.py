@@ -38,8 +38,34 @@ def find_tokenizer(ckpt_path: str) -> Tokenizer:
         tok = tokenizer_from_dir(c)
         if tok is not None:
             return tok
+    tok = _tokenizer_from_run_config(ckpt_path)
+    if tok is not None:
+        return tok
     raise FileNotFoundError(f"{ckpt_path}: no tokenizer found (looked in {', '.join(candidates[:4])}); pass one "
                             "with --tokenizer=DIR")
+
+
+def _tokenizer_from_run_config(ckpt_path: str) -> Tokenizer | None:
+    """The tokenizer named by the resolved config.json a trainer wrote in its run dir (a parent of the step)."""
+    import json
+
+    from ml_collections import ConfigDict
+
+    from raredx_jax.data.tokenizer import load_tokenizer
+
+    parent = ckpt_path
+    for _ in range(3):
+        cfg_path = os.path.join(parent, "config.json")
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    d = json.load(f)
+                if "tokenizer" in d and "data" in d:
+                    return load_tokenizer(ConfigDict(d))
+            except (json.JSONDecodeError, FileNotFoundError, ValueError):
+                return None
+        parent = os.path.dirname(parent)
+    return None
 
 
 def is_hf_dir(path: str) -> bool:

@@ -60,11 +60,25 @@ def constant_reward(samples):
 
 
 def _model(seed=0):
-    """Built eagerly (a jitted init would compile longer than this whole model takes to train here); the learner
-    places the parameters on its mesh."""
+    """A random-init toy policy filled from numpy (norms 1, biases 0, weights N(0, 0.5^2 / fan_in)): on forced CPU
+    devices a jitted init compiles longer than this model takes to train. The learner places it on its mesh."""
     cfg = ModelConfig(family="qwen2", vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1, head_dim=16, tie_word_embeddings=True, attention_bias=True)
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return np.ones(x.shape, x.dtype)
+        if "bias" in name:
+            return np.zeros(x.shape, x.dtype)
+        # [V, E] embeddings; layers [L, in, ...] except o_proj [L, H, D, E]
+        fan_in = x.shape[-1] if "embed" in name else x.shape[1] * (x.shape[2] if "o_proj" in name else 1)
+        return (rng.standard_normal(x.shape) * 0.5 / np.sqrt(fan_in)).astype(x.dtype)
+
+    state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(init, state.to_pure_dict()))
+    return nnx.merge(graphdef, state)
 
 
 def _learner(reward, mesh, *, max_new=16, **kw):
@@ -203,19 +217,23 @@ def stage_inputs(tmp_path_factory):
 def _stage_cmd(run_dir, inputs, **over):
     args = {"run_dir": run_dir, "data.dir": inputs["data"], "model.init_from": inputs["init"], "grpo.steps": 5,
             "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.minibatch_size": 4, "grpo.checkpoint_every": 1,
-            "grpo.eval_every": 0, "grpo.eval_at_start": False, "grpo.eval_cases": 2,  # eval at the end only "sampling.max_new_tokens": 16,
-            "sampling.max_prompt_len": 512, "sampling.batch_size": 2, "curriculum.window": 1,
+            "grpo.eval_every": 0, "grpo.eval_at_start": False, "grpo.eval_cases": 2,  # held-out eval at the end only
+            "sampling.max_new_tokens": 16, "sampling.max_prompt_len": 512, "sampling.batch_size": 2, "curriculum.window": 1,
             "curriculum.min_steps": 1, "curriculum.max_steps": 2, "curriculum.remeasure_every": 1}
     args.update(over)
     return [sys.executable, "-m", "raredx_jax.train", "--config=configs/rl_curriculum.py"] + [
         f"--config.{k}={v}" for k, v in args.items()]
 
 
-def _env():
+def _env(root):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # real 2-way fsdp, quicker to compile than 8
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # the three runs compile the same programs: share them (halves the test's CPU time; results are identical)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(root / "xla_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
@@ -229,7 +247,7 @@ def _records(run_dir, kind):
 def test_stage_kill_and_resume_continues_exactly(stage_inputs):
     root = stage_inputs["root"]
     ref_dir, run_dir = str(root / "uninterrupted"), str(root / "killed")
-    env = _env()
+    env = _env(root)
     ref = subprocess.run(_stage_cmd(ref_dir, stage_inputs), cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=400)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
@@ -277,7 +295,7 @@ def test_stage_without_the_sft_checkpoint_names_the_stage_to_run(stage_inputs, t
     c.run_dir = str(tmp_path / "run")
     c.data.dir = stage_inputs["data"]
     c.model.init_from = str(tmp_path / "no_such_run")
-    with pytest.raises(MissingInputError, match=r"configs/sft\.py") as e:  # train.py exits 2 with this message
+    with pytest.raises(MissingInputError, match=r"configs/rers_sft\.py") as e:  # train.py exits 2 with this message
         run_grpo(c)
     assert "model.init_from" in str(e.value)
     assert not os.path.exists(c.run_dir)  # failed before writing anything

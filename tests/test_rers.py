@@ -318,7 +318,7 @@ def test_single_run_output(single_run, world):
 def test_kill_mid_run_and_resume(data_dir, single_run, tmp_path):
     run_dir = str(tmp_path / "killed")
     journal = os.path.join(run_dir, rers.JOURNAL_DIR, "shard-00000-of-00001.jsonl")
-    p = subprocess.Popen(_cmd(data_dir, run_dir), cwd=REPO, env=_env(RERS_TEST_DELAY="0.7"),
+    p = subprocess.Popen(_cmd(data_dir, run_dir), cwd=REPO, env=_env(RERS_TEST_DELAY="0.4"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -364,6 +364,26 @@ def test_two_shards_then_merge_equal_one_process(data_dir, single_run, tmp_path)
         s = json.load(f)
     for k in ("cases", "solved_direct", "solved_reflection", "unsolved", "kept", "mean_completion_tokens"):
         assert s[k] == single_run[2][k], k
+
+
+def test_two_jax_processes_on_loopback_equal_one_process(data_dir, single_run, tmp_path):
+    """jax.distributed (2 processes on loopback): each takes its chunks, the primary merges after a barrier."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = str(tmp_path / "jax_processes")
+    procs = [subprocess.Popen(_cmd(data_dir, run_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=_env(RAREDX_COORDINATOR=f"127.0.0.1:{port}", RAREDX_NUM_PROCESSES="2",
+                                                  RAREDX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    assert sorted(os.listdir(os.path.join(run_dir, rers.JOURNAL_DIR))) == [
+        "manifest.json", "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert _key(_dataset(run_dir)) == _key(single_run[1])
 
 
 def test_changed_settings_refuse_to_resume(data_dir, single_run):

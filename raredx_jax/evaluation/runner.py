@@ -23,6 +23,7 @@ class CaseResult:
     baseline_rank: int | None
     baseline_input: str  # "hpo" (structured terms) or "text" (dictionary-matched)
     completion_tokens: int = 0
+    finish_reason: str = ""  # stop | length | too_long (prompt over budget: scored as a miss)
 
 
 class Baseline:
@@ -42,21 +43,31 @@ class Baseline:
 
 
 def evaluate_llm(model: Any, tokenizer: Any, cases: Sequence[Case], linker: Any, config: Any,
-                 mesh: Any = None, progress: bool = True, top_k: int = 10) -> list[tuple[int | None, bool, list]]:
-    """Greedy decode one differential per case and verify it: [(rank, format_ok, linked ids)]."""
+                 mesh: Any = None, progress: bool = True, top_k: int = 10) -> list[tuple]:
+    """Greedy decode one differential per case and verify it: [(rank, format_ok, ids, ntokens, finish)]."""
     from raredx_jax.data.prompts import diagnosis_messages
     from raredx_jax.rewards.diagnosis import verify
     from raredx_jax.sampling.text import generate_text
     from raredx_jax.sampling.sampler import SamplingParams
 
-    params = dataclasses.replace(SamplingParams.from_config(config.sampling), temperature=0.0)
+    params = dataclasses.replace(SamplingParams.from_config(config.sampling), temperature=0.0,
+                                 max_prompt_len=int(config.eval.get("max_prompt_len", 1024)))
     messages = [diagnosis_messages(c.text) for c in cases]
-    outs = generate_text(model, tokenizer, messages, n=1, params=params, seed=config.seed, mesh=mesh,
-                         batch_size=config.sampling.batch_size, progress=progress)
+    # A note longer than the prompt budget is scored as a miss and counted, never silently dropped.
+    fits = [len(tokenizer.encode_chat(m, add_generation_prompt=True)) <= params.max_prompt_len for m in messages]
+    if not all(fits):
+        print(f"[eval] {fits.count(False)} of {len(cases)} notes exceed eval.max_prompt_len="
+              f"{params.max_prompt_len} tokens: scored as misses (raise it to include them)", flush=True)
+    outs = iter(generate_text(model, tokenizer, [m for m, ok in zip(messages, fits) if ok], n=1, params=params,
+                              seed=config.seed, mesh=mesh, progress=progress, desc="eval"))
     results = []
-    for case, comps in zip(cases, outs):
-        v = verify(comps[0].text, case.diagnosis, linker, top_k=top_k)
-        results.append((v.rank, v.format_ok, list(v.linked), len(comps[0].token_ids)))
+    for case, ok in zip(cases, fits):
+        if not ok:
+            results.append((None, False, [], 0, "too_long"))
+            continue
+        comp = next(outs)[0]
+        v = verify(comp.text, case.diagnosis, linker, top_k=top_k)
+        results.append((v.rank, v.format_ok, list(v.linked), len(comp.token_ids), comp.finish_reason))
     return results
 
 
@@ -64,8 +75,8 @@ def score_cases(cases: Sequence[Case], llm: Sequence[tuple] | None, baseline: Ba
     out = []
     for i, case in enumerate(cases):
         b_rank, how = baseline.rank(case)
-        l_rank, fmt, ids, ntok = llm[i] if llm is not None else (None, False, [], 0)
-        out.append(CaseResult(case.id, case.level, case.source, l_rank, fmt, ids, b_rank, how, ntok))
+        l_rank, fmt, ids, ntok, finish = llm[i] if llm is not None else (None, False, [], 0, "")
+        out.append(CaseResult(case.id, case.level, case.source, l_rank, fmt, ids, b_rank, how, ntok, finish))
     return out
 
 
@@ -79,6 +90,7 @@ def aggregate(results: Sequence[CaseResult], ks: Sequence[int] = (1, 3, 10)) -> 
         return {"llm": summarize([r.llm_rank for r in rs], ks),
                 "baseline": summarize([r.baseline_rank for r in rs], ks),
                 "format_ok": sum(r.llm_format_ok for r in rs) / max(len(rs), 1),
+                "too_long": sum(r.finish_reason == "too_long" for r in rs),
                 "n": len(rs)}
 
     return {"overall": block(results), "per_level": {k: block(v) for k, v in sorted(by_level.items())}}

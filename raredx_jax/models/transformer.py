@@ -116,7 +116,7 @@ class DecoderLayers(nnx.Module):
 
 
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: jax.Array, mask: jax.Array,
-           segment_ids: jax.Array | None, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+           segment_ids: jax.Array | None, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array, Any] | None,
            index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One decoder layer on activations x [B, T, E]; with a cache, writes this step's k/v into it."""
     dt = x.dtype
@@ -135,10 +135,15 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: j
     q = constrain(q, ("batch", "length", "act_heads", None))
     new_kv = None
     if kv is not None:
-        k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        new_kv = (k_cache, v_cache)
-        k, v = k_cache.astype(dt), v_cache.astype(dt)
+        # kv = (k_all, v_all, layer): the stacked cache travels as loop state and only this step's T slots
+        # of this layer are written, in place (no per-layer cache copies in and out of the layer loop).
+        k_all, v_all, layer = kv
+        start = (layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+        new_kv = (k_all, v_all)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
     attn = attend(cfg.attention, q, k, v, mask, segment_ids)
     x = x + jnp.einsum("bthd,hde->bte", attn, p["o_proj"])
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -165,7 +170,8 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] in fp32 (or [B, 1, V] for the last position only: a prefill needs no more)."""
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
@@ -188,29 +194,30 @@ class Transformer(nnx.Module):
         params = self.layers.stacked()
         seg_for_kernel = segment_ids if cache is None else None
 
-        def body(x, layer):
-            p, kv = layer
-            return _block(cfg, x, p, positions, mask, seg_for_kernel, inv_freq, kv, index)
+        def body(carry, layer):
+            x, kvs = carry
+            p, i = layer
+            x, kvs = _block(cfg, x, p, positions, mask, seg_for_kernel, inv_freq,
+                            None if kvs is None else (*kvs, i), index)
+            return (x, kvs), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         kvs = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
-            x, new_kvs = jax.lax.scan(body, x, (params, kvs))
+            (x, kvs), _ = jax.lax.scan(body, (x, kvs), (params, jnp.arange(cfg.num_layers)))
         else:
-            outs = []
             for i in range(cfg.num_layers):
-                x, kv_i = body(x, (jax.tree.map(lambda a: a[i], params),
-                                   None if kvs is None else (kvs[0][i], kvs[1][i])))
-                outs.append(kv_i)
-            new_kvs = None if kvs is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+                (x, kvs), _ = body((x, kvs), (jax.tree.map(lambda a: a[i], params), i))
+        if last_only:
+            x = x[:, -1:]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=new_kvs[0], v=new_kvs[1], valid=valid, index=index + t)
+            new_cache = KVCache(k=kvs[0], v=kvs[1], valid=valid, index=index + t)
         return logits, new_cache
 
 

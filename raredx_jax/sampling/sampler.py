@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import flax.struct
@@ -254,7 +253,7 @@ def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax
     positions = positions_from_mask(seg)
     small = KVCache.init(cfg, b, p, cache.k.dtype)
     small = small.replace(k=constrain(small.k, CACHE_AXES), v=constrain(small.v, CACHE_AXES))
-    logits, small = model(tokens, positions, seg, small)
+    logits, small = model(tokens, positions, seg, small, last_only=True)
     last = logits[:, -1, :]  # left padded: the last slot holds each prompt's last real token
 
     # 2. broadcast to the n samples per prompt, into the donated decode cache.

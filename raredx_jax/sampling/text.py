@@ -33,6 +33,14 @@ class Completion:
     finish_reason: str
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A global array on every host (rows are sharded across hosts on a multi-host mesh)."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def _batch_rows(count: int, batch_size: int, divisor: int) -> int:
     """Rows a chunk of `count` prompts is padded to: the full batch_size for full chunks, else the next power of
     two (so the last, partial chunk reuses few shapes), always a multiple of the mesh's batch shards."""
@@ -82,7 +90,7 @@ def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]
             active = np.arange(rows) < len(idx)
             out = sampler.generate(tokens, mask, None, params, n=n, eos_ids=eos_ids, stop_sequences=stop_seqs,
                                    pad_id=tokenizer.pad_id, keys=sample_keys(key, ids, n), active=active)
-            toks, lps, lens, done = jax.device_get((out.tokens, out.logprobs, out.lengths, out.done))
+            toks, lps, lens, done = (_to_host(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
             for r, i in enumerate(idx):
                 comps = []
                 for j in range(n):

@@ -55,7 +55,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -86,8 +85,7 @@ RL_ITEM = "rl_state"
 #: Every other registered loss is treated as a per-row mean (grpo, dr_grpo): micro-batches weighted by row share.
 TOKEN_MEAN_LOSSES = frozenset({"dapo"})
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
-SFT_COMMAND = "python -m raredx_jax.train --config=configs/sft.py"
-_TIMING_KEYS = ("rollout_s", "update_s", "step_time_s", "sample_tokens_per_s", "train_tokens_per_s", "mfu")
+SFT_COMMAND = "python -m raredx_jax.train --config=configs/rers_sft.py"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,7 +419,7 @@ class RLLearner:
                 self.ref_params = self._load_reference(reference)
 
     def _load_reference(self, reference: Callable[[], Any]) -> Any:
-        params = reference()
+        params = jax.device_put(reference(), self.param_sh)
         return cast_params(params, self.param_sh, self.cfg.param_dtype)
 
     # --- keys / shapes -----------------------------------------------------------------------------------------
@@ -486,7 +484,8 @@ class RLLearner:
         return ``state.step == step`` and the policy model holds the new parameters). Returns host metrics."""
         s = self.settings
         if batch.num_rows != s.rows_per_step:
-            raise ValueError(f"rollout of {batch.num_rows} rows; grpo.prompts_per_step x group_size = {s.rows_per_step}")
+            raise ValueError(f"rollout of {batch.num_rows} rows; grpo.prompts_per_step x group_size = "
+                             f"{s.rows_per_step}")
         t1 = time.time()
         metrics: dict[str, Any] = {}
         with jax.set_mesh(self.mesh):
@@ -538,8 +537,8 @@ class RLLearner:
         from raredx_jax.training import metrics as metrics_lib
 
         peak = metrics_lib.device_peak_flops(jax.devices()[0].device_kind, self.cfg.dtype)
-        metrics["mfu"] = metrics_lib.mfu(metrics["train_tokens_per_s"], metrics_lib.model_flops_per_token(self.cfg, seq),
-                                         jax.device_count(), peak)
+        flops_per_token = metrics_lib.model_flops_per_token(self.cfg, seq)
+        metrics["mfu"] = metrics_lib.mfu(metrics["train_tokens_per_s"], flops_per_token, jax.device_count(), peak)
         return metrics
 
     @staticmethod
@@ -598,7 +597,7 @@ def _init_checkpoint(config: Any) -> str:
     if not init:
         raise MissingInputError(
             "model.init_from is empty: GRPO starts from the SFT-on-RERS-trajectories checkpoint. Run "
-            f"`{SFT_COMMAND}` first and set --config.model.init_from to its run_dir (default runs/sft)")
+            f"`{SFT_COMMAND}` first and set --config.model.init_from to its run_dir (default runs/rers_sft)")
     try:
         return orbax_io.resolve_model_checkpoint(init)
     except FileNotFoundError as e:

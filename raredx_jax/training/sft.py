@@ -308,6 +308,21 @@ def split_holdout(source: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return IndexView(source, np.sort(perm[n_eval:])), IndexView(source, np.sort(perm[:n_eval]))
 
 
+def truncation_report(source: Any, tokenizer: Any, seq_len: int, n: int = 256) -> tuple[int, int, int]:
+    """(records checked, records longer than seq_len, of those whose completion loses tokens) over the first
+    `n` records: long records are truncated by the pipeline, silently dropping the end of the completion."""
+    from raredx_jax.data.pipeline import tokenize_sft
+
+    checked = long = cut = 0
+    for i in range(min(n, len(source))):
+        x = tokenize_sft(source[i], tokenizer, 1 << 30)
+        checked += 1
+        if len(x["tokens"]) > seq_len:
+            long += 1
+            cut += int(x["loss_mask"][seq_len:].sum() > 0)
+    return checked, long, cut
+
+
 # --- knowledge probe ---------------------------------------------------------------------------------------------
 def _probe_diseases(config: Any) -> tuple[list[Any], Any]:
     from raredx_jax.data.hpo import load_ontology, select_diseases
@@ -517,6 +532,10 @@ def run_sft(config: Any) -> dict[str, Any]:
             print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split: holding out {len(eval_src)} of "
                   f"{len(train_src) + len(eval_src)} training records for evaluation "
                   "(train.eval_holdout_fraction)", flush=True)
+        checked, long, cut = truncation_report(train_src, tokenizer, seq_len)
+        if cut and primary:
+            print(f"WARNING: {cut} of the first {checked} training records are longer than train.seq_len={seq_len} "
+                  "and lose the end of their completion; raise train.seq_len", flush=True)
         train_ds = sft_dataset(train_src, tokenizer, seq_len, local_bs, seed=int(config.seed),
                                shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack))
         it = iter(train_ds)
