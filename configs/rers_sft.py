@@ -28,8 +28,8 @@ def _stage(c):
     t.eval_at_start = True
     t.async_checkpointing = True
     t.debug_nan_at_step = -1
-    # Diagnosis prompts reach ~400 tokens and completions up to sampling.max_new_tokens (160): 640 keeps both.
-    t.seq_len = 640
+    # Diagnosis prompts reach ~400 tokens and RERS completions up to its sampling.max_new_tokens (256).
+    t.seq_len = 768
     t.batch_size = 8
     t.steps = 150
     t.lr = 1e-3

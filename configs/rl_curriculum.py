@@ -3,9 +3,9 @@
 Starts from the SFT-on-RERS-trajectories run (`model.init_from`, default runs/rers_sft = configs/rers_sft.py; a
 missing checkpoint fails with the command to run first) and trains on the simulated train split with verifiable
 diagnosis rewards: closed-set diagnosis from 5 candidates on typical notes first, then open-domain ranked
-differentials on typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out pass@1 on a fixed
-subset of the validation split at step 0, every `grpo.eval_every` steps and at the end (`summary.json` holds
-before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
+differentials on typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out
+pass@1 on a fixed subset of the validation split at step 0, every `grpo.eval_every` steps and at the end
+(`summary.json` holds before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
 
 The embedded default is sized for a 2-core CPU (the tiny model, 30 steps of 8 prompts x 4 samples). On an
 accelerator target (`configs/rl_curriculum.py:gpu1`, `:h100x8`, ...) raise prompts_per_step / group_size /

@@ -13,25 +13,33 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 def diagnose(model: Any, tokenizer: Any, note: str, linker: Any, top_k: int = 5, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int = 0, mesh: Any = None) -> dict[str, Any]:
     from raredx_jax.data.prompts import diagnosis_messages
-    from raredx_jax.rewards.diagnosis import link_entry, parse_answer
     from raredx_jax.sampling.sampler import SamplingParams
     from raredx_jax.sampling.text import generate_text
 
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
     comp = generate_text(model, tokenizer, [diagnosis_messages(note, top_k=top_k)], n=1, params=params,
                          seed=seed, mesh=mesh)[0][0]
-    parsed = parse_answer(comp.text)
+    out = differential_from_completion(comp.text, linker)
+    out["finish_reason"] = comp.finish_reason
+    return out
+
+
+def differential_from_completion(text: str, linker: Any) -> dict[str, Any]:
+    """Parse a completion's <answer> list and link each entry to an ontology id (None when it links nowhere)."""
+    from raredx_jax.rewards.diagnosis import link_entry, parse_answer
+
+    parsed = parse_answer(text)
     differential = []
     for i, entry in enumerate(parsed.entries, 1):
         did = link_entry(entry, parsed.ids[i - 1] if parsed.ids else None, linker)
         differential.append({"rank": i, "text": entry, "id": did, "name": linker.name(did) if did else None})
     return {"differential": differential, "reasoning": parsed.think or "", "format_ok": parsed.format_ok,
-            "finish_reason": comp.finish_reason, "raw": comp.text}
+            "raw": text}
 
 
 def _define_flags() -> None:
@@ -49,6 +57,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax/absl chatter would bury the answer
     F = flags.FLAGS
     if not F.checkpoint:
         sys.exit("diagnose: --checkpoint is required")

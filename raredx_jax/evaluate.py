@@ -75,6 +75,9 @@ def _define_flags() -> Any:
 
 def main(argv: list[str], config_flag: Any = None) -> None:
     del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
     config = config_flag.value
     F = flags.FLAGS
     out = F.out or os.path.join(config.run_dir, "eval")

@@ -218,8 +218,8 @@ def _stage_cmd(run_dir, inputs, **over):
     args = {"run_dir": run_dir, "data.dir": inputs["data"], "model.init_from": inputs["init"], "grpo.steps": 5,
             "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.minibatch_size": 4, "grpo.checkpoint_every": 1,
             "grpo.eval_every": 0, "grpo.eval_at_start": False, "grpo.eval_cases": 2,  # held-out eval at the end only
-            "sampling.max_new_tokens": 16, "sampling.max_prompt_len": 512, "sampling.batch_size": 2, "curriculum.window": 1,
-            "curriculum.min_steps": 1, "curriculum.max_steps": 2, "curriculum.remeasure_every": 1}
+            "sampling.max_new_tokens": 16, "sampling.max_prompt_len": 512, "sampling.batch_size": 2,
+            "curriculum.window": 1, "curriculum.min_steps": 1, "curriculum.max_steps": 2, "curriculum.remeasure_every": 1}
     args.update(over)
     return [sys.executable, "-m", "raredx_jax.train", "--config=configs/rl_curriculum.py"] + [
         f"--config.{k}={v}" for k, v in args.items()]

@@ -157,7 +157,7 @@ def fixed_sampler(config):
 
 
 # --- keep / reject (deterministic) ----------------------------------------------------------------------------------
-def _settings(c, **kw):
+def _settings(c):
     return rers.RersSettings.from_config(c, checkpoint="test")
 
 
