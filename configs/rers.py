@@ -20,14 +20,13 @@ def _stage(c):
     c.stage = "rers"
     c.run_dir = "runs/rers"
     c.model.init_from = "runs/knowledge_sft"  # run dir / checkpoint dir / step dir of the knowledge-SFT stage
-    # Sampling: the embedded default's diagnosis prompts reach ~400 tokens (base max_prompt_len 384 is short)
-    # and the knowledge corpus's worked exemplars (the format the model learned) are up to ~200 tokens.
+    # Sampling (sampling.max_prompt_len from base): the knowledge corpus's worked exemplars, the format the
+    # model learned, are up to ~200 tokens, so completions get 256.
     s = c.sampling
     s.temperature = 1.0
     s.top_k = 0
     s.top_p = 1.0
     s.max_new_tokens = 256
-    s.max_prompt_len = 512
     s.batch_size = 32  # prompts per compiled generate call (x num_samples rows)
     r = c.rers
     r.num_samples = 4  # direct-round samples per case
