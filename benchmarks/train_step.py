@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 
 
 def _shape(preset: str, layers: int | None, vocab: int | None):
-    from raredx_jax.models.config import PRESETS, ModelConfig
+    from raredx_jax.models.config import PRESETS
 
     shape = dict(PRESETS[preset])
     if layers:
@@ -204,8 +203,10 @@ def main(argv=None) -> int:
     for r in rows:
         tj, tt = r["jax"], r.get("torch")
         f = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
-        print(f"| {r['preset']} | {r['batch']} x {r['seq']} | {r['dtype']} | {tj['tokens_per_s']:,.0f} | {f(tj['mfu'])} | "
-              + (f"{tt['tokens_per_s']:,.0f} | {f(tt['mfu'])} | {r['ratio_jax_over_torch']:.2f}x |" if tt else "- | - | - |"))
+        torch_cols = (f"{tt['tokens_per_s']:,.0f} | {f(tt['mfu'])} | {r['ratio_jax_over_torch']:.2f}x |" if tt
+                      else "- | - | - |")
+        print(f"| {r['preset']} | {r['batch']} x {r['seq']} | {r['dtype']} | {tj['tokens_per_s']:,.0f} | "
+              f"{f(tj['mfu'])} | " + torch_cols)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=2)

@@ -29,9 +29,12 @@ def _stage(c):
     g.prompts_per_step = 8
     g.group_size = 4
     # objective (training/rl_objectives.py registries)
-    g.loss = "grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
-    g.advantage = "grpo"  # grpo | dr_grpo | rloo
-    g.beta = 0.0  # k3 KL to the frozen reference; 0 = the reference is never loaded
+    # Dr. GRPO (mean-centred advantages, constant normaliser): with the std-normalised `grpo` advantage, groups
+    # whose samples all miss the diagnosis turn tiny format / length differences into +-1 advantages and the tiny
+    # policy learned "short and well formed" instead of "right" (measured: held-out pass@1 0.325 -> 0.05 in 20 steps)
+    g.loss = "dr_grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
+    g.advantage = "dr_grpo"  # grpo | dr_grpo | rloo
+    g.beta = 0.05  # k3 KL to the frozen RERS-SFT reference (loaded only when > 0): keeps the tiny policy close
     g.clip_eps = 0.2
     g.clip_eps_high = 0.28
     g.max_len = 0  # dr_grpo normaliser; 0 = sampling.max_new_tokens
@@ -41,7 +44,7 @@ def _stage(c):
     g.epochs_per_step = 1
     g.minibatch_size = 16  # rows; 32 rows per step -> 2 optimiser steps per global step
     g.micro_batch_size = 0  # 0 = whole mini-batch per forward/backward
-    g.lr = 2e-4
+    g.lr = 5e-5
     g.warmup_steps = 4  # optimiser steps
     g.schedule = "constant"
     g.min_lr_ratio = 1.0
@@ -80,8 +83,10 @@ def _stage(c):
     cur.remeasure_every = 5
     cur.min_attempts = 8
 
-    # sampling for rollouts (temperature > 0); evaluation decodes greedily with the same limits
-    c.sampling.temperature = 1.0
+    # sampling for rollouts (temperature > 0); evaluation decodes greedily with the same limits. At T=1 the tiny
+    # policy's samples are far worse than its greedy answers (pass 0.07 vs 0.33): 0.5 keeps the rollouts close to
+    # the policy that is evaluated and gives groups with both right and wrong answers
+    c.sampling.temperature = 0.5
     c.sampling.top_k = 0
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 160  # as RERS sampled the trajectories the policy was fine-tuned on

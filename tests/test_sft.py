@@ -30,7 +30,8 @@ SMALL = dict(family="qwen2", vocab_size=0, hidden_size=32, intermediate_size=64,
 def _records(n: int = 24) -> list[dict]:
     recs = []
     for i in range(n):
-        prompt = "" if i % 3 == 0 else [{"role": "user", "content": f"Case {i}: fever, rash and seizures " * (1 + i % 3)}]
+        note = f"Case {i}: fever, rash and seizures " * (1 + i % 3)
+        prompt = "" if i % 3 == 0 else [{"role": "user", "content": note}]
         recs.append({"prompt": prompt, "completion": f"<think>finding {i}</think> diagnosis {i} " * (1 + i % 4)})
     return recs
 

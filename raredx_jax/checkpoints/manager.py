@@ -123,6 +123,7 @@ class TrainCheckpointManager:
                                                enable_async_checkpointing=async_save, save_interval_steps=1,
                                                cleanup_tmp_directories=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._closed = False
 
     # --- queries -------------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -173,6 +174,10 @@ class TrainCheckpointManager:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves and release orbax's threads; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self._mngr.wait_until_finished()
         self._mngr.close()
 

@@ -116,7 +116,8 @@ def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int) -> No
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     shardings: TrainState, mesh: jax.sharding.Mesh, batch_shape: tuple[int, int], *,
-                    grad_accum: int = 1, nan_at_step: int = -1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    grad_accum: int = 1, nan_at_step: int = -1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted SFT train step `(state, batch) -> (state, metrics)`; the state is donated.
 
     metrics (replicated scalars): loss (mean NLL over target tokens), targets, tokens (non-padding),
@@ -255,7 +256,7 @@ def ensure_dataset(config: Any) -> None:
         if jax.process_index() == 0:
             build_all(config, log=lambda m: print(f"[{config.stage}] data: {m}", flush=True))
         _sync("raredx_build_data")
-    built = tfds_builders.BUILDERS[name](data_dir=os.fspath(data_dir)).is_prepared() if os.path.isdir(data_dir) else False
+    built = os.path.isdir(data_dir) and tfds_builders.BUILDERS[name](data_dir=os.fspath(data_dir)).is_prepared()
     if built:
         return
     if config.train.dataset == "rers_trajectories":
@@ -489,197 +490,202 @@ def run_sft(config: Any) -> dict[str, Any]:
     graphdef, params_abs, param_sh = abstract_params(model_cfg, mesh)
     shardings = train_state_shardings(tx, params_abs, param_sh, mesh)
 
-    with jax.set_mesh(mesh):
-        restored = ckpt.restore(abstract_train_state(tx, params_abs, shardings)) if ckpt.steps() else None
-        if restored is not None:
-            state = restored.state
-            start = restored.step
-            data_state = restored.data_state
-            saved_fp = restored.meta.get("data")
-            if saved_fp and saved_fp != _data_fingerprint(config):
-                print(f"WARNING: resuming with different data settings than step {start} was trained with "
-                      f"(saved {saved_fp}, now {_data_fingerprint(config)}); the data order will not continue "
-                      "exactly", flush=True)
-            print(f"[{stage}] resumed from {restored.path} (step {start}/{total})", flush=True)
-        else:
-            model = load_initial_model(config, mesh, model_cfg)
-            graphdef, params = split_model(model)
-            del model
-            params = cast_params(params, param_sh, model_cfg.param_dtype)
-            state = create_train_state(params, tx, int(config.seed), shardings)
-            start, data_state = 0, None
-
-        summary_path = os.path.join(run_dir, "summary.json")
-        if start >= total and os.path.isfile(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                summary = json.load(f)
-            if int(summary.get("steps", -1)) == start:
-                print(f"[{stage}] already complete ({start}/{total} steps): {run_dir}", flush=True)
-                ckpt.close()
-                return summary
-
-        # data: this host's shard of the global batch
-        n_proc = jax.process_count()
-        local_bs = batch_size // n_proc
-        train_src = _source(config, tc.get("train_split", "train"))
-        if train_src is None:
-            raise MissingInputError(f"dataset {_dataset_name(config)} under {_data_dir(config)} has no "
-                                    f"'{tc.get('train_split', 'train')}' split")
-        eval_src = _source(config, tc.get("eval_split", "validation"))
-        holdout = float(tc.get("eval_holdout_fraction", 0.0))
-        if eval_src is None and holdout > 0:
-            train_src, eval_src = split_holdout(train_src, holdout, int(config.seed))
-            print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split: holding out {len(eval_src)} of "
-                  f"{len(train_src) + len(eval_src)} training records for evaluation "
-                  "(train.eval_holdout_fraction)", flush=True)
-        checked, long, cut = truncation_report(train_src, tokenizer, seq_len)
-        if cut and primary:
-            print(f"WARNING: {cut} of the first {checked} training records are longer than train.seq_len={seq_len} "
-                  "and lose the end of their completion; raise train.seq_len", flush=True)
-        train_ds = sft_dataset(train_src, tokenizer, seq_len, local_bs, seed=int(config.seed),
-                               shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack))
-        it = iter(train_ds)
-        if data_state is not None:
-            it.set_state(data_state)
-        elif start > 0:
-            print(f"WARNING: checkpoint step {start} has no data iterator state; the data restarts from the "
-                  "beginning", flush=True)
-        eval_every, eval_batches = int(tc.get("eval_every", 0)), int(tc.get("eval_batches", 0))
-        if eval_src is None and eval_every > 0:
-            print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split in {_dataset_name(config)}: "
-                  "no held-out evaluation", flush=True)
-
-        def make_eval_iter():
-            # One pass in a single process; a fixed number of batches with several (all must step together).
-            epochs, nb = (1, eval_batches) if n_proc == 1 else (None, max(eval_batches, 1))
-            ds = sft_dataset(eval_src, tokenizer, seq_len, local_bs, seed=int(config.seed) + 1,
-                             shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack),
-                             num_epochs=epochs, shuffle=False)
-            return iter(ds)
-
-        b_sh = batch_sharding(mesh, batch_size, seq_len)
-        train_step = make_train_step(graphdef, tx, schedule, shardings, mesh, (batch_size, seq_len),
-                                     grad_accum=accum, nan_at_step=int(tc.get("debug_nan_at_step", -1)))
-        eval_step = make_eval_step(graphdef, param_sh, mesh, (batch_size, seq_len)) if eval_src is not None else None
-
-        flops_tok = metrics_lib.model_flops_per_token(model_cfg, seq_len)
-        peak = metrics_lib.device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype)
-        n_dev = jax.device_count()
-        logger = metrics_lib.MetricsLogger(run_dir, total, start, primary=primary, desc=stage,
-                                           progress=None)
-        if primary:
-            print(f"[{stage}] model {model_cfg.family} {model_cfg.num_params() / 1e6:.2f}M params, "
-                  f"dtype {model_cfg.dtype}/{model_cfg.param_dtype}, remat {model_cfg.remat}; mesh "
-                  f"{dict(mesh.shape)}; batch {batch_size}x{seq_len} (grad_accum {accum}); steps {start}->{total}; "
-                  f"run_dir {run_dir}", flush=True)
-
-        log_every = max(1, int(tc.get("log_every", 10)))
-        ckpt_every = int(tc.get("checkpoint_every", 0))
-        meta_base = {"stage": stage, "data": _data_fingerprint(config)}
-        pending: list[tuple[int, dict]] = []
-        first_loss = last_loss = None
-        eval_losses: list[tuple[int, float]] = []
-        t_interval = time.time()
-        steps_in_interval = 0
-        compile_s = None
-        last_saved = ckpt.latest_step()
-
-        def fetch():
-            b = next(it)
-            return to_global(b, b_sh), it.get_state()
-
-        def flush(step: int) -> dict[str, Any]:
-            nonlocal t_interval, steps_in_interval, first_loss, last_loss
-            host = jax.device_get([m for _, m in pending])
-            now = time.time()
-            dt = max(now - t_interval, 1e-9)
-            tps = steps_in_interval * batch_size * seq_len / dt if steps_in_interval else None
-            mfu = metrics_lib.mfu(tps or 0.0, flops_tok, n_dev, peak)
-            rec = {}
-            for (s, _), m in zip(pending, host):
-                rec = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                       "targets": int(m["targets"]), "tokens": int(m["tokens"])}
-                if not bool(m["ok"]):
-                    ckpt.wait()
-                    good = ckpt.latest_step()
-                    where = (f"the last good checkpoint is step {good} in {ckpt.step_dir(good)}" if good is not None
-                             else "no checkpoint was saved yet")
-                    raise NonFiniteLossError(
-                        f"[{stage}] non-finite loss or gradient at step {s} (loss={rec['loss']}, grad_norm="
-                        f"{rec['grad_norm']}): stopping without saving; {where}. Lower train.lr / raise "
-                        "train.warmup_steps / check the data, then rerun the same command to resume from it.")
-                if first_loss is None:
-                    first_loss = rec["loss"]
-                last_loss = rec["loss"]
-                if s == step:
-                    rec.update(tokens_per_s=tps, mfu=mfu, step_time_s=dt / max(steps_in_interval, 1))
-                logger.write(s, rec)
-            pending.clear()
-            t_interval, steps_in_interval = time.time(), 0
-            return rec
-
-        if start == 0 and eval_step is not None and eval_every > 0 and bool(tc.get("eval_at_start", True)):
-            el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
-            if el is not None:
-                eval_losses.append((0, el))
-                logger.write(0, {"loss": el}, kind="eval")
-                logger.message(f"[{stage}] held-out loss at step 0: {el:.4f}")
-        next_batch = fetch() if start < total else None
-        for step in range(start, total):
-            batch, dstate = next_batch
-            t0 = time.time()
-            state, m = train_step(state, batch)
-            if compile_s is None:
-                compile_s = time.time() - t0
-                t_interval = time.time()  # the first interval measures steps, not compilation
+    try:
+        with jax.set_mesh(mesh):
+            restored = ckpt.restore(abstract_train_state(tx, params_abs, shardings)) if ckpt.steps() else None
+            if restored is not None:
+                state = restored.state
+                start = restored.step
+                data_state = restored.data_state
+                saved_fp = restored.meta.get("data")
+                if saved_fp and saved_fp != _data_fingerprint(config):
+                    print(f"WARNING: resuming with different data settings than step {start} was trained with "
+                          f"(saved {saved_fp}, now {_data_fingerprint(config)}); the data order will not continue "
+                          "exactly", flush=True)
+                print(f"[{stage}] resumed from {restored.path} (step {start}/{total})", flush=True)
             else:
-                steps_in_interval += 1
-            s = step + 1
-            pending.append((s, m))
-            if s < total:
-                next_batch = fetch()  # overlaps the step running on the devices
-            do_eval = eval_step is not None and eval_every > 0 and (s % eval_every == 0 or s == total)
-            do_ckpt = (ckpt_every > 0 and s % ckpt_every == 0) or s == total
-            if s % log_every == 0 or s == total or do_eval or do_ckpt:
-                rec = flush(s)
-                if do_eval:
-                    el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
-                    if el is not None:
-                        eval_losses.append((s, el))
-                        logger.write(s, {"loss": el}, kind="eval")
-                        rec["eval_loss"] = el
-                logger.progress(s, rec)
-                if do_ckpt:
-                    ckpt.save(s, state, model_cfg, data_state=dstate, meta=meta_base)
-                    last_saved = s
-        ckpt.wait()
-        logger.close()
-        if primary:  # the whole run's history, across resumes
-            train_recs = metrics_lib.read_metrics(run_dir, "train")
-            if train_recs:
-                first_loss = train_recs[0].get("loss", first_loss)
-                last_loss = train_recs[-1].get("loss", last_loss)
-            eval_losses = [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(run_dir, "eval")]
+                model = load_initial_model(config, mesh, model_cfg)
+                graphdef, params = split_model(model)
+                del model
+                params = cast_params(params, param_sh, model_cfg.param_dtype)
+                state = create_train_state(params, tx, int(config.seed), shardings)
+                start, data_state = 0, None
 
-        summary: dict[str, Any] = {
-            "stage": stage, "run_dir": run_dir, "steps": total, "resumed_from": start or None,
-            "first_loss": first_loss, "final_loss": last_loss,
-            "eval_loss": [{"step": s, "loss": v} for s, v in eval_losses],
-            "checkpoint": ckpt.step_dir(last_saved) if last_saved is not None else None,
-            "params": model_cfg.num_params(), "seconds": round(time.time() - t_start, 1),
-            "compile_seconds": round(compile_s, 1) if compile_s is not None else None,
-        }
-        if stage == "knowledge_sft" or (config.get("probe", None) is not None and bool(config.probe.get("always", False))):
-            probe = knowledge_probe_score(config, graphdef, state.params, param_sh, mesh, tokenizer)
-            if probe is not None:
-                summary["probe"] = probe
-                if primary:
-                    with open(os.path.join(run_dir, "probe.json"), "w", encoding="utf-8") as f:
-                        json.dump(probe, f, indent=2)
-                    print(f"[{stage}] knowledge probe: top-1 {probe['accuracy']:.3f} (per-token "
-                          f"{probe['accuracy_per_token']:.3f}) vs chance {probe['chance']:.3f} on {probe['items']} "
-                          f"held-out items x {probe['candidates_per_item']:.0f} candidates", flush=True)
-    ckpt.close()
+            summary_path = os.path.join(run_dir, "summary.json")
+            if start >= total and os.path.isfile(summary_path):
+                with open(summary_path, encoding="utf-8") as f:
+                    summary = json.load(f)
+                if int(summary.get("steps", -1)) == start:
+                    print(f"[{stage}] already complete ({start}/{total} steps): {run_dir}", flush=True)
+                    return summary
+
+            # data: this host's shard of the global batch
+            n_proc = jax.process_count()
+            local_bs = batch_size // n_proc
+            train_src = _source(config, tc.get("train_split", "train"))
+            if train_src is None:
+                raise MissingInputError(f"dataset {_dataset_name(config)} under {_data_dir(config)} has no "
+                                        f"'{tc.get('train_split', 'train')}' split")
+            eval_src = _source(config, tc.get("eval_split", "validation"))
+            holdout = float(tc.get("eval_holdout_fraction", 0.0))
+            if eval_src is None and holdout > 0:
+                train_src, eval_src = split_holdout(train_src, holdout, int(config.seed))
+                print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split: holding out {len(eval_src)} of "
+                      f"{len(train_src) + len(eval_src)} training records for evaluation "
+                      "(train.eval_holdout_fraction)", flush=True)
+            checked, long, cut = truncation_report(train_src, tokenizer, seq_len)
+            if cut and primary:
+                print(f"WARNING: {cut} of the first {checked} training records are longer than train.seq_len={seq_len} "
+                      "and lose the end of their completion; raise train.seq_len", flush=True)
+            train_ds = sft_dataset(train_src, tokenizer, seq_len, local_bs, seed=int(config.seed),
+                                   shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack))
+            it = iter(train_ds)
+            if data_state is not None:
+                it.set_state(data_state)
+            elif start > 0:
+                print(f"WARNING: checkpoint step {start} has no data iterator state; the data restarts from the "
+                      "beginning", flush=True)
+            eval_every, eval_batches = int(tc.get("eval_every", 0)), int(tc.get("eval_batches", 0))
+            if eval_src is None and eval_every > 0:
+                print(f"[{stage}] no '{tc.get('eval_split', 'validation')}' split in {_dataset_name(config)}: "
+                      "no held-out evaluation", flush=True)
+
+            def make_eval_iter():
+                # One pass in a single process; a fixed number of batches with several (all must step together).
+                epochs, nb = (1, eval_batches) if n_proc == 1 else (None, max(eval_batches, 1))
+                ds = sft_dataset(eval_src, tokenizer, seq_len, local_bs, seed=int(config.seed) + 1,
+                                 shard_index=jax.process_index(), shard_count=n_proc, pack=bool(tc.pack),
+                                 num_epochs=epochs, shuffle=False)
+                return iter(ds)
+
+            b_sh = batch_sharding(mesh, batch_size, seq_len)
+            train_step = make_train_step(graphdef, tx, schedule, shardings, mesh, (batch_size, seq_len),
+                                         grad_accum=accum, nan_at_step=int(tc.get("debug_nan_at_step", -1)))
+            eval_step = (make_eval_step(graphdef, param_sh, mesh, (batch_size, seq_len))
+                         if eval_src is not None else None)
+
+            flops_tok = metrics_lib.model_flops_per_token(model_cfg, seq_len)
+            peak = metrics_lib.device_peak_flops(jax.devices()[0].device_kind, model_cfg.dtype)
+            n_dev = jax.device_count()
+            logger = metrics_lib.MetricsLogger(run_dir, total, start, primary=primary, desc=stage,
+                                               progress=None)
+            if primary:
+                print(f"[{stage}] model {model_cfg.family} {model_cfg.num_params() / 1e6:.2f}M params, "
+                      f"dtype {model_cfg.dtype}/{model_cfg.param_dtype}, remat {model_cfg.remat}; mesh "
+                      f"{dict(mesh.shape)}; batch {batch_size}x{seq_len} (grad_accum {accum}); steps {start}->{total}; "
+                      f"run_dir {run_dir}", flush=True)
+
+            log_every = max(1, int(tc.get("log_every", 10)))
+            ckpt_every = int(tc.get("checkpoint_every", 0))
+            meta_base = {"stage": stage, "data": _data_fingerprint(config)}
+            pending: list[tuple[int, dict]] = []
+            first_loss = last_loss = None
+            eval_losses: list[tuple[int, float]] = []
+            t_interval = time.time()
+            steps_in_interval = 0
+            compile_s = None
+            last_saved = ckpt.latest_step()
+
+            def fetch():
+                b = next(it)
+                return to_global(b, b_sh), it.get_state()
+
+            def flush(step: int) -> dict[str, Any]:
+                nonlocal t_interval, steps_in_interval, first_loss, last_loss
+                host = jax.device_get([m for _, m in pending])
+                now = time.time()
+                dt = max(now - t_interval, 1e-9)
+                tps = steps_in_interval * batch_size * seq_len / dt if steps_in_interval else None
+                mfu = metrics_lib.mfu(tps or 0.0, flops_tok, n_dev, peak)
+                rec = {}
+                for (s, _), m in zip(pending, host):
+                    rec = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                           "targets": int(m["targets"]), "tokens": int(m["tokens"])}
+                    if not bool(m["ok"]):
+                        ckpt.wait()
+                        good = ckpt.latest_step()
+                        where = (f"the last good checkpoint is step {good} in {ckpt.step_dir(good)}" if good is not None
+                                 else "no checkpoint was saved yet")
+                        raise NonFiniteLossError(
+                            f"[{stage}] non-finite loss or gradient at step {s} (loss={rec['loss']}, grad_norm="
+                            f"{rec['grad_norm']}): stopping without saving; {where}. Lower train.lr / raise "
+                            "train.warmup_steps / check the data, then rerun the same command to resume from it.")
+                    if first_loss is None:
+                        first_loss = rec["loss"]
+                    last_loss = rec["loss"]
+                    if s == step:
+                        rec.update(tokens_per_s=tps, mfu=mfu, step_time_s=dt / max(steps_in_interval, 1))
+                    logger.write(s, rec)
+                pending.clear()
+                t_interval, steps_in_interval = time.time(), 0
+                return rec
+
+            if start == 0 and eval_step is not None and eval_every > 0 and bool(tc.get("eval_at_start", True)):
+                el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
+                if el is not None:
+                    eval_losses.append((0, el))
+                    logger.write(0, {"loss": el}, kind="eval")
+                    logger.message(f"[{stage}] held-out loss at step 0: {el:.4f}")
+            try:
+                next_batch = fetch() if start < total else None
+                for step in range(start, total):
+                    batch, dstate = next_batch
+                    t0 = time.time()
+                    state, m = train_step(state, batch)
+                    if compile_s is None:
+                        compile_s = time.time() - t0
+                        t_interval = time.time()  # the first interval measures steps, not compilation
+                    else:
+                        steps_in_interval += 1
+                    s = step + 1
+                    pending.append((s, m))
+                    if s < total:
+                        next_batch = fetch()  # overlaps the step running on the devices
+                    do_eval = eval_step is not None and eval_every > 0 and (s % eval_every == 0 or s == total)
+                    do_ckpt = (ckpt_every > 0 and s % ckpt_every == 0) or s == total
+                    if s % log_every == 0 or s == total or do_eval or do_ckpt:
+                        rec = flush(s)
+                        if do_eval:
+                            el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
+                            if el is not None:
+                                eval_losses.append((s, el))
+                                logger.write(s, {"loss": el}, kind="eval")
+                                rec["eval_loss"] = el
+                        logger.progress(s, rec)
+                        if do_ckpt:
+                            ckpt.save(s, state, model_cfg, data_state=dstate, meta=meta_base)
+                            last_saved = s
+            finally:
+                ckpt.wait()
+                logger.close()
+            if primary:  # the whole run's history, across resumes
+                train_recs = metrics_lib.read_metrics(run_dir, "train")
+                if train_recs:
+                    first_loss = train_recs[0].get("loss", first_loss)
+                    last_loss = train_recs[-1].get("loss", last_loss)
+                eval_losses = [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(run_dir, "eval")]
+
+            summary: dict[str, Any] = {
+                "stage": stage, "run_dir": run_dir, "steps": total, "resumed_from": start or None,
+                "first_loss": first_loss, "final_loss": last_loss,
+                "eval_loss": [{"step": s, "loss": v} for s, v in eval_losses],
+                "checkpoint": ckpt.step_dir(last_saved) if last_saved is not None else None,
+                "params": model_cfg.num_params(), "seconds": round(time.time() - t_start, 1),
+                "compile_seconds": round(compile_s, 1) if compile_s is not None else None,
+            }
+            probe_cfg = config.get("probe", None)
+            if stage == "knowledge_sft" or (probe_cfg is not None and bool(probe_cfg.get("always", False))):
+                probe = knowledge_probe_score(config, graphdef, state.params, param_sh, mesh, tokenizer)
+                if probe is not None:
+                    summary["probe"] = probe
+                    if primary:
+                        with open(os.path.join(run_dir, "probe.json"), "w", encoding="utf-8") as f:
+                            json.dump(probe, f, indent=2)
+                        print(f"[{stage}] knowledge probe: top-1 {probe['accuracy']:.3f} (per-token "
+                              f"{probe['accuracy_per_token']:.3f}) vs chance {probe['chance']:.3f} on {probe['items']} "
+                              f"held-out items x {probe['candidates_per_item']:.0f} candidates", flush=True)
+    finally:
+        ckpt.close()
     if primary:
         with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
