@@ -24,7 +24,9 @@ def candidate_diseases(config: Any, ontology: Any) -> list:
 
     if config.eval.get("candidates", "trained") == "all":
         return ontology.diseases()
-    return select_diseases(ontology, config.data.diseases)
+    # the full annotations (not the data.diseases.max_phenotypes core the model trained on): the baseline
+    # scores with everything the ontology knows, as existing tools do
+    return [ontology.disease(d.id) for d in select_diseases(ontology, config.data.diseases)]
 
 
 def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out_dir: str,

@@ -6,15 +6,10 @@ from ml_collections import config_dict
 
 from raredx_jax.data.hpo import (
     EXTRAS_ASSET, clean_disease_name, combine_frequencies, frequency_word, load_ontology, parse_frequency,
-    readable_case, select_diseases,
+    core_phenotypes, readable_case, select_diseases,
 )
 
 MARFAN = "OMIM:154700"
-
-
-@pytest.fixture(scope="module")
-def onto():
-    return load_ontology()
 
 
 def _spec(**kw):
@@ -127,7 +122,29 @@ def test_select_ids_keeps_order_and_dedupes(onto):
     assert [d.id for d in got] == ["ORPHA:558", MARFAN]
 
 
+def test_max_phenotypes_keeps_the_most_frequent_core(onto):
+    full = select_diseases(onto, _spec(n=12, seed=1))
+    core = select_diseases(onto, _spec(n=12, seed=1, max_phenotypes=6))
+    assert [d.id for d in core] == [d.id for d in full]
+    freq = lambda p: 0.5 if p.frequency is None else p.frequency  # noqa: E731
+    for f, c in zip(full, core):
+        present_f = [p for p in f.phenotypes if p.frequency != 0.0]
+        present_c = [p for p in c.phenotypes if p.frequency != 0.0]
+        assert len(present_c) == min(6, len(present_f))
+        # nothing left out is more frequent than anything kept; excluded (frequency 0) facts all stay
+        dropped = [p for p in present_f if p not in present_c]
+        assert not dropped or max(freq(p) for p in dropped) <= min(freq(p) for p in present_c)
+        assert [p for p in f.phenotypes if p.frequency == 0.0] == [p for p in c.phenotypes if p.frequency == 0.0]
+        assert (c.name, c.synonyms, c.genes, c.onset, c.inheritance) == (f.name, f.synonyms, f.genes, f.onset,
+                                                                          f.inheritance)
+    marfan = onto.disease(MARFAN)
+    assert core_phenotypes(marfan, 10_000) is marfan  # fewer findings than k: unchanged
+    ids = select_diseases(onto, _spec(kind="ids", ids=MARFAN, max_phenotypes=3))
+    assert len([p for p in ids[0].phenotypes if p.frequency != 0.0]) == 3
+
+
 @pytest.mark.parametrize("kw,field", [
+    (dict(max_phenotypes=-1), "data.diseases.max_phenotypes"),
     (dict(kind="some"), "data.diseases.kind"),
     (dict(n=0), "data.diseases.n"),
     (dict(n=10 ** 6), "data.diseases.n"),

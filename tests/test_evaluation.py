@@ -65,3 +65,14 @@ def test_term_matcher_finds_terms_and_negation(subset):
     assert "HP:0004322" in present  # Short stature
     assert "HP:0001250" in absent  # Seizure
     assert "HP:0001250" not in present
+
+
+def test_capped_case_set_spreads_over_diseases():
+    from raredx_jax.data.case import Case
+    from raredx_jax.evaluation.cases import spread
+
+    cases = [Case(id=f"{dx}-{i}", text="note", diagnosis=(dx,), diagnosis_name=dx)
+             for dx, n in (("OMIM:1", 5), ("OMIM:2", 1), ("OMIM:3", 3)) for i in range(n)]
+    got = [c.id for c in spread(cases, 6)]
+    assert got == ["OMIM:1-0", "OMIM:2-0", "OMIM:3-0", "OMIM:1-1", "OMIM:3-1", "OMIM:1-2"]
+    assert [c.id for c in spread(cases, 100)] == [c.id for c in spread(cases, 9)] and len(spread(cases, 100)) == 9

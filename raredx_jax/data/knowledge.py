@@ -258,22 +258,47 @@ def _qa_items(d: Disease, o: Ontology, rng: np.random.Generator) -> list[tuple[s
     return items
 
 
-def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) -> tuple[list[dict], str] | None:
-    """Disease knowledge in the diagnostic answer format: a short findings vignette -> reasoning + differential.
+EXEMPLAR_STYLES = ("note", "vignette")
+EXEMPLAR_LEVELS = ("typical", "sparse", "noisy", "imprecise")  # note-style exemplars cycle these
+
+
+def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict, style: str = "note",
+              index: int = 0) -> tuple[list[dict], str] | None:
+    """Disease knowledge in the diagnostic answer format: a case -> reasoning + ranked differential.
 
     Why: a model trained from scratch (the embedded tiny default) has never seen the `<think>/<answer>` format
-    that RERS verifies, so knowledge internalization also states "findings A, B, C -> disease" in that format.
+    that RERS verifies, nor a clinical note, so knowledge internalization also states "these findings ->
+    this disease" in that format, like the worked cases of a textbook. `style="note"` writes the case as a
+    clinical note rendered by the note simulator (`data/simulate.py`, levels cycled over `index`, drawn from
+    this corpus's own seed, never the case splits'); `style="vignette"` as one short sentence of findings.
     The reasoning is a fact template over the HPO annotations (frequencies, contrasts), not a case rationale;
     the differential lists diseases of the set that share findings, as a clinician's list would.
     """
     from raredx_jax.data.prompts import diagnosis_messages, format_completion
 
-    ph = _ranked(d, rng, int(rng.integers(3, 6)))
-    if len(ph) < 2:
+    if style not in EXEMPLAR_STYLES:
+        raise ValueError(f"data.knowledge_exemplar_style must be one of {EXEMPLAR_STYLES}, got {style!r}")
+    by_hpo = {p.hpo_id: p for p in d.phenotypes}
+    broader: list[str] = []
+    if style == "note":
+        from raredx_jax.data.simulate import simulate_case
+
+        case = simulate_case(d, o, rng, EXEMPLAR_LEVELS[index % len(EXEMPLAR_LEVELS)])
+        generalised = case.meta.get("generalised", {})
+        ph = [by_hpo[h] for h in case.present_hpo if h in by_hpo]
+        broader = [f"{_low(o.label(g))} (a broader term for {_low(o.label(h))})"
+                   for g, h in generalised.items() if g in case.present_hpo]
+        ph = sorted(ph, key=lambda p: -(0.5 if p.frequency is None else p.frequency))[:5]
+        prompt = diagnosis_messages(case.text)
+    else:
+        ph = _ranked(d, rng, int(rng.integers(3, 6)))
+        prompt = None
+    if len(ph) + len(broader) < 2:
         return None
-    findings = [_low(p.label) for p in ph]
-    vignette = _pick(rng, ["A patient presents with {f}.", "Findings: {f}.", "The patient has {f}."]).format(
-        f=_join(findings))
+    findings = [_low(p.label) for p in ph] + broader[:2]
+    if prompt is None:
+        prompt = diagnosis_messages(_pick(rng, ["A patient presents with {f}.", "Findings: {f}.",
+                                                "The patient has {f}."]).format(f=_join(findings)))
     details = []
     for p in ph[:3]:
         fp = frequency_phrase(p, rng)
@@ -282,13 +307,14 @@ def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict) -> t
     contrast = ""
     if others:
         contrast = f" {others[0]} shares some of these findings but fits the combination less well."
-    reasoning = (f"Key findings: {_join(findings)}. " + "; ".join(details) + "." + contrast +
+    reasoning = (f"Key findings: {_join(findings)}. " + ("; ".join(details) + "." if details else "") + contrast +
                  f" Together these findings point to {d.name}.")
-    return diagnosis_messages(vignette), format_completion(reasoning, [d.name, *others[:2]])
+    return prompt, format_completion(reasoning, [d.name, *others[:2]])
 
 
 def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int,
-                      passages_per_disease: int, exemplars_per_disease: int = 3) -> list[Record]:
+                      passages_per_disease: int, exemplars_per_disease: int = 3,
+                      exemplar_style: str = "note") -> list[Record]:
     """SFT records per disease: about half passages (prompt "", templates cycled) and half Q&A (chat prompt).
 
     A record is {"prompt": "" or [{"role": "user", "content": q}], "completion": str, "disease_id", "kind",
@@ -318,8 +344,8 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
         for name, q, a in qa[: passages_per_disease - n_pass]:
             out.append({"prompt": [{"role": "user", "content": q}], "completion": a,
                         "disease_id": d.id, "kind": "qa", "template": name})
-        for _ in range(exemplars_per_disease):
-            ex = _exemplar(d, ontology, rng, ctx)
+        for j in range(exemplars_per_disease):
+            ex = _exemplar(d, ontology, rng, ctx, exemplar_style, j)
             if ex is not None:
                 out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "exemplar",
                             "template": "diagnostic_exemplar"})

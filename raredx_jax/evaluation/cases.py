@@ -25,6 +25,21 @@ class CaseSet:
     report: str = ""
 
 
+def spread(cases: Sequence[Case], limit: int) -> list[Case]:
+    """At most `limit` cases taken round-robin over the gold diagnoses (each disease's cases in their order), so
+    a capped evaluation still covers every disease instead of the first few of a sorted archive."""
+    by_dx: dict[str, list[Case]] = {}
+    for c in cases:
+        by_dx.setdefault(c.diagnosis[0], []).append(c)
+    queues = list(by_dx.values())
+    out: list[Case] = []
+    i = 0
+    while len(out) < limit and any(i < len(q) for q in queues):
+        out.extend(q[i] for q in queues if i < len(q))
+        i += 1
+    return out[:limit]
+
+
 def load_case_set(spec: str, data_dir: str, ontology: Ontology, linker: Any,
                   candidates: Sequence[Disease] | None, on_error: str = "skip", limit: int = 0) -> CaseSet:
     from raredx_jax.data import importers
@@ -57,6 +72,6 @@ def load_case_set(spec: str, data_dir: str, ontology: Ontology, linker: Any,
         outside = len(cases) - len(kept)
         cases = kept
     if limit:
-        cases = cases[:limit]
+        cases = spread(cases, limit)
     return CaseSet(name=name, cases=cases, n_outside_candidates=outside, n_import_errors=len(issues),
                    report=report)

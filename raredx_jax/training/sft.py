@@ -325,19 +325,6 @@ def truncation_report(source: Any, tokenizer: Any, seq_len: int, n: int = 256) -
 
 
 # --- knowledge probe ---------------------------------------------------------------------------------------------
-def _probe_diseases(config: Any) -> tuple[list[Any], Any]:
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-
-    ontology = load_ontology()
-    manifest = os.path.join(config.data.dir, "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            ids = json.load(f).get("diseases") or []
-        if ids:
-            return [ontology.disease(i) for i in ids], ontology
-    return select_diseases(ontology, config.data.diseases), ontology
-
-
 def knowledge_probe_score(config: Any, graphdef: nnx.GraphDef, params: Any, param_shardings: Any,
                           mesh: jax.sharding.Mesh, tokenizer: Any) -> dict[str, Any] | None:
     """Closed-choice knowledge probe on held-out phrasings (data.knowledge.knowledge_probe): for each item the
@@ -354,7 +341,9 @@ def knowledge_probe_score(config: Any, graphdef: nnx.GraphDef, params: Any, para
     n = int(probe_cfg.get("n", 0)) if probe_cfg is not None else 0
     if n <= 0:
         return None
-    diseases, ontology = _probe_diseases(config)
+    from raredx_jax.data.build import run_diseases
+
+    diseases, ontology = run_diseases(config)
     seed = int(probe_cfg.get("seed", 1234))
     items = knowledge_probe(diseases, ontology, seed=seed, n=n)
     by_id = {d.id: d for d in diseases}
