@@ -10,11 +10,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_dict  # noqa: E402
 
-from configs.base import get_config as base_config  # noqa: E402
+from configs.base import make_config  # noqa: E402
 
 
-def get_config(hardware=None):
-    c = base_config(hardware)
+def stage(c):
+    """The SFT-on-trajectories settings; configs/rers_sft.py builds on them."""
     c.stage = "sft"
     c.run_dir = "runs/sft"
     c.model.init_from = "runs/knowledge_sft"
@@ -24,7 +24,7 @@ def get_config(hardware=None):
     t.data_dir = ""  # "" = data.dir (where the RERS stage writes its trajectory dataset)
     t.train_split = "train"
     t.eval_split = "validation"
-    t.eval_holdout_fraction = 0.05
+    t.eval_holdout_fraction = 0.05  # used only when the trajectory set has no validation split
     t.eval_at_start = True
     t.async_checkpointing = True
     t.debug_nan_at_step = -1
@@ -43,4 +43,7 @@ def get_config(hardware=None):
     c.probe.num_candidates = 0
     c.probe.batch_size = 64
     c.probe.always = False
-    return c
+
+
+def get_config(hardware=None):
+    return make_config(hardware, stage)

@@ -35,27 +35,9 @@ Example:
 EOF
 }
 
-die() { printf 'ssh_hosts.sh: %s\n' "$*" >&2; exit 2; }
-
-# Shell-quote one word so a printed command can be pasted back into bash as is.
-q() {
-  local s=$1 re='^([-A-Za-z0-9_]+=)(.+)$' head
-  if [[ -n $s && $s != *[!A-Za-z0-9_./:=,@%+-]* ]]; then printf '%s' "$s"
-  elif [[ $s =~ $re ]]; then  # --opt=VALUE / NAME=VALUE: quote the value only, for readability
-    head=${BASH_REMATCH[1]} s=${BASH_REMATCH[2]}
-    printf "%s'%s'" "$head" "${s//"'"/"'\\''"}"
-  else printf "'%s'" "${s//"'"/"'\\''"}"; fi
-}
-qcmd() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
-# Run a command, or print it (exactly, quoted) under --dry-run.
-run() {
-  if (( DRY_RUN )); then printf '%s\n' "$(qcmd "$@")"; else "$@"; fi
-}
-note() { printf '# %s\n' "$*"; }
+PROG=ssh_hosts.sh
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # die, q, qcmd, run (prints instead under --dry-run), note
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HOSTFILE="" PORT=8476 COORDINATOR="" REMOTE_DIR="$REPO" VENV="" RUN_NAME="" LOG_DIR="" POLL=15
@@ -63,22 +45,12 @@ DRY_RUN=0 WAIT=1 COLLECT_ONLY=0
 EXTRA_ENV=() SSH_OPTS=(-o BatchMode=yes -o ConnectTimeout=15)
 while (( $# )); do
   case $1 in
-    --hostfile) HOSTFILE=${2:?--hostfile needs a value}; shift 2 ;;
-    --port) PORT=${2:?--port needs a value}; shift 2 ;;
-    --coordinator) COORDINATOR=${2:?--coordinator needs a value}; shift 2 ;;
-    --remote-dir) REMOTE_DIR=${2:?--remote-dir needs a value}; shift 2 ;;
-    --venv) VENV=${2:?--venv needs a value}; shift 2 ;;
-    --env) [[ ${2:-} == *=* ]] || die "--env needs K=V"; EXTRA_ENV+=("$2"); shift 2 ;;
-    --run-name) RUN_NAME=${2:?--run-name needs a value}; shift 2 ;;
-    --log-dir) LOG_DIR=${2:?--log-dir needs a value}; shift 2 ;;
+    --hostfile|--port|--coordinator|--remote-dir|--venv|--run-name|--log-dir|--poll) set_option "$@"; shift 2 ;;
     --ssh-opt) SSH_OPTS+=(-o "${2:?--ssh-opt needs a value}"); shift 2 ;;
-    --poll) POLL=${2:?--poll needs a value}; shift 2 ;;
     --no-wait) WAIT=0; shift ;;
     --collect) COLLECT_ONLY=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) usage >&2; die "unknown option: $1" ;;
+    *) common_option "$@"; shift "$SHIFT" ;;  # --env, --dry-run, --help; else a usage error
   esac
 done
 CMD=("$@")

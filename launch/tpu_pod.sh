@@ -38,26 +38,9 @@ Example:
 EOF
 }
 
-die() { printf 'tpu_pod.sh: %s\n' "$*" >&2; exit 2; }
-
-# Shell-quote one word so a printed command can be pasted back into bash as is.
-q() {
-  local s=$1 re='^([-A-Za-z0-9_]+=)(.+)$' head
-  if [[ -n $s && $s != *[!A-Za-z0-9_./:=,@%+-]* ]]; then printf '%s' "$s"
-  elif [[ $s =~ $re ]]; then  # --opt=VALUE / NAME=VALUE: quote the value only, for readability
-    head=${BASH_REMATCH[1]} s=${BASH_REMATCH[2]}
-    printf "%s'%s'" "$head" "${s//"'"/"'\\''"}"
-  else printf "'%s'" "${s//"'"/"'\\''"}"; fi
-}
-qcmd() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s' "$out"
-}
-run() {
-  if (( DRY_RUN )); then printf '%s\n' "$(qcmd "$@")"; else "$@"; fi
-}
-note() { printf '# %s\n' "$*"; }
+PROG=tpu_pod.sh
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # die, q, qcmd, run (prints instead under --dry-run), note
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NAME="" ZONE="" PROJECT="" REMOTE_DIR=raredx-jax VENV=.venv PYTHON=python3 RUN_NAME=""
@@ -65,21 +48,12 @@ DRY_RUN=0 SETUP=1 RUN_CMD=1 INTERNAL_IP=0
 EXTRA_ENV=()
 while (( $# )); do
   case $1 in
-    --name) NAME=${2:?--name needs a value}; shift 2 ;;
-    --zone) ZONE=${2:?--zone needs a value}; shift 2 ;;
-    --project) PROJECT=${2:?--project needs a value}; shift 2 ;;
-    --remote-dir) REMOTE_DIR=${2:?--remote-dir needs a value}; shift 2 ;;
-    --venv) VENV=${2:?--venv needs a value}; shift 2 ;;
-    --python) PYTHON=${2:?--python needs a value}; shift 2 ;;
-    --run-name) RUN_NAME=${2:?--run-name needs a value}; shift 2 ;;
-    --env) [[ ${2:-} == *=* ]] || die "--env needs K=V"; EXTRA_ENV+=("$2"); shift 2 ;;
+    --name|--zone|--project|--remote-dir|--venv|--python|--run-name) set_option "$@"; shift 2 ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
     --no-setup) SETUP=0; shift ;;
     --setup-only) RUN_CMD=0; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) usage >&2; die "unknown option: $1" ;;
+    *) common_option "$@"; shift "$SHIFT" ;;  # --env, --dry-run, --help; else a usage error
   esac
 done
 CMD=("$@")

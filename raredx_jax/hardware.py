@@ -4,7 +4,8 @@ A stage config is loaded as `--config=configs/<stage>.py:<hardware>`; ml_collect
 the stage's `get_config(hardware)`, which calls `configs/base.py:get_config(hardware)`, which ends with
 `apply_hardware(c, c.hardware)`. Each target module defines `apply(config) -> None` that sets what depends on
 the machine and nothing else: the mesh shape, dtypes, remat, the attention kernel, batch sizes / sequence
-length, and how `jax.distributed` starts. Stage semantics (learning rates, steps, datasets) stay in the stage.
+length, and how `jax.distributed` starts; `set_target(config, ...)` below sets all of these, so a target
+states only its own values. Stage semantics (learning rates, steps, datasets) stay in the stage.
 
 Optional module attributes, used by tests and `describe()`: `DESCRIPTION` (one line) and `NUM_DEVICES`
 (JAX devices of the full target, e.g. 64 for a v5p-128 slice; None when it varies, as on CPU).
@@ -81,6 +82,29 @@ def apply_hardware(config, name: str) -> None:
     # canonical name ("TPU-v5p-128" -> "tpu_v5p_128"); a target given as a file keeps its path
     config.hardware = path.stem if path.parent == HARDWARE_DIR else str(path)
     resolve_mesh_shape(config.mesh, num_devices=None)  # fail early on a malformed mesh (e.g. two -1)
+
+
+def set_target(config, *, remat: str, attention: str, initialize: str, data: int = 1, fsdp: int = -1,
+               tensor: int = 1, dtype: str = "bfloat16", seq_len: int | None = None, batch_size: int | None = None,
+               sampling_batch_size: int | None = None) -> None:
+    """What a target's `apply(config)` sets: the mesh (default: everything on fsdp), compute dtype (default
+    bfloat16; master weights always float32), remat, attention kernel, `distributed.initialize` and, where given,
+    the batch scale: `seq_len` (train.seq_len; model.max_seq_len raised to it), train and sampling batch sizes."""
+    config.mesh.data = data
+    config.mesh.fsdp = fsdp
+    config.mesh.tensor = tensor
+    config.model.dtype = dtype
+    config.model.param_dtype = "float32"
+    config.model.remat = remat
+    config.model.attention = attention
+    if seq_len is not None:
+        config.model.max_seq_len = max(int(config.model.max_seq_len), seq_len)
+        config.train.seq_len = seq_len
+    if batch_size is not None:
+        config.train.batch_size = batch_size
+    if sampling_batch_size is not None:
+        config.sampling.batch_size = sampling_batch_size
+    config.distributed.initialize = initialize
 
 
 def resolve_mesh_shape(mesh, num_devices: int | None) -> dict[str, int]:

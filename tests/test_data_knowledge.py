@@ -1,7 +1,6 @@
 """Knowledge corpus: facts (names, ids, findings, genes) in several templates; probes in unseen phrasings."""
 import pytest
 
-from raredx_jax.data.hpo import load_ontology, select_diseases
 from raredx_jax.data.knowledge import (
     PASSAGE_TEMPLATES, PROBE_TEMPLATES, TRAINING_QUESTION_STEMS, knowledge_probe, knowledge_records,
 )
@@ -10,13 +9,8 @@ MARFAN = "OMIM:154700"
 
 
 @pytest.fixture(scope="module")
-def onto():
-    return load_ontology()
-
-
-@pytest.fixture(scope="module")
-def diseases(onto):
-    return select_diseases(onto, dict(kind="random", n=40, seed=0, ids="", min_phenotypes=8)) + [onto.disease(MARFAN)]
+def diseases(onto, diseases):  # conftest's onto and 40 random diseases, plus Marfan
+    return diseases + [onto.disease(MARFAN)]
 
 
 @pytest.fixture(scope="module")

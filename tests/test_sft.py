@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
+from conftest import tiny_data_config
 from raredx_jax.checkpoints.hf_io import init_model
 from raredx_jax.data.pipeline import sft_dataset, tokenize_sft
 from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -195,34 +196,12 @@ def test_grad_accum_must_divide_the_mesh(mesh):
 
 
 # --- a tiny real run: data built by data.build -----------------------------------------------------------------
-def _data_config(data_dir: str) -> config_dict.ConfigDict:
-    from configs.base import get_config
-
-    c = get_config("cpu")
-    c.data.dir = data_dir
-    c.data.diseases.n = 6
-    c.data.notes_per_disease = 2
-    c.data.eval_notes_per_disease = 0
-    c.data.knowledge_passages_per_disease = 6
-    c.data.knowledge_eval_passages_per_disease = 2
-    c.tokenizer.vocab_size = 600
-    return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from raredx_jax.data.build import build_all
-
-    d = tmp_path_factory.getbasetemp() / "sft_tiny_data"  # shared with test_train_resume (idempotent build)
-    build_all(_data_config(str(d)), log=lambda m: None)
-    return str(d)
-
-
+# (the `data_dir` fixture of conftest: tiny_data_config() built once, shared with test_train_resume)
 def _run_config(data_dir: str, run_dir: str, **train) -> config_dict.ConfigDict:
     from configs.knowledge_sft import get_config
 
     c = get_config("cpu")
-    src = _data_config(data_dir)
+    src = tiny_data_config(data_dir)
     c.data = src.data
     c.tokenizer = src.tokenizer
     c.run_dir = run_dir

@@ -22,29 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
 
-def _data_config(data_dir: str):
-    from configs.base import get_config
-
-    c = get_config("cpu")
-    c.data.dir = data_dir
-    c.data.diseases.n = 6
-    c.data.notes_per_disease = 2
-    c.data.eval_notes_per_disease = 0
-    c.data.knowledge_passages_per_disease = 6
-    c.data.knowledge_eval_passages_per_disease = 2
-    c.tokenizer.vocab_size = 600
-    return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from raredx_jax.data.build import build_all
-
-    d = tmp_path_factory.getbasetemp() / "sft_tiny_data"  # shared with test_sft (idempotent build)
-    build_all(_data_config(str(d)), log=lambda m: None)
-    return str(d)
-
-
 def _cmd(data_dir: str, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "raredx_jax.train", "--config=configs/knowledge_sft.py",
             f"--config.data.dir={data_dir}", f"--config.run_dir={run_dir}", f"--config.train.steps={STEPS}",

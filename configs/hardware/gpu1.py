@@ -9,23 +9,15 @@ Memory budget for qwen2.5-0.5b (the largest base this target is sized for), Adam
 bf16 compute (tensor cores) with fp32 master weights. Attention through jax.nn.dot_product_attention, which
 takes the cuDNN flash-attention kernel on GPU (falls back to XLA with a message where cuDNN can't).
 """
+from raredx_jax.hardware import set_target
 
 DESCRIPTION = "1 GPU (40-80 GB), models up to ~1.5B, bf16 compute, cuDNN attention"
 NUM_DEVICES = 1
 
 
 def apply(c) -> None:
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # = 1 device; kept -1 so the same target also runs on a 2-GPU workstation
-    c.mesh.tensor = 1
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "dots"
-    c.model.attention = "dot_product"
-    c.model.max_seq_len = max(int(c.model.max_seq_len), 2048)
-    c.train.batch_size = 8
-    c.train.seq_len = 2048
-    # 64 prompts x rers.num_samples/grpo.group_size 4 = 256 sequences; 0.5B KV cache is 12 KB/token:
-    # 256 x ~2.5k tokens x 12 KB = ~8 GB.
-    c.sampling.batch_size = 64
-    c.distributed.initialize = "off"  # one process, nothing to coordinate
+    # Mesh: the default fsdp=-1 = 1 device; kept -1 so the same target also runs on a 2-GPU workstation.
+    # Sampling: 64 prompts x rers.num_samples/grpo.group_size 4 = 256 sequences; 0.5B KV cache is 12 KB/token:
+    # 256 x ~2.5k tokens x 12 KB = ~8 GB. One process, nothing to coordinate: distributed off.
+    set_target(c, remat="dots", attention="dot_product", seq_len=2048, batch_size=8, sampling_batch_size=64,
+               initialize="off")

@@ -12,25 +12,18 @@ Mesh: FSDP inside the host (NVLink, 900 GB/s) and data parallelism across hosts 
 fsdp=8. One host -> data=1; 4 hosts -> data=4 (32 GPUs). The global batch must split over all GPUs:
 scale it with the hosts, e.g. --config.train.batch_size=$((32 * NHOSTS)).
 """
+from raredx_jax.hardware import set_target
 
 DESCRIPTION = "8x H100 80 GB per host (x N hosts): FSDP in-host, data-parallel across hosts, bf16, cuDNN"
 NUM_DEVICES = 8  # per host
 
 
 def apply(c) -> None:
-    c.mesh.data = -1  # one replica per host
-    c.mesh.fsdp = 8  # the host's 8 GPUs (NVLink)
-    c.mesh.tensor = 1  # 8B models need no tensor parallelism at this memory
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "full"
-    c.model.attention = "dot_product"  # cuDNN flash attention
-    c.model.max_seq_len = max(int(c.model.max_seq_len), 4096)
-    c.train.batch_size = 32
-    c.train.seq_len = 4096
-    # 128 prompts x 4 samples = 512 sequences; 8B KV cache (8 kv heads x 128 x 32 layers x k,v x 2 B)
+    # Mesh: one replica per host (data=-1) x the host's 8 GPUs (fsdp=8, NVLink); 8B models need no tensor
+    # parallelism at this memory. dot_product = cuDNN flash attention.
+    # Sampling: 128 prompts x 4 samples = 512 sequences; 8B KV cache (8 kv heads x 128 x 32 layers x k,v x 2 B)
     # = 128 KB/token: 512 x ~2.5k tokens x 128 KB = ~164 GB over 8 GPUs = ~20 GB each.
-    c.sampling.batch_size = 128
     # auto: one host -> single process; under launch/slurm_multigpu.sbatch or launch/ssh_hosts.sh the
     # RAREDX_* variables (or SLURM's own) start jax.distributed.
-    c.distributed.initialize = "auto"
+    set_target(c, data=-1, fsdp=8, tensor=1, remat="full", attention="dot_product", seq_len=4096, batch_size=32,
+               sampling_batch_size=128, initialize="auto")

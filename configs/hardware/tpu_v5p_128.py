@@ -9,22 +9,15 @@ whole slice (ICI all-gathers are cheap) and no tensor parallelism.
 Splash attention (Pallas) is the TPU flash-attention kernel. Every host runs the same command
 (launch/tpu_pod.sh) and jax.distributed.initialize() finds the coordinator from the TPU metadata.
 """
+from raredx_jax.hardware import set_target
 
 DESCRIPTION = "TPU v5p-128 (64 chips, 16 hosts, 95 GB HBM), FSDP over the slice, bf16, splash attention"
 NUM_DEVICES = 64
 
 
 def apply(c) -> None:
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # all 64 chips
-    c.mesh.tensor = 1
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "full"
-    c.model.attention = "splash"
-    c.model.max_seq_len = max(int(c.model.max_seq_len), 4096)
-    c.train.batch_size = 256  # 4 per chip
-    c.train.seq_len = 4096
-    # 512 prompts x 4 samples = 2048 sequences x ~2.5k tokens x 128 KB = ~655 GB over 64 chips = ~10 GB each.
-    c.sampling.batch_size = 512
-    c.distributed.initialize = "on"  # always multi-host: jax auto-detects the pod
+    # Mesh: the default fsdp=-1 = all 64 chips; train batch 256 = 4 per chip.
+    # Sampling: 512 prompts x 4 samples = 2048 sequences x ~2.5k tokens x 128 KB = ~655 GB over 64 chips = ~10 GB
+    # each. Always multi-host: distributed on, jax auto-detects the pod.
+    set_target(c, remat="full", attention="splash", seq_len=4096, batch_size=256, sampling_batch_size=512,
+               initialize="on")

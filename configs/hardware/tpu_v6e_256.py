@@ -9,22 +9,15 @@ HBM per chip is a third of v5p's, so the budget is per-chip tight while the slic
 FSDP over the whole slice, as maxtext does for 8B models on v6e-256; splash attention; jax.distributed
 auto-detected from the TPU metadata (launch/tpu_pod.sh runs the command on all 64 workers).
 """
+from raredx_jax.hardware import set_target
 
 DESCRIPTION = "TPU v6e-256 (256 chips, 64 hosts, 32 GB HBM), FSDP over the slice, bf16, splash attention"
 NUM_DEVICES = 256
 
 
 def apply(c) -> None:
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # all 256 chips
-    c.mesh.tensor = 1
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "full"
-    c.model.attention = "splash"
-    c.model.max_seq_len = max(int(c.model.max_seq_len), 4096)
-    c.train.batch_size = 512  # 2 per chip
-    c.train.seq_len = 4096
-    # 1024 prompts x 4 samples = 4096 sequences x ~2.5k tokens x 128 KB = ~1.3 TB over 256 chips = ~5 GB each.
-    c.sampling.batch_size = 1024
-    c.distributed.initialize = "on"
+    # Mesh: the default fsdp=-1 = all 256 chips; train batch 512 = 2 per chip.
+    # Sampling: 1024 prompts x 4 samples = 4096 sequences x ~2.5k tokens x 128 KB = ~1.3 TB over 256 chips = ~5 GB
+    # each.
+    set_target(c, remat="full", attention="splash", seq_len=4096, batch_size=512, sampling_batch_size=1024,
+               initialize="on")

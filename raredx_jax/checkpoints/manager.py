@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Sequence
@@ -39,6 +40,7 @@ OPT_ITEM = "opt_state"
 TRAIN_ITEM = "train_state"
 DATA_ITEM = "data_iter"
 META_ITEM = "meta"
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json$")  # grain's per-process iterator state files
 FINGERPRINT_RTOL = 1e-4  # sums of |x| in fp32 may differ by reduction order when the mesh changes
 
 
@@ -215,6 +217,11 @@ class TrainCheckpointManager:
     def _item_exists(self, step: int, item: str) -> bool:
         return os.path.isdir(os.path.join(self.step_dir(step), item))
 
+    def _data_process_counts(self, step: int) -> set[int]:
+        """Process counts of the data iterator files in a step (grain names them `process_<i>-of-<n>.json`)."""
+        names = os.listdir(os.path.join(self.step_dir(step), DATA_ITEM))
+        return {int(m.group(1)) for m in map(_DATA_FILE.match, names) if m}
+
     def _restore_step(self, step: int, target: Any, restore_data: bool) -> Restored:
         import grain
 
@@ -231,6 +238,18 @@ class TrainCheckpointManager:
             META_ITEM: ocp.args.JsonRestore(),
         }
         has_data = restore_data and self._item_exists(step, DATA_ITEM)
+        saved_by = self._data_process_counts(step) if has_data else set()
+        if saved_by and jax.process_count() not in saved_by:
+            # Not damage: the run was saved by another number of processes (grain keeps one file per process,
+            # `process_<i>-of-<n>.json`, each for that process's shard of the data). The arrays reshard onto this
+            # topology; the iterator state does not apply, so the data order restarts.
+            has_data = False
+            msg = (f"checkpoint {path}: the data iterator state was saved by {'/'.join(map(str, sorted(saved_by)))} "
+                   f"process(es), this run has {jax.process_count()}; restoring the train state without it (the data "
+                   "order restarts)")
+            log.warning(msg)
+            if jax.process_index() == 0:
+                print(f"WARNING: {msg}", flush=True)
         if has_data:
             args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(_IterState())
         for name in self.extra_items:
