@@ -72,14 +72,14 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.dir = "runs/data"  # TFDS data_dir of the built datasets
     c.data.diseases = config_dict.ConfigDict()
     c.data.diseases.kind = "random"  # all | random | ids
-    c.data.diseases.n = 40
+    c.data.diseases.n = 16  # the embedded default: 16 diseases (chance top-1 6.25%), 12 core findings each
     c.data.diseases.seed = 0
     c.data.diseases.ids = ""  # comma separated ontology ids when kind=ids
     c.data.diseases.min_phenotypes = 8  # only diseases with at least this many annotated phenotypes
-    c.data.diseases.max_phenotypes = 0  # > 0: train/simulate on each disease's k most frequent findings
+    c.data.diseases.max_phenotypes = 12  # > 0: train/simulate on each disease's k most frequent findings; 0 = all
     c.data.notes_per_disease = 12
     c.data.knowledge_passages_per_disease = 12
-    c.data.knowledge_exemplars_per_disease = 3  # worked "case -> <think>/<answer>" items per disease
+    c.data.knowledge_exemplars_per_disease = 6  # worked "case -> <think>/<answer>" items per disease
     c.data.knowledge_exemplar_style = "note"  # note (simulator-rendered case, own seed) | vignette (one line)
     c.data.phenopackets = ""  # folder or .tar.gz of GA4GH phenopackets; "" = none
     c.data.jsonl_notes = ""  # JSONL {"id","text","diagnosis"} file; "" = none

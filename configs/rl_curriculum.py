@@ -7,7 +7,7 @@ differentials on typical -> sparse -> noisy -> imprecise notes (promotion rule i
 pass@1 on a fixed subset of the validation split at step 0, every `grpo.eval_every` steps and at the end
 (`summary.json` holds before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
 
-The embedded default is sized for a 2-core CPU (the tiny model, 30 steps of 8 prompts x 4 samples). On an
+The embedded default is sized for a 2-core CPU (the tiny model, 20 steps of 8 prompts x 4 samples). On an
 accelerator target (`configs/rl_curriculum.py:gpu1`, `:h100x8`, ...) raise prompts_per_step / group_size /
 minibatch_size with the hardware's batch scale, e.g. `--config.grpo.prompts_per_step=64 --config.grpo.group_size=8`.
 """
@@ -25,7 +25,7 @@ def _stage(c):
 
     g = c.grpo
     # one global step = prompts_per_step prompts x group_size samples from the current policy
-    g.steps = 30
+    g.steps = 20
     g.prompts_per_step = 8
     g.group_size = 4
     # objective (training/rl_objectives.py registries)
@@ -59,7 +59,7 @@ def _stage(c):
     g.open_top_k = 5
     g.curriculum_reward = "diagnosis"  # the component the promotion rule reads
     # held-out evaluation (greedy pass@1 = top-1 on a fixed subset of the validation split)
-    g.eval_every = 10
+    g.eval_every = 20
     g.eval_split = "validation"
     g.eval_cases = 40
     g.eval_top_k = 10
@@ -78,7 +78,7 @@ def _stage(c):
     cur.promote_threshold = 0.5
     cur.window = 4
     cur.min_steps = 4
-    cur.max_steps = 10  # plateau guard: a 30-step CPU run still reaches the open-domain lessons
+    cur.max_steps = 10  # plateau guard: a 20-step CPU run still reaches the open-domain lessons
     cur.replay = 0.2
     cur.remeasure_every = 5
     cur.min_attempts = 8

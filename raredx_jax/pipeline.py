@@ -40,6 +40,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "smoke": {
         "pipeline": {"data.diseases.n": 6, "data.notes_per_disease": 4, "data.knowledge_passages_per_disease": 4,
+                     "data.knowledge_exemplars_per_disease": 2,
                      "pipeline.case_diseases": 2, "eval.max_cases": 6},
         "knowledge_sft": {"train.steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3,
                           "train.batch_size": 8, "train.seq_len": 128, "probe.n": 8},
@@ -180,8 +181,23 @@ def _eval_rows(stage: str, report: dict) -> list[dict]:
         o = s["overall"]
         rows.append({"stage": stage, "set": name, "n": o["n"], "llm_top1": o["llm"]["top1"],
                      "llm_top10": o["llm"]["top10"], "llm_mrr": o["llm"]["mrr"], "format_ok": o["format_ok"],
-                     "baseline_top1": o["baseline"]["top1"], "baseline_top10": o["baseline"]["top10"]})
+                     "baseline_top1": o["baseline"]["top1"], "baseline_top10": o["baseline"]["top10"],
+                     # per-case top-1 hits (case ids only, never note text): the paired stage comparison
+                     "hits": {c["case_id"]: c["llm_rank"] == 1 for c in s.get("cases", [])}})
     return rows
+
+
+def compare_stages(rows: list[dict]) -> None:
+    """Add to each row the paired change in top-1 against the previous evaluated stage on the same case set
+    (gained / lost cases, exact McNemar p): a difference of a few points on ~100 cases is often noise."""
+    from raredx_jax.evaluation.metrics import paired_top1_change
+
+    last: dict[str, dict] = {}
+    for r in rows:
+        prev = last.get(r["set"])
+        if prev is not None and r.get("hits") and prev.get("hits"):
+            r["vs_previous"] = {"stage": prev["stage"], **paired_top1_change(prev["hits"], r["hits"])}
+        last[r["set"]] = r
 
 
 def results_markdown(rows: list[dict], meta: dict) -> str:
@@ -191,12 +207,18 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
              "candidate diseases (structured HPO terms where the case has them, dictionary-matched note text "
              "otherwise).", "",
              "| stage | case set | n | LLM top-1 | LLM top-10 | LLM MRR | format ok | baseline top-1 | "
-             "baseline top-10 |", "|---|---|---|---|---|---|---|---|---|"]
+             "baseline top-10 | top-1 vs previous stage: +gained / -lost (McNemar p) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        v = r.get("vs_previous")
+        change = f"+{v['gained']} / -{v['lost']} (p={v['p_value']:.2f})" if v else "-"
         lines.append(f"| {r['stage']} | {r['set']} | {r['n']} | {100 * r['llm_top1']:.1f} | "
                      f"{100 * r['llm_top10']:.1f} | {r['llm_mrr']:.3f} | {100 * r['format_ok']:.0f} | "
-                     f"{100 * r['baseline_top1']:.1f} | {100 * r['baseline_top10']:.1f} |")
-    lines += ["", f"Wall time: {meta['seconds']:.0f} s ({meta['hardware']})."]
+                     f"{100 * r['baseline_top1']:.1f} | {100 * r['baseline_top10']:.1f} | {change} |")
+    lines += ["", "The last column compares each stage with the one evaluated before it on the same cases: cases "
+              "it now gets right (+) and gets wrong that the previous stage got right (-), with the exact "
+              "two-sided McNemar p-value. Small differences are within noise at these case counts.",
+              "", f"Wall time: {meta['seconds']:.0f} s ({meta['hardware']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -290,6 +312,7 @@ def run_pipeline(config: Any) -> dict[str, Any]:
             _mark_done(sc.run_dir, done)
         summaries[stage] = done.get("summary")
         rows += done.get("eval_rows", [])
+    compare_stages(rows)
     meta = {"preset": config.model.preset, "n_diseases": len(config.data.diseases.ids.split(",")),
             "seed": config.seed, "seconds": time.time() - t0, "hardware": config.hardware}
     if jax.process_index() == 0:
@@ -299,4 +322,6 @@ def run_pipeline(config: Any) -> dict[str, Any]:
             f.write(results_markdown(rows, meta))
         plot_stages(rows, os.path.join(root, "stages.png"))
         print(results_markdown(rows, meta), flush=True)
-    return {"rows": rows, "results": os.path.join(root, "results.md")}
+    # the per-case hits stay in results.json; the printed summary keeps the table's numbers
+    return {"rows": [{k: v for k, v in r.items() if k != "hits"} for r in rows],
+            "results": os.path.join(root, "results.md")}

@@ -60,3 +60,4 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.getbasetemp() / "sft_tiny_data"
     build_all(tiny_data_config(d), log=lambda m: None)
     return str(d)
+

@@ -263,32 +263,11 @@ def _sft_batch() -> dict:
 
 
 def _grpo_rollout():
-    """A fixed synthetic rollout (ragged prompts / completions, sampler logprobs far enough from the policy's that
-    the ratio clips), laid out exactly as `training.rollout` lays out a sampled one."""
-    import numpy as np
+    """A fixed synthetic rollout (conftest.synthetic_rollout) of the GRPO test shape."""
+    from grpo_fixtures import synthetic_rollout
 
-    from raredx_jax.training.rl_objectives import grpo_advantages
-    from raredx_jax.training.rollout import Generated, RolloutBatch, RolloutSamples, training_layout
-
-    p, g, lp, c = GRPO["prompts_per_step"], GRPO["group_size"], 8, 16
-    rng = np.random.default_rng(11)
-    n = p * g
-    ptok, pmask = np.zeros((p, lp), np.int32), np.zeros((p, lp), np.int32)
-    for i, k in enumerate(rng.integers(3, lp + 1, size=p)):
-        ptok[i, lp - k:] = rng.integers(2, 64, size=k)
-        pmask[i, lp - k:] = 1
-    lengths = rng.integers(1, c + 1, size=n).astype(np.int32)
-    mask = np.arange(c)[None] < lengths[:, None]
-    gen = Generated(prompt_tokens=ptok, prompt_mask=pmask, tokens=np.where(mask, rng.integers(2, 64, (n, c)), 0),
-                    logprobs=-rng.uniform(3.0, 5.0, (n, c)).astype(np.float32), lengths=lengths, done=lengths < c)
-    lay = training_layout(gen, g, 0)
-    total = rng.normal(size=n).astype(np.float32)
-    samples = RolloutSamples(payloads=list(range(p)), texts=[""] * n, token_ids=[[]] * n, lengths=lengths,
-                             truncated=~gen.done, group_size=g)
-    return RolloutBatch(tokens=lay["tokens"], positions=lay["positions"], segment_ids=lay["segment_ids"],
-                        mask=lay["mask"], old_logprobs=np.where(mask, gen.logprobs, 0.0).astype(np.float32),
-                        rewards={"total": total}, advantages=np.asarray(grpo_advantages(total, g)), samples=samples,
-                        prompt_len=lp, group_size=g)
+    return synthetic_rollout(GRPO["prompts_per_step"], GRPO["group_size"], 8, 16, seed=11,
+                             vocab=64, logprob_range=(3.0, 5.0))
 
 
 def _process_rows(sharding, shape) -> tuple[int, int]:

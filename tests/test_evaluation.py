@@ -76,3 +76,16 @@ def test_capped_case_set_spreads_over_diseases():
     got = [c.id for c in spread(cases, 6)]
     assert got == ["OMIM:1-0", "OMIM:2-0", "OMIM:3-0", "OMIM:1-1", "OMIM:3-1", "OMIM:1-2"]
     assert [c.id for c in spread(cases, 100)] == [c.id for c in spread(cases, 9)] and len(spread(cases, 100)) == 9
+
+
+def test_paired_top1_change_by_hand():
+    from raredx_jax.evaluation.metrics import paired_top1_change
+
+    before = {"a": True, "b": False, "c": False, "d": True, "e": False, "only_before": True}
+    after = {"a": True, "b": True, "c": True, "d": False, "e": False, "only_after": False}
+    got = paired_top1_change(before, after)
+    # common cases a..e: gained b, c; lost d -> 3 discordant pairs; p = 2 * P(X <= 1 | n=3, 1/2) = 2 * 4/8 = 1
+    assert got == {"n": 5, "gained": 2, "lost": 1, "p_value": 1.0}
+    many = paired_top1_change({str(i): False for i in range(10)}, {str(i): True for i in range(10)})
+    assert many["gained"] == 10 and many["lost"] == 0 and many["p_value"] == pytest.approx(2 / 2 ** 10)
+    assert paired_top1_change({"a": True}, {"a": True})["p_value"] == 1.0

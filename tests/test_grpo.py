@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from grpo_fixtures import synthetic_rollout
 from flax import nnx
 
 from raredx_jax.checkpoints import hf_io
@@ -152,28 +153,7 @@ def test_toy_reward_rises_with_a_frozen_reference(mesh):
 
 
 def _synthetic_batch(p=3, g=4, lp=8, c=16, seed=0):
-    """A rollout batch with ragged prompts / completions and old logprobs far from the policy's (ratios clip)."""
-    from raredx_jax.training.rl_objectives import grpo_advantages
-    from raredx_jax.training.rollout import Generated, RolloutBatch, RolloutSamples, training_layout
-
-    rng = np.random.default_rng(seed)
-    n = p * g
-    ptok, pmask = np.zeros((p, lp), np.int32), np.zeros((p, lp), np.int32)
-    for i, k in enumerate(rng.integers(3, lp + 1, size=p)):
-        ptok[i, lp - k:] = rng.integers(2, 16, size=k)
-        pmask[i, lp - k:] = 1
-    lengths = rng.integers(1, c + 1, size=n).astype(np.int32)
-    mask = np.arange(c)[None] < lengths[:, None]
-    gen = Generated(prompt_tokens=ptok, prompt_mask=pmask, tokens=np.where(mask, rng.integers(2, 16, (n, c)), 0),
-                    logprobs=-rng.uniform(1.5, 3.5, (n, c)).astype(np.float32), lengths=lengths, done=lengths < c)
-    lay = training_layout(gen, g, 0)
-    total = rng.normal(size=n).astype(np.float32)
-    samples = RolloutSamples(payloads=list(range(p)), texts=[""] * n, token_ids=[[]] * n, lengths=lengths,
-                             truncated=~gen.done, group_size=g)
-    return RolloutBatch(tokens=lay["tokens"], positions=lay["positions"], segment_ids=lay["segment_ids"],
-                        mask=lay["mask"], old_logprobs=np.where(mask, gen.logprobs, 0.0).astype(np.float32),
-                        rewards={"total": total}, advantages=np.asarray(grpo_advantages(total, g)), samples=samples,
-                        prompt_len=lp, group_size=g)
+    return synthetic_rollout(p, g, lp, c, seed)
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo"])

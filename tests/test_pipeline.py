@@ -44,6 +44,12 @@ def test_pipeline_runs_every_stage_and_writes_the_table(smoke_run):
         assert "imported:test" in sets  # real cases of the trained diseases, beside the baseline
     table = open(os.path.join(run_dir, "results.md")).read()
     assert "| knowledge_sft | simulated:test |" in table and "| grpo | simulated:test |" in table
+    # every later stage is compared case by case with the stage evaluated before it, on the same cases
+    for r in rows:
+        if r["stage"] != "knowledge_sft":
+            v = r["vs_previous"]
+            assert v["n"] == r["n"] and 0.0 <= v["p_value"] <= 1.0 and v["gained"] + v["lost"] <= r["n"]
+    assert "McNemar" in table
     assert os.path.isfile(os.path.join(run_dir, "stages.png"))
     assert os.path.isfile(os.path.join(run_dir, "hf", "config.json"))
     assert os.path.isfile(os.path.join(run_dir, "knowledge_sft", "eval", "eval.md"))

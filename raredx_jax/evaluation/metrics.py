@@ -1,6 +1,7 @@
 """Ranking metrics over gold ranks: top-k recall and MRR (rank None = the gold was not in the list)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 
@@ -31,3 +32,15 @@ def summarize(ranks: Sequence[int | None], ks: Sequence[int] = (1, 3, 10)) -> di
     out["mrr"] = mean_reciprocal_rank(ranks)
     out["n"] = float(len(ranks))
     return out
+
+
+def paired_top1_change(before: dict[str, bool], after: dict[str, bool]) -> dict[str, float | int]:
+    """Top-1 hits of two models on the same cases (case id -> hit): cases gained and lost, and the exact
+    two-sided McNemar p-value (binomial on the discordant pairs), so a stage-to-stage difference on a few dozen
+    cases is reported with how likely it is under no change. Only cases present in both are compared."""
+    common = sorted(set(before) & set(after))
+    gained = sum(1 for k in common if after[k] and not before[k])
+    lost = sum(1 for k in common if before[k] and not after[k])
+    n = gained + lost
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
+    return {"n": len(common), "gained": gained, "lost": lost, "p_value": p}

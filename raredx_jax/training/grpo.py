@@ -618,17 +618,10 @@ def _load_cases(config: Any, split: str) -> list[Any]:
 
 
 def _run_diseases(config: Any) -> list[Any]:
-    """The run's disease subset: the data build's manifest (what the cases were simulated from) or the config."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
+    """The run's disease subset (data.build.run_diseases: the build's manifest, core findings as trained)."""
+    from raredx_jax.data.build import run_diseases
 
-    ontology = load_ontology()
-    path = os.path.join(config.data.dir, "manifest.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            ids = json.load(f).get("diseases") or []
-        if ids:
-            return [ontology.disease(i) for i in ids]
-    return select_diseases(ontology, config.data.diseases)
+    return run_diseases(config)[0]
 
 
 def eval_subset(cases: Sequence[Any], n: int, seed: int) -> list[Any]:
@@ -765,13 +758,10 @@ def run_grpo(config: Any) -> dict[str, Any]:
             start = 0
 
     summary_path = os.path.join(run_dir, "summary.json")
-    if start >= total and os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-        if int(summary.get("steps", -1)) == start:
-            print(f"[{stage}] already complete ({start}/{total} steps): {run_dir}", flush=True)
-            ckpt.close()
-            return summary
+    done = metrics_lib.completed_summary(run_dir, start, total, stage)
+    if done is not None:
+        ckpt.close()
+        return done
 
     logger = metrics_lib.MetricsLogger(run_dir, total, start, primary=primary, desc=stage)
     if primary:

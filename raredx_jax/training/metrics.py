@@ -215,3 +215,17 @@ def read_metrics(run_dir: str, kind: str | None = "train") -> list[dict[str, Any
             if kind is None or rec.get("kind") == kind:
                 out.append(rec)
     return out
+
+
+def completed_summary(run_dir: str, step: int, total: int, stage: str) -> dict[str, Any] | None:
+    """The run's summary.json when the run already finished at `step` == `total` (a rerun of a finished stage
+    returns it instead of training again), else None."""
+    path = os.path.join(run_dir, "summary.json")
+    if step < total or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    if int(summary.get("steps", -1)) != step:
+        return None
+    print(f"[{stage}] already complete ({step}/{total} steps): {run_dir}", flush=True)
+    return summary

@@ -501,12 +501,9 @@ def run_sft(config: Any) -> dict[str, Any]:
                 start, data_state = 0, None
 
             summary_path = os.path.join(run_dir, "summary.json")
-            if start >= total and os.path.isfile(summary_path):
-                with open(summary_path, encoding="utf-8") as f:
-                    summary = json.load(f)
-                if int(summary.get("steps", -1)) == start:
-                    print(f"[{stage}] already complete ({start}/{total} steps): {run_dir}", flush=True)
-                    return summary
+            done = metrics_lib.completed_summary(run_dir, start, total, stage)
+            if done is not None:
+                return done
 
             # data: this host's shard of the global batch
             n_proc = jax.process_count()
