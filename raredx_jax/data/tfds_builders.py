@@ -45,6 +45,14 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First layout."}
     FEATURES: dict[str, Any] = {}
+
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared": nothing is ever
+    # downloaded here (records come from memory or local files), and the callers log what they wrote.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
     DESCRIPTION = ""
 
     def __init__(self, *, splits: Mapping[str, SplitInput] | None = None, **kwargs: Any):
@@ -283,7 +291,15 @@ def prepare(builder: str | type[_RecordsBuilder], data_dir: str | os.PathLike, s
             raise ValueError(f"{cls.name}: split {name!r} has no records")
     b = cls(splits=splits, data_dir=os.fspath(data_dir))
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False))
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = tqdm_utils._active  # TFDS's own per-split progress bars: quiet here, restored after
+    tfds.display_progress_bar(False)
+    try:
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode,
+                                                                            try_download_gcs=False))
+    finally:
+        tfds.display_progress_bar(shown)
     return b
 
 
