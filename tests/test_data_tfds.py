@@ -220,3 +220,20 @@ def test_build_imports_jsonl_notes_and_reports_skips(tmp_path):
     c.data.on_error = "raise"
     with pytest.raises(ValueError, match=r"notes\.jsonl: record 3: field diagnosis"):
         build.build_all(c, log=lambda _: None)
+
+
+def test_run_diseases_are_the_built_set_at_its_core_findings(data_dir):
+    """Probes and GRPO see the diseases the data was built from (manifest order), trimmed as the data was."""
+    from conftest import tiny_data_config
+
+    from raredx_jax.data.build import read_manifest, run_diseases
+
+    c = tiny_data_config(data_dir)
+    c.data.diseases.n = 1  # the manifest wins over the config's selection
+    diseases, onto = run_diseases(c)
+    assert [d.id for d in diseases] == read_manifest(data_dir)["diseases"]
+    k = c.data.diseases.max_phenotypes
+    assert k > 0
+    for d in diseases:
+        full = [p for p in onto.disease(d.id).phenotypes if p.frequency != 0.0]
+        assert len([p for p in d.phenotypes if p.frequency != 0.0]) == min(k, len(full))

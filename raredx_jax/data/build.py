@@ -125,16 +125,16 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     from raredx_jax.data.knowledge import knowledge_records
 
     seed = int(config.data.seed)
+    style = config.data.get("knowledge_exemplar_style", "note")
     train = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "train"),
                               passages_per_disease=int(config.data.knowledge_passages_per_disease),
                               exemplars_per_disease=int(config.data.get("knowledge_exemplars_per_disease", 3)),
-                              exemplar_style=config.data.get("knowledge_exemplar_style", "note"))
+                              exemplar_style=style)
     out = {"train": list(train)}
     n_val = int(config.data.get("knowledge_eval_passages_per_disease", 0))
     if n_val > 0:
         val = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "validation"),
-                                passages_per_disease=n_val,
-                                exemplar_style=config.data.get("knowledge_exemplar_style", "note"))
+                                passages_per_disease=n_val, exemplar_style=style)
         seen = {_record_key(r) for r in train}
         held_out = [r for r in val if _record_key(r) not in seen]
         if len(held_out) < len(val):
@@ -148,16 +148,15 @@ def run_diseases(config: Any) -> tuple[list[Any], Any]:
     """(the run's disease subset, the ontology): the ids in the data build's manifest (what the corpus and the
     cases were generated from), else `config.data.diseases`; trimmed to the core findings the data used
     (`data.diseases.max_phenotypes`), so probes and rewards see the diseases the model was trained on."""
-    from raredx_jax.data.hpo import core_phenotypes, load_ontology, select_diseases
+    from raredx_jax.data.hpo import load_ontology, select_diseases
 
     ontology = load_ontology()
     manifest = read_manifest(config.data.dir) if config.data.get("dir") else None
     ids = (manifest or {}).get("diseases") or []
-    if not ids:
-        return select_diseases(ontology, config.data.diseases), ontology
-    k = int(config.data.diseases.get("max_phenotypes", 0) or 0)
-    diseases = [ontology.disease(i) for i in ids]
-    return ([core_phenotypes(d, k) for d in diseases] if k else diseases), ontology
+    spec = config.data.diseases.to_dict()
+    if ids:  # the built set, in the build's order, trimmed by the same select_diseases rule
+        spec.update(kind="ids", ids=",".join(ids))
+    return select_diseases(ontology, spec), ontology
 
 
 def _record_key(r: dict) -> str:

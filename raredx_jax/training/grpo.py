@@ -617,13 +617,6 @@ def _load_cases(config: Any, split: str) -> list[Any]:
     return [decode_case(src[i]) for i in range(len(src))]
 
 
-def _run_diseases(config: Any) -> list[Any]:
-    """The run's disease subset (data.build.run_diseases: the build's manifest, core findings as trained)."""
-    from raredx_jax.data.build import run_diseases
-
-    return run_diseases(config)[0]
-
-
 def eval_subset(cases: Sequence[Any], n: int, seed: int) -> list[Any]:
     """A fixed subset of ``n`` held-out cases (a seeded permutation; 0 = all), the same every evaluation."""
     if n <= 0 or n >= len(cases):
@@ -711,7 +704,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
     if st.eval_cases >= 0 and not eval_cases:
         raise ValueError(f"config.grpo.eval_split={st.eval_split!r} has no cases (set grpo.eval_cases=-1 for no "
                          "held-out evaluation)")
-    diseases = _run_diseases(config)
+    from raredx_jax.data.build import run_diseases
+
+    diseases = run_diseases(config)[0]
     disease_names = [(d.id, d.name) for d in diseases]
     linker = DiseaseLinker(diseases)
     reward = RewardFn(linker, config)
