@@ -35,10 +35,10 @@ def get_config(hardware=None):
     if t.seq_len < 512:
         t.batch_size = max(1, t.batch_size * t.seq_len // 512)
         t.seq_len = 512
-    # Embedded default (16 diseases x 12 core findings, ~55k tokens a pass), measured on a 2-core CPU: at 150
+    # Embedded default (16 diseases x 12 core findings, 48.9k tokens a pass), measured on a 2-core CPU: at 150
     # steps held-out loss is down to 0.86 but the model still breaks the answer format (format ok 19%, top-1 on
     # simulated notes 8.8%); 150 + 200 more steps gave format ok 92%, top-1 62.5%, probe 0.28 vs chance 0.06.
-    t.steps = 300  # ~22 passes over the corpus at 4k tokens per step; ~11 min at ~1.8k tokens/s
+    t.steps = 300  # up to ~25 passes over the corpus at 4k tokens per step; ~11 min at ~1.9k tokens/s
     t.lr = 3e-3
     t.warmup_steps = 10
     t.schedule = "cosine"
