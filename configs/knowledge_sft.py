@@ -29,12 +29,13 @@ def get_config(hardware=None):
     t.eval_at_start = True
     t.async_checkpointing = True
     t.debug_nan_at_step = -1  # tests: poison this step's loss to exercise the NaN guard
-    # The diagnostic exemplars of the corpus are ~300-400 tokens (a long system prompt + note + reasoning +
-    # answer): at 256 every one of them loses its <answer>. Raise seq_len to 512 where the hardware target set
-    # less, keeping its tokens per step (cpu: 16 x 256 -> 8 x 512).
-    if t.seq_len < 512:
-        t.batch_size = max(1, t.batch_size * t.seq_len // 512)
-        t.seq_len = 512
+    # The worked exemplars of the corpus are ~380 tokens (up to 512: system prompt + note + reasoning + answer)
+    # and the worked RERS reflections ~610 (up to 751: + a failed attempt and the reflection instructions): at
+    # 256 every one of them loses its <answer>. Raise seq_len to 768 where the hardware target set less (cpu:
+    # 16 x 256 -> 6 x 768).
+    if t.seq_len < 768:
+        t.batch_size = max(1, -(-t.batch_size * t.seq_len // 768))
+        t.seq_len = 768
     # Embedded default (16 diseases x 12 core findings, 48.9k tokens a pass), measured on a 2-core CPU: at 150
     # steps held-out loss is down to 0.86 but the model still breaks the answer format (format ok 19%, top-1 on
     # simulated notes 8.8%); 150 + 200 more steps gave format ok 92%, top-1 62.5%, probe 0.28 vs chance 0.06.

@@ -30,7 +30,9 @@ def _stage(c):
     c.pipeline.eval_cases = "simulated:test"  # + imported:test when real cases are configured
     c.pipeline.case_diseases = 8  # of data.diseases.n, taken from the real-case archive's diagnoses
     c.pipeline.min_cases_per_disease = 3
-    c.eval.max_cases = 96  # per case set, spread over the diseases (the real archive has ~260 of 8 diseases)
+    # 10 simulated test notes per disease (160): paired stage-to-stage comparisons need the cases
+    c.data.eval_notes_per_disease = 10
+    c.eval.max_cases = 160  # per case set, spread over the diseases (the real archive has ~260 of 8 diseases)
     # per-stage overrides, e.g. --config.pipeline.overrides.grpo="grpo.steps=100,grpo.lr=2e-5"; they apply
     # over the scale's own (raredx_jax/pipeline.py SCALES). "pipeline" applies to the shared sections.
     c.pipeline.overrides = config_dict.ConfigDict(

@@ -23,7 +23,8 @@ def _stage(c):
     # Sampling (sampling.max_prompt_len from base): the knowledge corpus's worked exemplars, the format the
     # model learned, are up to ~200 tokens, so completions get 256.
     s = c.sampling
-    s.temperature = 1.0
+    # T=0.7: at 1.0 the tiny policy's kept trajectories often reason towards one disease and answer another
+    s.temperature = 0.7
     s.top_k = 0
     s.top_p = 1.0
     s.max_new_tokens = 256

@@ -91,4 +91,7 @@ def load_policy(path: str, mesh: jax.sharding.Mesh, tokenizer_dir: str = "",
     tok = tokenizer_from_dir(tokenizer_dir) if tokenizer_dir else None
     if tokenizer_dir and tok is None:
         raise FileNotFoundError(f"--tokenizer={tokenizer_dir!r}: no spm.model or HF tokenizer files there")
-    return model, tok or find_tokenizer(tok_path)
+    tok = tok or find_tokenizer(tok_path)
+    if not is_hf_dir(path):
+        orbax.check_tokenizer(tok_path, tok)
+    return model, tok

@@ -34,3 +34,32 @@ def test_exemplars_answer_their_disease_first(onto, subset, style):
 def test_unknown_exemplar_style_is_named(onto, subset):
     with pytest.raises(ValueError, match="knowledge_exemplar_style"):
         knowledge_records(subset, onto, seed=0, passages_per_disease=2, exemplar_style="essay")
+
+
+def test_reflection_exemplars_follow_the_rers_contract(onto, subset):
+    """Worked reflections: the RERS reflection prompt (note + a failed attempt ranking a look-alike first + the
+    gold label) -> reasoning that reaches the gold from the note's findings and passes RERS's leak check."""
+    from raredx_jax.data.prompts import reflection_messages
+    from raredx_jax.rewards.combined import leak_check
+
+    plain = knowledge_records(subset, onto, seed=3, passages_per_disease=4, exemplars_per_disease=2)
+    recs = knowledge_records(subset, onto, seed=3, passages_per_disease=4, exemplars_per_disease=2,
+                             reflection_exemplars_per_disease=2)
+    assert [r for r in recs if r["kind"] != "reflection_exemplar"] == plain, "adding them changes nothing else"
+    refl = [r for r in recs if r["kind"] == "reflection_exemplar"]
+    assert len(refl) == 2 * len(subset)
+    by_id = {d.id: d for d in subset}
+    for r in refl:
+        d = by_id[r["disease_id"]]
+        user = r["prompt"][1]["content"]
+        note = user[len("Clinical note:\n"):user.index("\n\nA previous attempt")]
+        attempt = user.split("---\n")[1].rstrip("-\n")
+        assert r["prompt"] == reflection_messages(note, attempt, d.name)
+        assert not find_leaks(note, d, onto), "the case must not name its diagnosis"
+        failed = parse_answer(attempt)
+        assert failed.format_ok and failed.entries[0] != d.name, "the shown attempt failed"
+        parsed = parse_answer(r["completion"])
+        assert parsed.format_ok and parsed.entries[0] == d.name
+        assert failed.entries[0] in parsed.entries[1:], "the look-alike is kept lower in the differential"
+        ok, why = leak_check(r["completion"], note, d.name)
+        assert ok, why

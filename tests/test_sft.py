@@ -329,3 +329,21 @@ def test_missing_init_checkpoint_names_knowledge_sft(data_dir, tmp_path):
     c.model.init_from = str(tmp_path / "nothing_here")
     with pytest.raises(sft.MissingInputError, match="configs/knowledge_sft.py"):
         sft.run_sft(c)
+
+
+def test_a_checkpoint_refuses_another_tokenizer(trained_run, mesh, tmp_path):
+    """The checkpoint records its vocabulary digest; pairing it with a retrained SentencePiece model (what a data
+    rebuild does) fails with the fix named instead of decoding nonsense."""
+    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
+    from raredx_jax.policy import load_policy
+
+    run_dir, _ = trained_run
+    ckpt = os.path.join(run_dir, "checkpoints", "6")
+    _, tok = load_policy(ckpt, mesh)
+    assert read_checkpoint_meta(ckpt)["tokenizer_digest"] == tok.digest()
+    other = tmp_path / "other"
+    other.mkdir()
+    train_sentencepiece(["A 6-year-old girl presented with hypotonia and seizures."] * 40, other / "spm",
+                        vocab_size=300, seed=0)
+    with pytest.raises(ValueError, match="trained with another tokenizer.*data.dir / tokenizer.path"):
+        load_policy(ckpt, mesh, tokenizer_dir=str(other))

@@ -102,3 +102,41 @@ def resolve_model_checkpoint(path: str) -> str:
             return cand
     raise FileNotFoundError(f"{path}: no model checkpoint here (looked for '{CONFIG_ITEM}' in it, in its latest "
                             "step, and in <path>/checkpoints/<latest step>)")
+
+
+META_ITEM = "meta"  # the trainers' JSON item (checkpoints/manager.py): stage, data, tokenizer digest, ...
+
+
+def read_checkpoint_meta(path: str) -> dict[str, Any]:
+    """The JSON `meta` item a trainer wrote beside the model ({} for a standalone model checkpoint)."""
+    import json
+
+    f = os.path.join(path, META_ITEM, "metadata")
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_tokenizer(path: str, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose vocabulary differs from the one the checkpoint was trained with.
+
+    Why: the embedded SentencePiece model is retrained whenever the data build changes (a `data.*` setting or the
+    generator code), and a model paired with another vocabulary does not fail, it silently emits nonsense
+    (measured: held-out top-1 0.60 -> 0.00). Checkpoints written before the digest was recorded pass unchecked.
+    """
+    want = read_checkpoint_meta(path).get("tokenizer_digest")
+    if not want:
+        return
+    got = tokenizer.digest()
+    if got != want:
+        raise ValueError(
+            f"{path}: this checkpoint was trained with another tokenizer (vocabulary digest {want[:12]}; the "
+            f"tokenizer in use, {getattr(tokenizer, 'path', tokenizer)}, has {got[:12]}). The data was probably "
+            "rebuilt since (a data.* setting or the generator code changed, which retrains the SentencePiece "
+            "model): point data.dir / tokenizer.path at the build the checkpoint was trained with, or retrain "
+            "from the first stage.")

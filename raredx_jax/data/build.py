@@ -129,7 +129,9 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     train = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "train"),
                               passages_per_disease=int(config.data.knowledge_passages_per_disease),
                               exemplars_per_disease=int(config.data.get("knowledge_exemplars_per_disease", 3)),
-                              exemplar_style=style)
+                              exemplar_style=style,
+                              reflection_exemplars_per_disease=int(
+                                  config.data.get("knowledge_reflection_exemplars_per_disease", 0)))
     out = {"train": list(train)}
     n_val = int(config.data.get("knowledge_eval_passages_per_disease", 0))
     if n_val > 0:

@@ -262,6 +262,64 @@ EXEMPLAR_STYLES = ("note", "vignette")
 EXEMPLAR_LEVELS = ("typical", "sparse", "noisy", "imprecise")  # note-style exemplars cycle these
 
 
+def _as_written(o: Ontology, hpo_id: str, text: str) -> str:
+    """The finding in the note's own words: the longest of the term's label and synonyms that the note uses.
+
+    Why: the simulator writes synonyms and lay terms; reasoning that quotes the note (rather than the HPO label)
+    is what RERS's leak check counts as "mentions findings of the note", so the worked exemplars show it."""
+    low = text.lower()
+    term = o.term(hpo_id)
+    used = [s for s in (term.label, *term.synonyms) if s and s.lower() in low]
+    return _low(max(used, key=len)) if used else _low(term.label)
+
+
+def _exemplar_case(d: Disease, o: Ontology, rng: np.random.Generator, style: str, index: int
+                   ) -> tuple[str, list[str], list[PhenotypeAnnotation]] | None:
+    """(case text, the findings a clinician would cite, their annotations) for a worked exemplar of `d`."""
+    if style not in EXEMPLAR_STYLES:
+        raise ValueError(f"data.knowledge_exemplar_style must be one of {EXEMPLAR_STYLES}, got {style!r}")
+    by_hpo = {p.hpo_id: p for p in d.phenotypes}
+    broader: list[str] = []
+    if style == "note":
+        from raredx_jax.data.simulate import simulate_case
+
+        case = simulate_case(d, o, rng, EXEMPLAR_LEVELS[index % len(EXEMPLAR_LEVELS)])
+        generalised = case.meta.get("generalised", {})
+        ph = [by_hpo[h] for h in case.present_hpo if h in by_hpo]
+        text = case.text
+        broader = [f"{_as_written(o, g, text)} (a broader term for {_low(o.label(h))})"
+                   for g, h in generalised.items() if g in case.present_hpo]
+        ph = sorted(ph, key=lambda p: -(0.5 if p.frequency is None else p.frequency))[:5]
+    else:
+        ph = _ranked(d, rng, int(rng.integers(3, 6)))
+        text = ""
+    if len(ph) + len(broader) < 2:
+        return None
+    findings = [_as_written(o, p.hpo_id, text) if text else _low(p.label) for p in ph] + broader[:2]
+    if not text:
+        text = _pick(rng, ["A patient presents with {f}.", "Findings: {f}.",
+                           "The patient has {f}."]).format(f=_join(findings))
+    return text, findings, ph
+
+
+def _reasoning(name: str, findings: Sequence[str], ph: Sequence[PhenotypeAnnotation], rng: np.random.Generator,
+               contrast_with: str = "") -> str:
+    """The exemplar's reasoning: the findings, what the ontology says of the top ones, a contrast, the conclusion."""
+    details = []
+    for p in ph[:3]:
+        fp = frequency_phrase(p, rng)
+        details.append(f"{_low(p.label)} is {fp} in {name}" if fp else f"{_low(p.label)} is reported in {name}")
+    contrast = f" {contrast_with} shares some of these findings but fits the combination less well." \
+        if contrast_with else ""
+    return (f"Key findings: {_join(findings)}. " + ("; ".join(details) + "." if details else "") + contrast +
+            f" Together these findings point to {name}.")
+
+
+def _differential(d: Disease, ctx: dict) -> list[str]:
+    """The other diseases of the set sharing the most findings with `d` (a clinician's differential)."""
+    return [ctx["by_id"][o_id].name for o_id, _ in ctx["neighbours"].get(d.id, []) if o_id in ctx["by_id"]]
+
+
 def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict, style: str = "note",
               index: int = 0) -> tuple[list[dict], str] | None:
     """Disease knowledge in the diagnostic answer format: a case -> reasoning + ranked differential.
@@ -276,45 +334,50 @@ def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict, styl
     """
     from raredx_jax.data.prompts import diagnosis_messages, format_completion
 
-    if style not in EXEMPLAR_STYLES:
-        raise ValueError(f"data.knowledge_exemplar_style must be one of {EXEMPLAR_STYLES}, got {style!r}")
-    by_hpo = {p.hpo_id: p for p in d.phenotypes}
-    broader: list[str] = []
-    if style == "note":
-        from raredx_jax.data.simulate import simulate_case
-
-        case = simulate_case(d, o, rng, EXEMPLAR_LEVELS[index % len(EXEMPLAR_LEVELS)])
-        generalised = case.meta.get("generalised", {})
-        ph = [by_hpo[h] for h in case.present_hpo if h in by_hpo]
-        broader = [f"{_low(o.label(g))} (a broader term for {_low(o.label(h))})"
-                   for g, h in generalised.items() if g in case.present_hpo]
-        ph = sorted(ph, key=lambda p: -(0.5 if p.frequency is None else p.frequency))[:5]
-        prompt = diagnosis_messages(case.text)
-    else:
-        ph = _ranked(d, rng, int(rng.integers(3, 6)))
-        prompt = None
-    if len(ph) + len(broader) < 2:
+    case = _exemplar_case(d, o, rng, style, index)
+    if case is None:
         return None
-    findings = [_low(p.label) for p in ph] + broader[:2]
-    if prompt is None:
-        prompt = diagnosis_messages(_pick(rng, ["A patient presents with {f}.", "Findings: {f}.",
-                                                "The patient has {f}."]).format(f=_join(findings)))
-    details = []
-    for p in ph[:3]:
-        fp = frequency_phrase(p, rng)
-        details.append(f"{_low(p.label)} is {fp} in {d.name}" if fp else f"{_low(p.label)} is reported in {d.name}")
-    others = [ctx["by_id"][o_id].name for o_id, _ in ctx["neighbours"].get(d.id, []) if o_id in ctx["by_id"]]
-    contrast = ""
-    if others:
-        contrast = f" {others[0]} shares some of these findings but fits the combination less well."
-    reasoning = (f"Key findings: {_join(findings)}. " + ("; ".join(details) + "." if details else "") + contrast +
-                 f" Together these findings point to {d.name}.")
-    return prompt, format_completion(reasoning, [d.name, *others[:2]])
+    text, findings, ph = case
+    others = _differential(d, ctx)
+    reasoning = _reasoning(d.name, findings, ph, rng, others[0] if others else "")
+    return diagnosis_messages(text), format_completion(reasoning, [d.name, *others[:2]])
+
+
+def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict, index: int = 0
+                         ) -> tuple[list[dict], str] | None:
+    """A worked RERS reflection: note + a failed attempt (a look-alike disease first) + the label -> reasoning.
+
+    Why: RERS's reflection round asks the policy to reason again towards a diagnosis it was told, from the
+    note's findings and without citing the hint. A pretrained instruction model can follow that prompt; a model
+    trained from scratch (the embedded tiny default) has never seen it and breaks the answer format (measured:
+    3 right of 188 reflection samples). These items teach the prompt's contract from the ontology alone: the
+    failed attempt ranks a disease of the set that shares findings first (the gold second or absent), and the
+    target is the exemplar reasoning for the gold that names the look-alike as fitting less well. Cases are
+    simulated from this corpus's own seed, never the case splits'.
+    """
+    from raredx_jax.data.prompts import format_completion, reflection_messages
+
+    case = _exemplar_case(d, o, rng, "note", index)
+    others = _differential(d, ctx)
+    if case is None or not others:
+        return None
+    text, findings, ph = case
+    wrong = ctx["by_id"][ctx["neighbours"][d.id][0][0]]
+    shown = {p.hpo_id for p in ph}
+    wrong_ph = [p for p in wrong.phenotypes if p.hpo_id in shown] or list(wrong.phenotypes[:2])
+    wrong_findings = findings[: max(2, len(findings) - 1)]
+    ranked_wrong = [wrong.name] + ([d.name] if rng.random() < 0.5 else []) + \
+        [n for n in _differential(wrong, ctx) if n != d.name][:1]
+    attempt = format_completion(_reasoning(wrong.name, wrong_findings, wrong_ph, rng), ranked_wrong)
+    reasoning = _reasoning(d.name, findings, ph, rng, wrong.name)
+    return (reflection_messages(text, attempt, d.name),
+            format_completion(reasoning, [d.name, *[n for n in others if n != wrong.name][:1], wrong.name]))
 
 
 def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int,
                       passages_per_disease: int, exemplars_per_disease: int = 3,
-                      exemplar_style: str = "note") -> list[Record]:
+                      exemplar_style: str = "note", reflection_exemplars_per_disease: int = 0
+                      ) -> list[Record]:
     """SFT records per disease: about half passages (prompt "", templates cycled) and half Q&A (chat prompt).
 
     A record is {"prompt": "" or [{"role": "user", "content": q}], "completion": str, "disease_id", "kind",
@@ -349,6 +412,12 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
             if ex is not None:
                 out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "exemplar",
                             "template": "diagnostic_exemplar"})
+        rrng = _rng(seed, d.id, "reflection")  # its own stream: adding these leaves the other records unchanged
+        for j in range(reflection_exemplars_per_disease):
+            ex = _reflection_exemplar(d, ontology, rrng, ctx, j)
+            if ex is not None:
+                out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "reflection_exemplar",
+                            "template": "reflection_exemplar"})
     return out
 
 

@@ -49,6 +49,17 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
 
+    def pieces(self) -> list[str]:
+        """Every token string by id (what a vocabulary digest hashes)."""
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        """sha256 of the vocabulary (pieces by id): a checkpoint records it, so a model is never paired with a
+        tokenizer it was not trained with (e.g. after a data rebuild retrained the SentencePiece model)."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.pieces()).encode("utf-8")).hexdigest()
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a single-token string (e.g. a special symbol), None if it is not one token."""
         raise NotImplementedError
@@ -188,6 +199,9 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def save_hf(self, out_dir: str | os.PathLike) -> Path:
         """Writes this model as an HF tokenizer directory (tokenizer.json + config + ChatML template).
 
@@ -276,6 +290,9 @@ class HFTokenizer(Tokenizer):
     @property
     def hf_tokenizer(self) -> Any:
         return self._tok
+
+    def pieces(self) -> list[str]:
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))]
 
     def _has_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))

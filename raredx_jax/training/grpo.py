@@ -735,6 +735,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         restored = ckpt.restore(learner.abstract_state()) if resuming else None
         if restored is not None:
+            orbax_io.check_tokenizer(restored.path, tokenizer)
             learner.set_state(restored.state, reference if st.beta > 0 else None)
             start = restored.step
             if CURRICULUM_ITEM in restored.extras:
@@ -747,6 +748,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
             print(f"[{stage}] resumed from {restored.path} (step {start}/{total}, lesson {curriculum.lesson.name})",
                   flush=True)
         else:
+            orbax_io.check_tokenizer(init_path, tokenizer)
             print(f"[{stage}] starting from checkpoint {init_path}", flush=True)
             model = orbax_io.load_model(init_path, mesh, **_numerics(config))
             learner.init_from_model(model, reference if st.beta > 0 else None)
@@ -813,7 +815,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
             logger.progress(s, {"loss": m["loss"], "lr": m["lr"], "tokens_per_s": m["train_tokens_per_s"],
                                 "mfu": m["mfu"]})
             if (st.checkpoint_every and s % st.checkpoint_every == 0) or s == total:
-                ckpt.save(s, learner.state, model_cfg, meta={"stage": stage},
+                ckpt.save(s, learner.state, model_cfg, meta={"stage": stage, "tokenizer_digest": tokenizer.digest()},
                           extras={CURRICULUM_ITEM: curriculum.state_dict(),
                                   RL_ITEM: {"step": s, "settings": st.digest(), "seed": seed,
                                             "sampler_key": [int(x) for x in np.asarray(jax.random.key_data(

@@ -491,8 +491,11 @@ def run_sft(config: Any) -> dict[str, Any]:
                     print(f"WARNING: resuming with different data settings than step {start} was trained with "
                           f"(saved {saved_fp}, now {_data_fingerprint(config)}); the data order will not continue "
                           "exactly", flush=True)
+                orbax_io.check_tokenizer(restored.path, tokenizer)
                 print(f"[{stage}] resumed from {restored.path} (step {start}/{total})", flush=True)
             else:
+                if config.model.init_from:
+                    orbax_io.check_tokenizer(resolve_init_checkpoint(config.model.init_from), tokenizer)
                 model = load_initial_model(config, mesh, model_cfg)
                 graphdef, params = split_model(model)
                 del model
@@ -563,7 +566,7 @@ def run_sft(config: Any) -> dict[str, Any]:
 
             log_every = max(1, int(tc.get("log_every", 10)))
             ckpt_every = int(tc.get("checkpoint_every", 0))
-            meta_base = {"stage": stage, "data": _data_fingerprint(config)}
+            meta_base = {"stage": stage, "data": _data_fingerprint(config), "tokenizer_digest": tokenizer.digest()}
             pending: list[tuple[int, dict]] = []
             first_loss = last_loss = None
             eval_losses: list[tuple[int, float]] = []
