@@ -33,7 +33,7 @@ def _stage(c):
     # whose samples all miss the diagnosis turn tiny format / length differences into +-1 advantages and the tiny
     # policy learned "short and well formed" instead of "right" (measured: held-out pass@1 0.325 -> 0.05 in 20 steps)
     g.loss = "dr_grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
-    g.advantage = "dr_grpo"  # grpo | dr_grpo | rloo
+    g.advantage = "dr_grpo"  # grpo | dr_grpo | dr_grpo_positive | rloo
     g.beta = 0.05  # k3 KL to the frozen RERS-SFT reference (loaded only when > 0): keeps the tiny policy close
     g.clip_eps = 0.2
     g.clip_eps_high = 0.28

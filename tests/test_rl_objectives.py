@@ -22,6 +22,7 @@ REWARDS = np.array([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 1, 0, 0, 0], np.float32)
 HAND_ADV = {
     "grpo": [0.8660254, -0.8660254, -0.8660254, 0.8660254, 0, 0, 0, 0, 1.5, -0.5, -0.5, -0.5],
     "dr_grpo": [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, 0.75, -0.25, -0.25, -0.25],
+    "dr_grpo_positive": [0.5, 0, 0, 0.5, 0, 0, 0, 0, 0.75, 0, 0, 0],
     # r_i - mean of the other three: group 1: 1 - 1/3, 0 - 2/3; group 3: 1 - 0, 0 - 1/3
     "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0, 1.0, -1 / 3, -1 / 3, -1 / 3],
 }
@@ -44,6 +45,8 @@ def _np_advantages(name, rewards, g, eps=1e-6):
                 out[p * g + i] = (r - mean) / (std + eps)
             elif name == "dr_grpo":
                 out[p * g + i] = r - mean
+            elif name == "dr_grpo_positive":
+                out[p * g + i] = max(r - mean, 0.0)
             else:
                 others = [x for j, x in enumerate(grp) if j != i]
                 out[p * g + i] = r - sum(others) / (g - 1)

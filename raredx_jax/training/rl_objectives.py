@@ -133,6 +133,14 @@ def dr_grpo_advantages(rewards: Array, group_size: int, eps: float = 1e-6) -> Ar
     return (r - r.mean(axis=1, keepdims=True)).reshape(-1)
 
 
+@register_advantage("dr_grpo_positive")
+def dr_grpo_positive_advantages(rewards: Array, group_size: int, eps: float = 1e-6) -> Array:
+    """max(r - mean_group, 0): only samples better than their group are reinforced (positive-sample
+    reinforcement). Why: on a near-deterministic tiny policy, pushing down wrong samples measurably lowered
+    greedy accuracy (README, GRPO); this isolates the positive half of the Dr. GRPO signal."""
+    return jnp.maximum(dr_grpo_advantages(rewards, group_size, eps), 0.0)
+
+
 @register_advantage("rloo")
 def rloo_advantages(rewards: Array, group_size: int, eps: float = 1e-6) -> Array:
     """Leave-one-out baseline: r_i - mean_{j != i} r_j  (= G/(G-1) * (r_i - mean)); G=1 gives 0."""
