@@ -81,7 +81,8 @@ def load_policy(path: str, mesh: jax.sharding.Mesh, tokenizer_dir: str = "",
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if is_hf_dir(path):
+    hf = is_hf_dir(path)
+    if hf:
         model = hf_io.load_hf_model(path, mesh, cfg=read_hf_config(path, **numerics))
         tok_path = path
     else:
@@ -92,6 +93,6 @@ def load_policy(path: str, mesh: jax.sharding.Mesh, tokenizer_dir: str = "",
     if tokenizer_dir and tok is None:
         raise FileNotFoundError(f"--tokenizer={tokenizer_dir!r}: no spm.model or HF tokenizer files there")
     tok = tok or find_tokenizer(tok_path)
-    if not is_hf_dir(path):
+    if not hf:  # an exported HF directory carries its own tokenizer files
         orbax.check_tokenizer(tok_path, tok)
     return model, tok

@@ -32,14 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from raredx_jax.checkpoints.orbax import CONFIG_ITEM, PARAMS_ITEM, model_config_to_json
+from raredx_jax.checkpoints.orbax import CONFIG_ITEM, META_ITEM, PARAMS_ITEM, model_config_to_json
 
 log = logging.getLogger(__name__)
 
 OPT_ITEM = "opt_state"
 TRAIN_ITEM = "train_state"
 DATA_ITEM = "data_iter"
-META_ITEM = "meta"
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json$")  # grain's per-process iterator state files
 FINGERPRINT_RTOL = 1e-4  # sums of |x| in fp32 may differ by reduction order when the mesh changes
 

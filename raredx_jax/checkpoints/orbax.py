@@ -21,6 +21,7 @@ from raredx_jax.parallel.sharding import DEFAULT_RULES
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
+META_ITEM = "meta"  # the trainers' JSON item (checkpoints/manager.py): stage, data, tokenizer digest, ...
 
 
 def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
@@ -102,9 +103,6 @@ def resolve_model_checkpoint(path: str) -> str:
             return cand
     raise FileNotFoundError(f"{path}: no model checkpoint here (looked for '{CONFIG_ITEM}' in it, in its latest "
                             "step, and in <path>/checkpoints/<latest step>)")
-
-
-META_ITEM = "meta"  # the trainers' JSON item (checkpoints/manager.py): stage, data, tokenizer digest, ...
 
 
 def read_checkpoint_meta(path: str) -> dict[str, Any]:

@@ -55,10 +55,14 @@ class Tokenizer:
 
     def digest(self) -> str:
         """sha256 of the vocabulary (pieces by id): a checkpoint records it, so a model is never paired with a
-        tokenizer it was not trained with (e.g. after a data rebuild retrained the SentencePiece model)."""
+        tokenizer it was not trained with (e.g. after a data rebuild retrained the SentencePiece model).
+        Computed once per tokenizer (the vocabulary never changes after loading): checks and every checkpoint
+        save reuse it."""
         import hashlib
 
-        return hashlib.sha256("\n".join(self.pieces()).encode("utf-8")).hexdigest()
+        if getattr(self, "_digest", None) is None:
+            self._digest = hashlib.sha256("\n".join(self.pieces()).encode("utf-8")).hexdigest()
+        return self._digest
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a single-token string (e.g. a special symbol), None if it is not one token."""
