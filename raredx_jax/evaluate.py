@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on held-out cases beside the classic HPO baseline.
 
   python -m raredx_jax.evaluate --checkpoint=DIR --cases=simulated:test,/path/phenopackets.tar.gz [--out=DIR]
+      [--tokenizer=DIR]
 
 Writes eval.json (per case), eval.md and PNG plots (top-k curves, per-difficulty bars). As a stage
 (`config.stage=evaluate`) it reads `config.eval.checkpoint`, `config.eval.cases`, `config.eval.out_dir`.
@@ -30,8 +31,9 @@ def candidate_diseases(config: Any, ontology: Any) -> list:
 
 
 def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out_dir: str,
-                        title: str = "Evaluation", progress: bool = True) -> dict[str, Any]:
-    """Load the policy, score it and the baseline on each case set, write the report; returns the report."""
+                        title: str = "Evaluation", progress: bool = True, tokenizer_dir: str = "") -> dict[str, Any]:
+    """Load the policy, score it and the baseline on each case set, write the report; returns the report.
+    `tokenizer_dir` overrides the tokenizer found beside the checkpoint (as diagnose's --tokenizer)."""
     from raredx_jax.data.hpo import load_ontology
     from raredx_jax.data.linking import DiseaseLinker
     from raredx_jax.evaluation.cases import load_case_set
@@ -46,7 +48,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
     mesh = make_mesh(config.mesh)
     model = tokenizer = None
     if checkpoint:
-        model, tokenizer = load_policy(checkpoint, mesh, dtype=config.model.dtype)
+        model, tokenizer = load_policy(checkpoint, mesh, tokenizer_dir=tokenizer_dir, dtype=config.model.dtype)
     sets = [load_case_set(s, config.data.dir, ontology, linker, candidates, on_error="skip",
                           limit=config.eval.get("max_cases", 0)) for s in case_specs]
     report = run_evaluation(model, tokenizer, sets, ontology, candidates, linker, config, mesh, progress)
@@ -72,6 +74,7 @@ def _define_flags() -> Any:
     flags.DEFINE_string("checkpoint", "", "Orbax checkpoint / run dir / exported HF dir. Empty: baseline only.")
     flags.DEFINE_string("cases", "simulated:test", "Comma-separated case specs.")
     flags.DEFINE_string("out", "", "Output directory (default <run_dir>/eval).")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer directory if not the one stored with the checkpoint's run.")
     return config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (data subset, sampling, mesh).")
 
 
@@ -84,7 +87,8 @@ def main(argv: list[str], config_flag: Any = None) -> None:
     F = flags.FLAGS
     out = F.out or os.path.join(config.run_dir, "eval")
     try:
-        evaluate_checkpoint(config, F.checkpoint, [s for s in F.cases.split(",") if s], out)
+        evaluate_checkpoint(config, F.checkpoint, [s for s in F.cases.split(",") if s], out,
+                            tokenizer_dir=F.tokenizer)
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"evaluate: error: {e}")
 

@@ -331,10 +331,11 @@ def test_missing_init_checkpoint_names_knowledge_sft(data_dir, tmp_path):
         sft.run_sft(c)
 
 
-def test_a_checkpoint_refuses_another_tokenizer(trained_run, mesh, tmp_path):
+def test_a_checkpoint_refuses_another_tokenizer(trained_run, data_dir, mesh, tmp_path):
     """The checkpoint records its vocabulary digest; pairing it with a retrained SentencePiece model (what a data
     rebuild does) fails with the fix named instead of decoding nonsense."""
     from raredx_jax.checkpoints.orbax import read_checkpoint_meta
+    from raredx_jax.evaluate import evaluate_checkpoint
     from raredx_jax.policy import load_policy
 
     run_dir, _ = trained_run
@@ -347,3 +348,6 @@ def test_a_checkpoint_refuses_another_tokenizer(trained_run, mesh, tmp_path):
                         vocab_size=300, seed=0)
     with pytest.raises(ValueError, match="trained with another tokenizer.*data.dir / tokenizer.path"):
         load_policy(ckpt, mesh, tokenizer_dir=str(other))
+    with pytest.raises(ValueError, match="trained with another tokenizer"):  # evaluate's --tokenizer reaches it
+        evaluate_checkpoint(_run_config(data_dir, run_dir), ckpt, [], str(tmp_path / "eval"),
+                            tokenizer_dir=str(other))

@@ -136,5 +136,5 @@ def check_tokenizer(path: str, tokenizer: Any) -> None:
             f"{path}: this checkpoint was trained with another tokenizer (vocabulary digest {want[:12]}; the "
             f"tokenizer in use, {getattr(tokenizer, 'path', tokenizer)}, has {got[:12]}). The data was probably "
             "rebuilt since (a data.* setting or the generator code changed, which retrains the SentencePiece "
-            "model): point data.dir / tokenizer.path at the build the checkpoint was trained with, or retrain "
-            "from the first stage.")
+            "model): point data.dir / tokenizer.path (evaluate and diagnose: --tokenizer) at the build the "
+            "checkpoint was trained with, or retrain from the first stage.")
