@@ -63,3 +63,9 @@ def test_reflection_exemplars_follow_the_rers_contract(onto, subset):
         assert failed.entries[0] in parsed.entries[1:], "the look-alike is kept lower in the differential"
         ok, why = leak_check(r["completion"], note, d.name)
         assert ok, why
+
+
+@pytest.mark.parametrize("field", ["exemplars_per_disease", "reflection_exemplars_per_disease"])
+def test_negative_exemplar_counts_are_named(onto, subset, field):
+    with pytest.raises(ValueError, match=f"data.knowledge_{field} must be >= 0, got -1"):
+        knowledge_records(subset, onto, seed=0, passages_per_disease=2, **{field: -1})

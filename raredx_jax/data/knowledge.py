@@ -385,6 +385,10 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
     """
     if passages_per_disease < 1:
         raise ValueError(f"data.knowledge_passages_per_disease must be >= 1, got {passages_per_disease}")
+    for field, n in (("knowledge_exemplars_per_disease", exemplars_per_disease),
+                     ("knowledge_reflection_exemplars_per_disease", reflection_exemplars_per_disease)):
+        if n < 0:
+            raise ValueError(f"data.{field} must be >= 0, got {n}")
     ctx = {"neighbours": _neighbours(diseases), "by_id": {d.id: d for d in diseases}}
     names = list(PASSAGE_TEMPLATES)
     out: list[Record] = []
