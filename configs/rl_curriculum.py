@@ -33,7 +33,10 @@ def _stage(c):
     # whose samples all miss the diagnosis turn tiny format / length differences into +-1 advantages and the tiny
     # policy learned "short and well formed" instead of "right" (measured: held-out pass@1 0.325 -> 0.05 in 20 steps)
     g.loss = "dr_grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
-    g.advantage = "dr_grpo"  # grpo | dr_grpo | dr_grpo_positive | rloo
+    # Positive half of the Dr. GRPO advantage (max(r - group mean, 0)): on the near-deterministic tiny policy,
+    # pushing down wrong samples lowered greedy accuracy (measured from one RERS-SFT checkpoint, 20 steps: greedy
+    # top-1 on 96 training cases 74% before, 70% with dr_grpo, 83% with dr_grpo_positive; README, GRPO)
+    g.advantage = "dr_grpo_positive"  # grpo | dr_grpo | dr_grpo_positive | rloo
     g.beta = 0.05  # k3 KL to the frozen RERS-SFT reference (loaded only when > 0): keeps the tiny policy close
     g.clip_eps = 0.2
     g.clip_eps_high = 0.28

@@ -31,6 +31,53 @@ def test_exemplars_answer_their_disease_first(onto, subset, style):
         assert sum(len(r["prompt"][1]["content"].splitlines()) > 5 for r in ex) > len(ex) // 2
 
 
+def test_note_exemplars_quote_findings_in_the_order_of_the_note(onto, subset):
+    """The reasoning starts by copying the note: every cited finding is written in the note, in note order.
+    Why: cited by disease frequency, the tiny model learned to recite the findings of the disease it guessed
+    (absent from the note), and RERS's leak check rejected every reflection."""
+    import numpy as np
+
+    from raredx_jax.data.knowledge import MAX_CITED_FINDINGS, _exemplar_case
+
+    rng = np.random.default_rng(3)
+    n = 0
+    for d in subset:
+        for i in range(4):
+            case = _exemplar_case(d, onto, rng, "note", i)
+            if case is None:
+                continue
+            text, findings, _ = case
+            note = text.lower()
+            words = [f.split(" (a broader term for ")[0].lower() for f in findings]
+            assert 2 <= len(words) <= MAX_CITED_FINDINGS
+            pos = [note.find(w) for w in words]
+            assert all(p >= 0 for p in pos), (words, note)
+            assert pos == sorted(pos), (words, note)
+            n += 1
+    assert n >= 3 * len(subset)
+
+
+def test_reflection_attempt_recites_findings_the_note_lacks(onto, subset):
+    """The shown failed attempt fails as a policy does (after one finding of the note, the look-alike's own
+    findings recited from memory); the target goes back to the note and passes the leak check."""
+    from raredx_jax.rewards.combined import leak_check
+
+    recs = knowledge_records(subset, onto, seed=3, passages_per_disease=4, exemplars_per_disease=0,
+                             reflection_exemplars_per_disease=2)
+    refl = [r for r in recs if r["kind"] == "reflection_exemplar"]
+    assert refl
+    by_id = {d.id: d for d in subset}
+    attempts_lacking_note = 0
+    for r in refl:
+        user = r["prompt"][1]["content"]
+        note = user[len("Clinical note:\n"):user.index("\n\nA previous attempt")]
+        attempt = user.split("---\n")[1].rstrip("-\n")
+        gold = by_id[r["disease_id"]].name
+        attempts_lacking_note += not leak_check(attempt, note, gold, min_findings=2)[0]
+        assert leak_check(r["completion"], note, gold)[0]
+    assert attempts_lacking_note == len(refl), "a shown attempt cites fewer than 2 findings of the note"
+
+
 def test_unknown_exemplar_style_is_named(onto, subset):
     with pytest.raises(ValueError, match="knowledge_exemplar_style"):
         knowledge_records(subset, onto, seed=0, passages_per_disease=2, exemplar_style="essay")

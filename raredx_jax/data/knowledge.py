@@ -260,6 +260,7 @@ def _qa_items(d: Disease, o: Ontology, rng: np.random.Generator) -> list[tuple[s
 
 EXEMPLAR_STYLES = ("note", "vignette")
 EXEMPLAR_LEVELS = ("typical", "sparse", "noisy", "imprecise")  # note-style exemplars cycle these
+MAX_CITED_FINDINGS = 6  # findings a worked reasoning quotes from its note
 
 
 def _as_written(o: Ontology, hpo_id: str, text: str) -> str:
@@ -279,7 +280,6 @@ def _exemplar_case(d: Disease, o: Ontology, rng: np.random.Generator, style: str
     if style not in EXEMPLAR_STYLES:
         raise ValueError(f"data.knowledge_exemplar_style must be one of {EXEMPLAR_STYLES}, got {style!r}")
     by_hpo = {p.hpo_id: p for p in d.phenotypes}
-    broader: list[str] = []
     if style == "note":
         from raredx_jax.data.simulate import simulate_case
 
@@ -287,18 +287,25 @@ def _exemplar_case(d: Disease, o: Ontology, rng: np.random.Generator, style: str
         generalised = case.meta.get("generalised", {})
         ph = [by_hpo[h] for h in case.present_hpo if h in by_hpo]
         text = case.text
-        broader = [f"{_as_written(o, g, text)} (a broader term for {_low(o.label(h))})"
-                   for g, h in generalised.items() if g in case.present_hpo]
+        broader = [(_as_written(o, g, text), f" (a broader term for {_low(o.label(h))})")
+                   for g, h in generalised.items() if g in case.present_hpo][:2]
+        # cited in the order the note states them, in its words: the reasoning starts by copying the note, a
+        # skill that needs no knowledge of the answer (sorted by disease frequency, the tiny model learned to
+        # recite the findings of the disease it guessed instead, and RERS's leak check rejected every reflection)
+        cited = [(_as_written(o, p.hpo_id, text), "") for p in ph] + broader
+        low = text.lower()
+        cited.sort(key=lambda c: (low.find(c[0].lower()) % (len(low) + 1), c[0]))
+        findings = [w + note for w, note in cited[:MAX_CITED_FINDINGS]]
         ph = sorted(ph, key=lambda p: -(0.5 if p.frequency is None else p.frequency))[:5]
-    else:
-        ph = _ranked(d, rng, int(rng.integers(3, 6)))
-        text = ""
-    if len(ph) + len(broader) < 2:
+        if len(ph) + len(broader) < 2:
+            return None
+        return text, findings, ph
+    ph = _ranked(d, rng, int(rng.integers(3, 6)))
+    if len(ph) < 2:
         return None
-    findings = [_as_written(o, p.hpo_id, text) if text else _low(p.label) for p in ph] + broader[:2]
-    if not text:
-        text = _pick(rng, ["A patient presents with {f}.", "Findings: {f}.",
-                           "The patient has {f}."]).format(f=_join(findings))
+    findings = [_low(p.label) for p in ph]
+    text = _pick(rng, ["A patient presents with {f}.", "Findings: {f}.",
+                       "The patient has {f}."]).format(f=_join(findings))
     return text, findings, ph
 
 
@@ -363,9 +370,13 @@ def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx:
         return None
     text, findings, ph = case
     wrong = ctx["by_id"][ctx["neighbours"][d.id][0][0]]
-    shown = {p.hpo_id for p in ph}
-    wrong_ph = [p for p in wrong.phenotypes if p.hpo_id in shown] or list(wrong.phenotypes[:2])
-    wrong_findings = findings[: max(2, len(findings) - 1)]
+    # the failed attempt as a failing policy writes it: one finding of the note, then the look-alike's own
+    # frequent findings recited from memory (absent from the note), so the target has to go back to the note
+    gold_ids, low = {p.hpo_id for p in d.phenotypes}, text.lower()
+    recited = [p for p in sorted(wrong.phenotypes, key=lambda p: -(0.5 if p.frequency is None else p.frequency))
+               if p.hpo_id not in gold_ids and _as_written(o, p.hpo_id, text).lower() not in low][:2]
+    wrong_ph = recited or list(wrong.phenotypes[:2])
+    wrong_findings = findings[:1] + [_low(p.label) for p in recited]
     ranked_wrong = [wrong.name] + ([d.name] if rng.random() < 0.5 else []) + \
         [n for n in _differential(wrong, ctx) if n != d.name][:1]
     attempt = format_completion(_reasoning(wrong.name, wrong_findings, wrong_ph, rng), ranked_wrong)
