@@ -79,9 +79,9 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.diseases.max_phenotypes = 12  # > 0: train/simulate on each disease's k most frequent findings; 0 = all
     c.data.notes_per_disease = 12
     c.data.knowledge_passages_per_disease = 12
-    c.data.knowledge_exemplars_per_disease = 6  # worked "case -> <think>/<answer>" items per disease
+    c.data.knowledge_exemplars_per_disease = 10  # worked "case -> <think>/<answer>" items per disease
     c.data.knowledge_exemplar_style = "note"  # note (simulator-rendered case, own seed) | vignette (one line)
-    c.data.knowledge_reflection_exemplars_per_disease = 2  # worked RERS reflections (note + failed try + label)
+    c.data.knowledge_reflection_exemplars_per_disease = 4  # worked RERS reflections (note + failed try + label)
     c.data.phenopackets = ""  # folder or .tar.gz of GA4GH phenopackets; "" = none
     c.data.jsonl_notes = ""  # JSONL {"id","text","diagnosis"} file; "" = none
     c.data.on_error = "raise"  # raise | skip (skip writes a report of every skipped record)
