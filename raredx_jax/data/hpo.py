@@ -66,6 +66,9 @@ class Term:
     lay_synonyms: tuple[str, ...] = ()
 
 
+UNKNOWN_FREQUENCY = 0.5  # HPO leaves ~1/4 of annotations without a frequency: treat them as "frequent"
+
+
 @dataclasses.dataclass(frozen=True)
 class PhenotypeAnnotation:
     """A disease -> phenotype annotation; `frequency` is a probability in [0, 1] or None when not annotated."""
@@ -74,6 +77,11 @@ class PhenotypeAnnotation:
     label: str
     frequency: float | None
     frequency_label: str
+
+    @property
+    def expected_frequency(self) -> float:
+        """`frequency`, an unannotated one counted as UNKNOWN_FREQUENCY: the one rule every ranking and draw uses."""
+        return UNKNOWN_FREQUENCY if self.frequency is None else self.frequency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,8 +570,7 @@ def core_phenotypes(disease: Disease, k: int) -> Disease:
     present = [p for p in disease.phenotypes if p.frequency != 0.0]
     if len(present) <= k:
         return disease
-    keep = {p.hpo_id for p in sorted(present, key=lambda p: (-(0.5 if p.frequency is None else p.frequency),
-                                                                  p.hpo_id))[:k]}
+    keep = {p.hpo_id for p in sorted(present, key=lambda p: (-p.expected_frequency, p.hpo_id))[:k]}
     return dataclasses.replace(disease, phenotypes=tuple(p for p in disease.phenotypes
                                                          if p.hpo_id in keep or p.frequency == 0.0))
 

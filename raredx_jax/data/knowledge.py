@@ -77,9 +77,9 @@ def _ranked(disease: Disease, rng: np.random.Generator, k: int) -> list[Phenotyp
     ph = [p for p in disease.phenotypes if p.frequency != 0.0]
     if not ph:
         return []
-    w = np.array([0.5 if p.frequency is None else p.frequency for p in ph]) + 0.05
+    w = np.array([p.expected_frequency for p in ph]) + 0.05
     idx = rng.choice(len(ph), size=min(k, len(ph)), replace=False, p=w / w.sum())
-    return sorted((ph[i] for i in idx), key=lambda p: -(0.5 if p.frequency is None else p.frequency))
+    return sorted((ph[i] for i in idx), key=lambda p: -p.expected_frequency)
 
 
 def _id_phrase(disease: Disease) -> str:
@@ -296,7 +296,7 @@ def _exemplar_case(d: Disease, o: Ontology, rng: np.random.Generator, style: str
         low = text.lower()
         cited.sort(key=lambda c: (low.find(c[0].lower()) % (len(low) + 1), c[0]))
         findings = [w + note for w, note in cited[:MAX_CITED_FINDINGS]]
-        ph = sorted(ph, key=lambda p: -(0.5 if p.frequency is None else p.frequency))[:5]
+        ph = sorted(ph, key=lambda p: -p.expected_frequency)[:5]
         if len(ph) + len(broader) < 2:
             return None
         return text, findings, ph
@@ -373,7 +373,7 @@ def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx:
     # the failed attempt as a failing policy writes it: one finding of the note, then the look-alike's own
     # frequent findings recited from memory (absent from the note), so the target has to go back to the note
     gold_ids, low = {p.hpo_id for p in d.phenotypes}, text.lower()
-    recited = [p for p in sorted(wrong.phenotypes, key=lambda p: -(0.5 if p.frequency is None else p.frequency))
+    recited = [p for p in sorted(wrong.phenotypes, key=lambda p: -p.expected_frequency)
                if p.hpo_id not in gold_ids and _as_written(o, p.hpo_id, text).lower() not in low][:2]
     wrong_ph = recited or list(wrong.phenotypes[:2])
     wrong_findings = findings[:1] + [_low(p.label) for p in recited]

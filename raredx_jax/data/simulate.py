@@ -25,7 +25,6 @@ from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import Disease, Ontology
 
 STYLES = ("hpi", "referral", "discharge", "clinic")
-UNKNOWN_FREQUENCY = 0.5  # HPO leaves ~1/4 of annotations without a frequency: treat them as "frequent"
 RENDER_TRIES = 5
 
 
@@ -230,7 +229,7 @@ def _sample_disease_terms(disease: Disease, ontology: Ontology, rng: np.random.G
     cands = usable_phenotypes(disease, ontology)
     if not cands:
         raise ValueError(f"{disease.id}: no phenotype annotation can be stated without naming the disease")
-    probs = np.array([UNKNOWN_FREQUENCY if p.frequency is None else p.frequency for p in cands], dtype=np.float64)
+    probs = np.array([p.expected_frequency for p in cands], dtype=np.float64)
     if lv.frequency_sampling:
         chosen = list(np.flatnonzero(rng.random(len(cands)) < probs))
     else:
