@@ -78,6 +78,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.diseases.min_phenotypes = 8  # only diseases with at least this many annotated phenotypes
     c.data.diseases.max_phenotypes = 12  # > 0: train/simulate on each disease's k most frequent findings; 0 = all
     c.data.notes_per_disease = 12
+    c.data.rl_notes_per_disease = 0  # > 0: an `rl` split of fresh notes only GRPO trains on (grpo.train_split)
     c.data.knowledge_passages_per_disease = 12
     c.data.knowledge_exemplars_per_disease = 10  # worked "case -> <think>/<answer>" items per disease
     c.data.knowledge_exemplar_style = "note"  # note (simulator-rendered case, own seed) | vignette (one line)

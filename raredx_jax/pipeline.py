@@ -54,12 +54,35 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _split_items(text: str) -> list[str]:
+    """Split on the commas that separate items: not those inside quotes or brackets, so a value may be a tuple
+    (`curriculum.lessons=('open:typical','open:hard')`) or a quoted list (`grpo.train_split='train,rl'`)."""
+    items, cur, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur))
+    return [t.strip() for t in items if t.strip()]
+
+
 def parse_overrides(text: str, where: str) -> dict[str, Any]:
-    """'train.steps=100, grpo.lr=1e-5' -> {"train.steps": 100, "grpo.lr": 1e-05} (values as Python literals)."""
+    """'train.steps=100, grpo.lr=1e-5' -> {"train.steps": 100, "grpo.lr": 1e-05} (values as Python literals;
+    commas inside quotes or brackets belong to the value)."""
     import ast
 
     out: dict[str, Any] = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
+    for item in _split_items(text):
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"{where}: expected field=value, got {item!r}")

@@ -202,6 +202,33 @@ def test_build_tiny_end_to_end_and_idempotent(tmp_path):
     assert "up to date" in out.stdout
 
 
+def test_rl_split_adds_fresh_notes_and_changes_nothing_else(tmp_path):
+    """The GRPO-only split: new notes of every disease, none repeating another split's; the other splits and the
+    tokenizer are byte-identical to a build without it (so earlier stages' checkpoints stay valid)."""
+    from raredx_jax.data import build
+
+    def built(name, **data):
+        c = _tiny_build_config(tmp_path / name)
+        c.data.update(data)
+        build.build_all(c, log=lambda m: None)
+        return {split: [tb.decode_case(r) for r in tb.data_source("raredx_simulated_cases", split, c.data.dir)]
+                for split in ("train", "validation", "test", build.RL_SPLIT)
+                if split in build.read_manifest(c.data.dir)["datasets"]["raredx_simulated_cases"]}
+
+    without, with_rl = built("plain", rl_notes_per_disease=0), built("rl", rl_notes_per_disease=4)
+    assert build.RL_SPLIT not in without
+    for split, cases in without.items():
+        assert [c_.text for c_ in with_rl[split]] == [c_.text for c_ in cases], split
+    assert ((tmp_path / "plain" / "tokenizer" / "spm.model").read_bytes()
+            == (tmp_path / "rl" / "tokenizer" / "spm.model").read_bytes())
+    rl = with_rl[build.RL_SPLIT]
+    assert len(rl) == 3 * 4 and {c_.diagnosis[0] for c_ in rl} == {c_.diagnosis[0] for c_ in with_rl["train"]}
+    earlier = {c_.text for s, v in with_rl.items() if s != build.RL_SPLIT for c_ in v}
+    assert not earlier & {c_.text for c_ in rl}
+    ids = [c_.id for v in with_rl.values() for c_ in v]
+    assert len(ids) == len(set(ids))
+
+
 def test_build_imports_jsonl_notes_and_reports_skips(tmp_path):
     from raredx_jax.data import build
 

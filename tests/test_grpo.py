@@ -111,6 +111,16 @@ def test_minibatch_layout_pads_to_the_devices_and_counts_updates():
         GRPOSettings.from_config({"grpo": {"loss": "ppo2"}})
 
 
+def test_train_splits_never_include_a_held_out_split():
+    assert GRPOSettings(train_split="train, rl").train_splits == ("train", "rl")
+    for bad in ("train,test", "validation", "rl,validation"):
+        with pytest.raises(ValueError, match="config.grpo.train_split: must not contain a held-out split"):
+            GRPOSettings(train_split=bad).validate()
+    GRPOSettings(train_split="validation", eval_cases=-1).validate()  # no held-out evaluation: allowed
+    with pytest.raises(ValueError, match="config.grpo.train_split: names no split"):
+        GRPOSettings(train_split=" , ").validate()
+
+
 def test_zero_advantage_gives_no_update_and_no_reference_without_beta(mesh):
     """Every group scores the same -> advantages 0 -> zero gradient through the full learner update: the
     parameters are bit-identical afterwards (weight decay 0). beta = 0: no reference model, no reference forward.
@@ -184,6 +194,7 @@ def stage_inputs(tmp_path_factory):
     c.data.dir = str(root / "data")
     c.data.diseases.n = 6
     c.data.notes_per_disease = 4
+    c.data.rl_notes_per_disease = 0
     c.data.knowledge_passages_per_disease = 4
     c.data.eval_notes_per_disease = 1
     c.data.knowledge_eval_passages_per_disease = 1
@@ -264,6 +275,19 @@ def test_stage_kill_and_resume_continues_exactly(stage_inputs):
         assert key in want[0], key
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["final_lesson"] == "open:sparse"
+
+
+def test_stage_without_the_rl_split_says_how_to_build_it(stage_inputs, tmp_path):
+    from configs.rl_curriculum import get_config
+    from raredx_jax.training.grpo import run_grpo
+
+    c = get_config()
+    c.run_dir = str(tmp_path / "run")
+    c.data.dir = stage_inputs["data"]
+    c.model.init_from = stage_inputs["init"]
+    c.grpo.train_split = "train,rl"  # the fixture's data has no rl split
+    with pytest.raises(ValueError, match=r"no split 'rl'.*--config\.data\.rl_notes_per_disease=N"):
+        run_grpo(c)
 
 
 def test_stage_without_the_sft_checkpoint_names_the_stage_to_run(stage_inputs, tmp_path):

@@ -98,3 +98,14 @@ def test_differential_lines_link_to_ontology_ids():
     assert out["format_ok"] and out["reasoning"].startswith("Tall stature")
     assert [d["id"] for d in out["differential"]] == ["OMIM:154700", "OMIM:130000", None]
     assert out["differential"][0]["name"] == marfan.name
+
+
+def test_overrides_keep_commas_inside_quotes_and_brackets():
+    from raredx_jax.pipeline import parse_overrides
+
+    got = parse_overrides("grpo.steps=30, grpo.train_split='train,rl', "
+                          "curriculum.lessons=('open:typical', 'open:hard'),grpo.lr=1e-4", "pipeline.overrides.grpo")
+    assert got == {"grpo.steps": 30, "grpo.train_split": "train,rl",
+                   "curriculum.lessons": ("open:typical", "open:hard"), "grpo.lr": 1e-4}
+    with pytest.raises(ValueError, match="pipeline.overrides.grpo: expected field=value, got 'rl'"):
+        parse_overrides("grpo.train_split=train,rl", "pipeline.overrides.grpo")

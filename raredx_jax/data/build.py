@@ -27,6 +27,9 @@ from typing import Any
 MANIFEST = "manifest.json"
 BUILD_FORMAT = 1  # bump when the on-disk layout written here changes
 SPLITS = ("train", "validation", "test")
+# Fresh training notes that only GRPO reads (`data.rl_notes_per_disease`): RERS and SFT never saw them, so the
+# policy still gets some wrong and the groups carry a learning signal; never drawn from validation or test.
+RL_SPLIT = "rl"
 _SOURCE_MODULES = ("hpo", "case", "knowledge", "simulate", "importers", "prompts", "tokenizer", "tfds_builders",
                    "build")
 
@@ -166,8 +169,9 @@ def _record_key(r: dict) -> str:
 
 
 def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Log) -> dict[str, list[Any]]:
-    """Notes for every disease in every split, each split with its own seed; a held-out note never repeats a
-    training note verbatim, and case ids are unique across splits."""
+    """Notes for every disease in every split, each split with its own seed; a note never repeats an earlier
+    split's verbatim (train, validation, test, then the GRPO-only `rl` split), and case ids are unique across
+    splits."""
     from raredx_jax.data import simulate
 
     seed = int(config.data.seed)
@@ -179,6 +183,9 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     n_eval = int(config.data.get("eval_notes_per_disease", 0))
     if n_eval > 0:
         counts.update(validation=n_eval, test=n_eval)
+    n_rl = int(config.data.get("rl_notes_per_disease", 0))
+    if n_rl > 0:  # last, so it is de-duplicated against every other split and changes none of them
+        counts[RL_SPLIT] = n_rl
     out: dict[str, list[Any]] = {}
     seen_text: set[str] = set()
     seen_ids: set[str] = set()

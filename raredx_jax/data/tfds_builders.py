@@ -12,7 +12,8 @@ feature is a scalar and no padding is needed; `decode_*` helpers turn stored row
 
 Datasets (name -> splits, produced by `raredx_jax.data.build` unless noted):
   raredx_knowledge          train, validation  {prompt, completion, disease_id, kind, template}
-  raredx_simulated_cases    train, validation, test  (every disease in every split, different notes)
+  raredx_simulated_cases    train, validation, test, rl (GRPO only; when data.rl_notes_per_disease > 0)
+                            (every disease in every split, different notes)
   raredx_imported_cases     test  (phenopackets / JSONL notes)
   raredx_rers_trajectories  train (written by the RERS stage)  {prompt, completion, case_id, round, ...}
 """

@@ -122,8 +122,8 @@ class GRPOSettings:
     b1: float = 0.9
     b2: float = 0.99
     # task / curriculum
-    train_split: str = "train"
-    max_train_cases: int = 0  # 0 = every case of the split
+    train_split: str = "train"  # comma-separated splits of raredx_simulated_cases, e.g. "train,rl"
+    max_train_cases: int = 0  # 0 = every case of the splits
     closed_set_candidates: int = 5  # gold included
     open_top_k: int = 5
     curriculum_reward: str = "diagnosis"  # reward component fed to the curriculum's promotion rule
@@ -192,6 +192,16 @@ class GRPOSettings:
             bad("prompt_padding", "expected 'max' or 'bucket'")
         if self.lr <= 0:
             bad("lr", "must be > 0")
+        if not self.train_splits:
+            bad("train_split", "names no split")
+        held_out = {"test", self.eval_split} if self.eval_cases >= 0 else {"test"}
+        if held_out & set(self.train_splits):
+            bad("train_split", f"must not contain a held-out split ({', '.join(sorted(held_out))}): GRPO would "
+                "train on the cases it is evaluated on")
+
+    @property
+    def train_splits(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.train_split.split(",") if x.strip())
 
     @property
     def rows_per_step(self) -> int:
@@ -607,6 +617,7 @@ def _init_checkpoint(config: Any) -> str:
 
 
 def _load_cases(config: Any, split: str) -> list[Any]:
+    from raredx_jax.data.build import RL_SPLIT
     from raredx_jax.data.tfds_builders import data_source, decode_case
     from raredx_jax.training.sft import MissingInputError
 
@@ -614,6 +625,11 @@ def _load_cases(config: Any, split: str) -> list[Any]:
         src = data_source("raredx_simulated_cases", split, config.data.dir)
     except FileNotFoundError as e:
         raise MissingInputError(str(e)) from None
+    except ValueError as e:
+        if split == RL_SPLIT:
+            raise ValueError(f"{e}. The {RL_SPLIT!r} split holds GRPO-only training notes: build it with "
+                             "--config.data.rl_notes_per_disease=N, or set config.grpo.train_split=train") from None
+        raise
     return [decode_case(src[i]) for i in range(len(src))]
 
 
@@ -697,7 +713,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
         tokenizer = load_tokenizer(config)
     except FileNotFoundError as e:
         raise MissingInputError(str(e)) from None
-    train_cases = _load_cases(config, st.train_split)
+    train_cases = [c for split in st.train_splits for c in _load_cases(config, split)]
     if st.max_train_cases:
         train_cases = train_cases[:st.max_train_cases]
     eval_cases = eval_subset(_load_cases(config, st.eval_split), st.eval_cases, seed) if st.eval_cases >= 0 else []
