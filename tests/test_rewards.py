@@ -326,3 +326,21 @@ def test_reward_fn_reads_the_base_config(linker):
     assert fn.length_max == get_config().sampling.max_new_tokens
     out = fn([GOOD.replace("A syndrome", "Marfan syndrome")], [_case("c", MARFAN, "Marfan syndrome")])
     assert out["total"][0] == pytest.approx(1.0 + 0.2 * 1.0)
+
+
+def test_grounding_gate_zeroes_right_answers_that_do_not_cite_the_note(linker):
+    case = Case(id="m", text=NOTE, diagnosis=(MARFAN,), diagnosis_name="Marfan syndrome")
+    recited = "<think>This is clearly Marfan syndrome.</think>\n<answer>\n1. Marfan syndrome\n</answer>"
+    wrong_grounded = CLEAN.replace("1. Marfan syndrome", "1. Fabry disease")
+    completions = [CLEAN, recited, wrong_grounded]
+    cfg = rewards_config()
+    cfg.weights = {"diagnosis": 1.0}
+    np.testing.assert_allclose(RewardFn(linker, cfg)(completions, [case])["diagnosis"], [1, 1, 0])
+    cfg.diagnosis_requires_grounding = True
+    out = RewardFn(linker, cfg)(completions, [case])
+    np.testing.assert_allclose(out["diagnosis"], [1, 0, 0])  # only the grounded right answer earns it
+    np.testing.assert_array_equal(out["pass"], [1, 1, 0])  # pass still reports the verifier's rank
+    cfg.leak_min_findings = 0  # the gate uses the leak check's own settings
+    np.testing.assert_allclose(RewardFn(linker, cfg)(completions, [case])["diagnosis"], [1, 1, 0])
+    with pytest.raises(ValueError, match="diagnosis_requires_grounding needs cases with a note"):
+        RewardFn(linker, cfg)([CLEAN], [MARFAN])

@@ -6,7 +6,8 @@ weight. Built in:
 
 =============  ===========================================================================================
 ``diagnosis``  rank-aware: :func:`~raredx_jax.rewards.diagnosis.rank_reward` of the gold's rank (``top_k``,
-               ``decay``); 0 when ``diagnosis_requires_format`` and the answer block is not well formed
+               ``decay``); 0 when ``diagnosis_requires_format`` and the answer block is not well formed, and
+               0 when ``diagnosis_requires_grounding`` and the completion does not cite the note (leak check)
 ``format``     :func:`~raredx_jax.rewards.format.format_reward` in [0, 1] (0.25 per check)
 ``length``     :func:`~raredx_jax.rewards.format.length_penalty` in [-1, 0] (DAPO overlong shaping)
 =============  ===========================================================================================
@@ -58,6 +59,10 @@ def rewards_config() -> config_dict.ConfigDict:
     c.decay = "reciprocal"  # reciprocal | linear | geometric | top1 | topk
     c.geometric_base = 0.5
     c.diagnosis_requires_format = False  # True: diagnosis reward only for a closed, non-empty answer block
+    # True: diagnosis reward only when the completion cites the note (the RERS leak check: no leak phrase and at
+    # least leak_min_findings of the note's findings), so a right answer after reasoning recited from memory
+    # earns nothing and RL does not reinforce lucky guesses
+    c.diagnosis_requires_grounding = False
     c.format_prefix = ""  # e.g. "<think>" when the chat template pre-fills it into the prompt
     c.format_tolerance = 8  # non-space characters tolerated before <think> / after </answer>
     c.length_max = 0  # tokens; 0 = sampling.max_new_tokens when the full config is given, else no penalty
@@ -130,7 +135,22 @@ def register_reward(name: str):
 def _diagnosis(ctx: RewardContext) -> float:
     if ctx.cfg.diagnosis_requires_format and not ctx.verification.format_ok:
         return 0.0
-    return rank_reward(ctx.verification.rank, ctx.cfg.top_k, ctx.cfg.decay, ctx.cfg.geometric_base)
+    reward = rank_reward(ctx.verification.rank, ctx.cfg.top_k, ctx.cfg.decay, ctx.cfg.geometric_base)
+    if reward and ctx.cfg.diagnosis_requires_grounding and not grounded(ctx):
+        return 0.0
+    return reward
+
+
+def grounded(ctx: RewardContext) -> bool:
+    """Whether the completion cites the case's note (:func:`leak_check` with the ``leak_*`` settings)."""
+    note, name = getattr(ctx.case, "text", None), getattr(ctx.case, "diagnosis_name", None)
+    if isinstance(ctx.case, dict):
+        note, name = ctx.case.get("text"), ctx.case.get("diagnosis_name", "")
+    if not note:
+        raise ValueError("rewards.diagnosis_requires_grounding needs cases with a note (Case.text); got "
+                         f"{type(ctx.case).__name__}")
+    return leak_check(ctx.text, note, name or "", phrases=ctx.cfg.leak_phrases,
+                      min_findings=int(ctx.cfg.leak_min_findings), min_overlap=float(ctx.cfg.leak_min_overlap))[0]
 
 
 @register_reward("format")
@@ -316,5 +336,5 @@ def leak_check(
 
 __all__ = [
     "RewardFn", "RewardContext", "REWARDS", "register_reward", "compute_rewards", "rewards_config", "gold_ids",
-    "leak_check", "note_findings", "DEFAULT_LEAK_PHRASES",
+    "grounded", "leak_check", "note_findings", "DEFAULT_LEAK_PHRASES",
 ]
