@@ -56,6 +56,9 @@ def _stage(c):
     g.b1 = 0.9
     g.b2 = 0.99
     # task
+    # splits of raredx_simulated_cases to train on (comma-separated; validation / test are refused). "train,rl"
+    # adds fresh notes RERS-SFT never saw (build them with --config.data.rl_notes_per_disease=N); measured no
+    # better on the embedded default (README, GRPO side runs), so the default stays on the RERS training notes
     g.train_split = "train"
     g.max_train_cases = 0
     g.closed_set_candidates = 5  # gold + 4 distractors from the run's disease subset
