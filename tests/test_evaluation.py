@@ -89,3 +89,31 @@ def test_paired_top1_change_by_hand():
     many = paired_top1_change({str(i): False for i in range(10)}, {str(i): True for i in range(10)})
     assert many["gained"] == 10 and many["lost"] == 0 and many["p_value"] == pytest.approx(2 / 2 ** 10)
     assert paired_top1_change({"a": True}, {"a": True})["p_value"] == 1.0
+
+
+def test_compare_reports_pairs_cases_per_set_and_level(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from raredx_jax.evaluation.compare import compare_reports
+
+    def report(ranks):  # case id -> (level, rank): the fields compare reads from eval.json
+        return {"sets": {"simulated:test": {"cases": [{"case_id": k, "level": lv, "llm_rank": r}
+                                                      for k, (lv, r) in ranks.items()]}}}
+
+    before = report({"a": ("typical", 1), "b": ("typical", 2), "c": ("sparse", 1), "d": ("sparse", None)})
+    after = report({"a": ("typical", 1), "b": ("typical", 1), "c": ("sparse", 3), "d": ("sparse", 1)})
+    got = compare_reports(before, after)["simulated:test"]
+    assert (got["all"]["before"], got["all"]["after"], got["all"]["gained"], got["all"]["lost"]) == (2, 3, 2, 1)
+    assert (got["sparse"]["gained"], got["sparse"]["lost"], got["typical"]["gained"]) == (1, 1, 1)
+    with pytest.raises(ValueError, match="no case set in common"):
+        compare_reports(before, {"sets": {"imported:test": {}}})
+    paths = []
+    for name, r in (("before", before), ("after", after)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = subprocess.run([sys.executable, "-m", "raredx_jax.evaluation.compare", *map(str, paths)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "simulated:test all: top-1 2 -> 3 of 4 (+2 / -1, McNemar p=1.00)" in out.stdout
