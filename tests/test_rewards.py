@@ -10,6 +10,7 @@ from raredx_jax.data.hpo import load_ontology
 from raredx_jax.data.linking import DiseaseLinker
 from raredx_jax.rewards import (
     DEFAULT_LEAK_PHRASES,
+    REWARD_BOUNDS,
     REWARDS,
     RewardFn,
     check_format,
@@ -229,6 +230,7 @@ def test_compute_rewards_components_and_total(linker):
     ]
     cfg = rewards_config()
     cfg.weights = {"diagnosis": 1.0, "format": 0.5, "length": 1.0}
+    cfg.combine, cfg.decay = "sum", "reciprocal"  # the plain weighted sum with partial credit (ablation mode)
     cfg.length_max = 100
     cfg.length_cache = 20
     out = compute_rewards(completions, cases, linker, cfg, lengths=[10, 90, 100, 5])
@@ -249,11 +251,11 @@ def test_reward_fn_full_config_and_registry(linker):
     from ml_collections import config_dict
 
     full = config_dict.ConfigDict({"sampling": {"max_new_tokens": 8}, "rewards": {"weights": {"diagnosis": 1.0,
-                                                                                             "length": 1.0}}})
+                                                                                             "length": 0.5}}})
     fn = RewardFn(linker, full)
     assert fn.length_max == 8
     out = fn(["<answer>1. Marfan syndrome</answer>"], [{"diagnosis": [MARFAN]}], lengths=[8])
-    assert set(out) == {"diagnosis", "length", "total", "rank", "pass", "format_ok"}
+    assert set(out) == {"diagnosis", "length", "total", "rank", "pass", "format_ok", "answers"}
     assert out["length"][0] == -1.0  # hit the limit: truncated
     with pytest.raises(ValueError, match="weights.bogus"):
         RewardFn(linker, config_dict.ConfigDict({"weights": {"bogus": 1.0}}))
@@ -273,6 +275,7 @@ def test_reward_fn_full_config_and_registry(linker):
         np.testing.assert_allclose(out["total"], [1.5, 1.5])
     finally:
         REWARDS.pop("_test_brevity")
+        REWARD_BOUNDS.pop("_test_brevity")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -344,3 +347,79 @@ def test_grounding_gate_zeroes_right_answers_that_do_not_cite_the_note(linker):
     np.testing.assert_allclose(RewardFn(linker, cfg)(completions, [case])["diagnosis"], [1, 1, 0])
     with pytest.raises(ValueError, match="diagnosis_requires_grounding needs cases with a note"):
         RewardFn(linker, cfg)([CLEAN], [MARFAN])
+
+
+# --------------------------------------------------------------------------------------------------------
+# the default reward follows top-1 (issue: the reward paid for wrong first answers)
+# --------------------------------------------------------------------------------------------------------
+
+def _answer(names, think="Tall stature and lens dislocation.", close=True):
+    body = "\n".join(f"{i}. {n}" for i, n in enumerate(names, 1))
+    return f"<think>{think}</think>\n<answer>\n{body}\n" + ("</answer>" if close else "")
+
+
+class _Prompted:
+    """A case as GRPO hands it to the reward: the Case plus how many answers its prompt allows."""
+
+    def __init__(self, case, max_answers):
+        self.case, self.max_answers = case, max_answers
+
+    def __getattr__(self, name):
+        return getattr(self.case, name)
+
+
+def test_default_reward_never_ranks_a_wrong_first_answer_above_a_right_one(linker):
+    """Every pairing inside a group: right first answer (any format, any length, truncated or not) scores
+    strictly more than a wrong first answer (gold at rank 2..5, perfect format, shortest); the group of
+    [rank 2, miss, miss, miss] that used to hand the rank-2 completion a positive advantage is now flat."""
+    case = _Prompted(_case("c1", MARFAN, "Marfan syndrome"), max_answers=5)
+    right = [_answer(["Marfan syndrome"]), _answer(["Marfan syndrome", "Fabry disease"], close=False),
+             "<answer>1. Marfan syndrome</answer>", _answer(["Marfan syndrome", "Cystic fibrosis"], think="x " * 200)]
+    wrong = [_answer(["Fabry disease", "Marfan syndrome"]), _answer(["Cystic fibrosis", "Fabry disease",
+                                                                    "Marfan syndrome"]),
+             _answer(["Fabry disease"]), "nothing"]
+    texts = right + wrong
+    lengths = [10, 160, 3, 160, 5, 5, 5, 1]  # right answers at their worst length, wrong at their best
+    cfg = rewards_config()
+    cfg.length_max, cfg.length_cache = 160, 32
+    out = RewardFn(linker, cfg)(texts, [case], lengths=lengths)
+    tot = out["total"]
+    assert tot[:4].min() > tot[4:].max(), tot
+    np.testing.assert_array_equal(out["pass"], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(tot[4:], 0.0)  # no shaping for wrong answers: a group of misses is flat
+    fn = RewardFn(linker, cfg)
+    assert fn.aligned and fn.right_min == pytest.approx(0.8) and fn.wrong_max == 0.0
+
+
+def test_listing_the_candidates_does_not_pay(linker):
+    """Closed-set prompts allow all candidates but one: copying the candidate list earns no diagnosis reward
+    whatever its order; an open prompt's answer longer than the k asked for earns none either."""
+    names = ["Marfan syndrome", "Fabry disease", "Cystic fibrosis", "Gaucher disease type I", "Homocystinuria"]
+    case = _Prompted(_case("c1", MARFAN, "Marfan syndrome"), max_answers=len(names) - 1)
+    fn = RewardFn(linker, rewards_config())
+    out = fn([_answer(names), _answer(names[::-1]), _answer(names[:1]), _answer(names[:4])], [case])
+    np.testing.assert_array_equal(out["diagnosis"], [0, 0, 1, 1])
+    np.testing.assert_array_equal(out["answers"], [5, 5, 1, 4])
+    np.testing.assert_array_equal(out["total"][:2], 0.0)
+    open_case = _Prompted(case.case, max_answers=3)
+    np.testing.assert_array_equal(fn([_answer(names[:4]), _answer(names[:3])], [open_case])["diagnosis"], [0, 1])
+    # without a limit on the payload (a plain Case) nothing is enforced
+    assert fn([_answer(names)], [case.case])["diagnosis"][0] == 1.0
+
+
+def test_misaligned_weights_are_refused_in_gated_mode(linker):
+    cfg = rewards_config()
+    cfg.weights = {"diagnosis": 1.0, "length": 1.0}  # a right answer at the length limit would score 0 = a miss
+    with pytest.raises(ValueError, match="first answer is wrong"):
+        RewardFn(linker, cfg)
+    cfg.weights, cfg.decay = {"diagnosis": 1.0, "length": 0.6}, "reciprocal"  # 1 - 0.6 < rank-2's 0.5
+    with pytest.raises(ValueError, match="first answer is wrong"):
+        RewardFn(linker, cfg)
+    cfg.weights["length"] = 0.4  # 1 - 0.4 > 0.5: aligned even with partial credit
+    assert RewardFn(linker, cfg).aligned
+    cfg.combine = "sum"  # the legacy sum is reported as misaligned, not refused
+    cfg.weights = {"diagnosis": 1.0, "format": 0.2, "length": 0.5}
+    assert not RewardFn(linker, cfg).aligned
+    cfg.combine = "product"
+    with pytest.raises(ValueError, match="combine"):
+        RewardFn(linker, cfg)

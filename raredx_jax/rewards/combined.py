@@ -6,27 +6,45 @@ weight. Built in:
 
 =============  ===========================================================================================
 ``diagnosis``  rank-aware: :func:`~raredx_jax.rewards.diagnosis.rank_reward` of the gold's rank (``top_k``,
-               ``decay``); 0 when ``diagnosis_requires_format`` and the answer block is not well formed, and
-               0 when ``diagnosis_requires_grounding`` and the completion does not cite the note (leak check)
+               ``decay``); 0 when ``diagnosis_requires_format`` and the answer block is not well formed, 0
+               when ``diagnosis_requires_grounding`` and the completion does not cite the note (leak check),
+               and 0 when ``enforce_answer_count`` and the answer lists more entries than the prompt allows
+               (the payload's ``max_answers``: listing every candidate of a closed-set prompt earns nothing)
 ``format``     :func:`~raredx_jax.rewards.format.format_reward` in [0, 1] (0.25 per check)
 ``length``     :func:`~raredx_jax.rewards.format.length_penalty` in [-1, 0] (DAPO overlong shaping)
 =============  ===========================================================================================
 
-:func:`compute_rewards` returns ``{"total", <each weighted component>, "rank", "pass", "format_ok"}`` as float32
-arrays (one value per completion) so the trainer logs each separately. ``rank`` is 0 where the gold is not in
-the top k; ``pass`` is 1 where it is at rank 1.
+How the components combine (``combine``):
+
+* ``gated`` (default): ``total = w_diagnosis * diagnosis + earned * sum(w_k * shaping_k)``, where ``earned``
+  is 1 for a right first answer that earned the diagnosis reward (no gate above refused it). Shaping terms
+  (format, length, any other component) count only for completions whose first answer is right, so among
+  wrong answers they create no advantage at all (a group of misses has zero variance and is dropped by
+  GRPO's group filter) and among right answers they prefer the well-formed, shorter one. :class:`RewardFn`
+  checks from each component's registered bounds that a completion with the right first answer always scores
+  strictly more than any completion with a wrong first answer, and refuses weights for which it would not.
+* ``sum``: the plain weighted sum (the earlier default, kept for ablations). With partial credit below rank 1
+  and shaping terms it can pay a wrong first answer more than a right one, so it is reported, not refused.
+
+:func:`compute_rewards` returns ``{"total", <each weighted component>, "rank", "pass", "format_ok",
+"answers"}`` as float32 arrays (one value per completion) so the trainer logs each separately. ``rank`` is 0
+where the gold is not in the top k; ``pass`` is 1 where it is at rank 1 (top-1 as evaluation scores it, whatever
+a gate above decided); ``answers`` is the number of entries the answer listed.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from ml_collections import config_dict
 
-from raredx_jax.rewards.diagnosis import Verification, rank_reward, verify
+from raredx_jax.rewards.diagnosis import Verification, parse_answer, rank_reward, verify
 from raredx_jax.rewards.format import format_reward, length_penalty
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEAK_PHRASES = (
     "as given",
@@ -54,9 +72,19 @@ DEFAULT_LEAK_PHRASES = (
 def rewards_config() -> config_dict.ConfigDict:
     """Defaults of ``config.rewards`` (the lead merges this into configs/base.py)."""
     c = config_dict.ConfigDict()
-    c.weights = config_dict.ConfigDict({"diagnosis": 1.0, "format": 0.2, "length": 0.5})
-    c.top_k = 10  # ranks beyond top_k earn no diagnosis reward (and are not linked)
-    c.decay = "reciprocal"  # reciprocal | linear | geometric | top1 | topk
+    # Shaping weights are small tie-breakers among right answers (combine=gated): format up to +0.2, length down
+    # to -0.2, so a right first answer scores between 0.8 and 1.2 and a wrong one exactly 0
+    c.weights = config_dict.ConfigDict({"diagnosis": 1.0, "format": 0.2, "length": 0.2})
+    c.combine = "gated"  # gated (shaping only for right first answers) | sum (plain weighted sum); module doc
+    c.top_k = 10  # entries linked by the verifier; ranks beyond top_k earn nothing (and are not linked)
+    # top1: what evaluation scores (greedy top-1). Partial credit for rank 2+ (reciprocal, linear, ...) gave a
+    # completion whose first answer is wrong a positive advantage in groups of misses, the group shape of sparse
+    # and hard notes, where every GRPO run that moved the policy lost top-1 (README, GRPO)
+    c.decay = "top1"  # top1 | reciprocal | linear | geometric | topk
+    # an answer listing more entries than its prompt allows (the payload's max_answers: open_top_k for open
+    # prompts, all candidates but one for closed-set prompts) earns no diagnosis reward: copying the candidate
+    # list must not pay
+    c.enforce_answer_count = True
     c.geometric_base = 0.5
     c.diagnosis_requires_format = False  # True: diagnosis reward only for a closed, non-empty answer block
     # True: diagnosis reward only when the completion cites the note (the RERS leak check: no leak phrase and at
@@ -114,26 +142,46 @@ class RewardContext:
     truncated: bool
     cfg: config_dict.ConfigDict
     length_max: int
+    answers: int = 0  # entries the answer block listed (before the verifier's top_k cut)
 
 
 REWARDS: dict[str, Callable[[RewardContext], float]] = {}
+#: (lowest, highest) value each registered component can return; the ``gated`` alignment check reads them.
+REWARD_BOUNDS: dict[str, tuple[float, float]] = {}
+COMBINES = ("gated", "sum")
 
 
-def register_reward(name: str):
-    """Decorator: ``@register_reward("my_reward") def f(ctx: RewardContext) -> float``."""
+def register_reward(name: str, bounds: tuple[float, float] = (-1.0, 1.0)):
+    """Decorator: ``@register_reward("my_reward", bounds=(0, 1)) def f(ctx: RewardContext) -> float``.
+
+    ``bounds`` are the values the function can return; :class:`RewardFn` uses them to prove that shaping terms
+    can never lift a wrong first answer above a right one.
+    """
 
     def deco(fn):
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered")
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if lo > hi:
+            raise ValueError(f"reward {name!r}: bounds {bounds} are not (low, high)")
         REWARDS[name] = fn
+        REWARD_BOUNDS[name] = (lo, hi)
         return fn
 
     return deco
 
 
-@register_reward("diagnosis")
+def answer_count_ok(ctx: RewardContext) -> bool:
+    """Whether the answer lists no more entries than the prompt allows (payload ``max_answers``; 0 = any)."""
+    limit = int(getattr(ctx.case, "max_answers", 0) or 0)
+    return not (ctx.cfg.enforce_answer_count and limit and ctx.answers > limit)
+
+
+@register_reward("diagnosis", bounds=(0.0, 1.0))
 def _diagnosis(ctx: RewardContext) -> float:
     if ctx.cfg.diagnosis_requires_format and not ctx.verification.format_ok:
+        return 0.0
+    if not answer_count_ok(ctx):
         return 0.0
     reward = rank_reward(ctx.verification.rank, ctx.cfg.top_k, ctx.cfg.decay, ctx.cfg.geometric_base)
     if reward and ctx.cfg.diagnosis_requires_grounding and not grounded(ctx):
@@ -153,12 +201,12 @@ def grounded(ctx: RewardContext) -> bool:
                       min_findings=int(ctx.cfg.leak_min_findings), min_overlap=float(ctx.cfg.leak_min_overlap))[0]
 
 
-@register_reward("format")
+@register_reward("format", bounds=(0.0, 1.0))
 def _format(ctx: RewardContext) -> float:
     return format_reward(ctx.text, prefix=ctx.cfg.format_prefix, tolerance=ctx.cfg.format_tolerance)
 
 
-@register_reward("length")
+@register_reward("length", bounds=(-1.0, 0.0))
 def _length(ctx: RewardContext) -> float:
     return length_penalty(ctx.length, ctx.length_max, ctx.cfg.length_cache, ctx.truncated)
 
@@ -190,6 +238,37 @@ class RewardFn:
         for k in self.weights:
             if k not in REWARDS:
                 raise ValueError(f"config.rewards.weights.{k}: no such reward (registered: {sorted(REWARDS)})")
+        if self.cfg.combine not in COMBINES:
+            raise ValueError(f"config.rewards.combine={self.cfg.combine!r}: expected one of {COMBINES}")
+        self.right_min, self.wrong_max = self.score_bounds()
+        self.aligned = self.right_min > self.wrong_max
+        if self.cfg.combine == "gated" and not self.aligned:
+            raise ValueError(
+                f"config.rewards: with these weights and decay={self.cfg.decay!r} a completion whose first answer is "
+                f"wrong can score {self.wrong_max:.3f} and one whose first answer is right as little as "
+                f"{self.right_min:.3f}; lower the negative shaping weights below weights.diagnosis "
+                f"({self.weights.get('diagnosis', 0.0)}) times (1 - the rank-2 reward), or use decay=top1")
+        if not self.aligned:
+            log.warning("rewards.combine=%s: a wrong first answer can score %.3f, a right one as little as %.3f "
+                        "(the reward does not follow top-1)", self.cfg.combine, self.wrong_max, self.right_min)
+
+    def score_bounds(self) -> tuple[float, float]:
+        """(lowest total of a completion whose first answer is right, highest total of one whose first answer is
+        wrong), from the weights, the decay and each component's registered bounds."""
+        w_d = self.weights.get("diagnosis", 0.0)
+        top_k = int(self.cfg.top_k)
+        partial = max((rank_reward(r, top_k, self.cfg.decay, self.cfg.geometric_base) for r in range(2, top_k + 1)),
+                      default=0.0)
+        lowest = sum(w * (REWARD_BOUNDS[k][0] if w > 0 else REWARD_BOUNDS[k][1])
+                     for k, w in self.weights.items() if k != "diagnosis")
+        highest = sum(w * (REWARD_BOUNDS[k][1] if w > 0 else REWARD_BOUNDS[k][0])
+                      for k, w in self.weights.items() if k != "diagnosis")
+        right_min = w_d * 1.0 + lowest
+        # gated: a wrong first answer gets no shaping at all
+        wrong_max = w_d * partial + (highest if self.cfg.combine == "sum" else 0.0)
+        if w_d <= 0:
+            right_min, wrong_max = lowest, highest
+        return float(right_min), float(wrong_max)
 
     def __call__(
         self,
@@ -214,28 +293,37 @@ class RewardFn:
         if truncated is None:
             truncated = [bool(self.length_max) and int(l) >= self.length_max for l in lengths]
         comps: dict[str, list[float]] = {k: [] for k in self.weights}
-        rank, passed, fmt_ok = [], [], []
+        rank, passed, earned, fmt_ok, answers = [], [], [], [], []
         for i, text in enumerate(completions):
             case = cases[i // g]
             gold = gold_ids(case)
             ver = verify(text or "", gold, self.linker, top_k=int(self.cfg.top_k))
+            n_answers = len(parse_answer(text or "").entries)
             ctx = RewardContext(
                 text=text or "", case=case, gold=gold, verification=ver, length=int(lengths[i]),
-                truncated=bool(truncated[i]), cfg=self.cfg, length_max=self.length_max,
+                truncated=bool(truncated[i]), cfg=self.cfg, length_max=self.length_max, answers=n_answers,
             )
             for k in self.weights:
                 comps[k].append(float(REWARDS[k](ctx)))
             rank.append(float(ver.rank or 0))
             passed.append(1.0 if ver.rank == 1 else 0.0)
+            # the gate of the shaping terms: a right first answer that also earned the diagnosis reward
+            earned.append(1.0 if ver.rank == 1 and (comps["diagnosis"][-1] > 0 if "diagnosis" in comps else True)
+                          else 0.0)
             fmt_ok.append(1.0 if ver.format_ok else 0.0)
+            answers.append(float(n_answers))
         out = {k: np.asarray(v, np.float32) for k, v in comps.items()}
+        pass_arr = np.asarray(passed, np.float32)
+        earned_arr = np.asarray(earned, np.float32)
         total = np.zeros(n, np.float32)
         for k, w in self.weights.items():
-            total += np.float32(w) * out[k]
+            gate = earned_arr if (self.cfg.combine == "gated" and k != "diagnosis") else np.float32(1.0)
+            total += np.float32(w) * out[k] * gate
         out["total"] = total
         out["rank"] = np.asarray(rank, np.float32)
-        out["pass"] = np.asarray(passed, np.float32)
+        out["pass"] = pass_arr
         out["format_ok"] = np.asarray(fmt_ok, np.float32)
+        out["answers"] = np.asarray(answers, np.float32)
         return out
 
 
@@ -335,6 +423,6 @@ def leak_check(
 
 
 __all__ = [
-    "RewardFn", "RewardContext", "REWARDS", "register_reward", "compute_rewards", "rewards_config", "gold_ids",
+    "RewardFn", "RewardContext", "REWARDS", "REWARD_BOUNDS", "COMBINES", "register_reward", "answer_count_ok", "compute_rewards", "rewards_config", "gold_ids",
     "grounded", "leak_check", "note_findings", "DEFAULT_LEAK_PHRASES",
 ]
