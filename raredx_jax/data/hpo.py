@@ -409,6 +409,38 @@ class Ontology:
         except KeyError:
             return False
 
+    def is_obsolete(self, hpo_id: str) -> bool:
+        """True for an id this release lists as obsolete (hpo3 keeps them, labelled 'obsolete ...')."""
+        try:
+            num = self._int(hpo_id)
+        except KeyError:
+            return False
+        return num in self._labels and bool(self._hpo.hpo(num).is_obsolete)
+
+    def resolve_term(self, hpo_id: str) -> tuple[str | None, str]:
+        """(the current id to use, why it differs) for a term of some HPO release, judged by this one.
+
+        A current term -> (id, ""); an obsolete one -> its `replaced_by` (followed while that is obsolete too) or
+        (None, why) when it has none; an id this release does not know (newer, or withdrawn long ago) -> (None,
+        why). hpo3 does not expose `alt_id`s, so an alt id counts as unknown. Never raises for a string.
+        """
+        try:
+            num = self._int(hpo_id)
+        except KeyError:
+            return None, f"{hpo_id!r} is not an HPO id (HP:NNNNNNN)"
+        if num not in self._labels:
+            return None, f"{hpo_id} is not in HPO release {self.version} (a newer or withdrawn term)"
+        current, seen = hpo_id, set()
+        while self.is_obsolete(current) and current not in seen:
+            seen.add(current)
+            nxt = self._hpo.hpo(self._int(current)).replaced_by
+            if not nxt or not self.has_term(nxt):
+                return None, f"{hpo_id} is obsolete in HPO release {self.version} and has no current replacement"
+            current = nxt
+        if current != hpo_id:
+            return current, f"{hpo_id} is obsolete in HPO release {self.version}: replaced by {current}"
+        return current, ""
+
     def term(self, hpo_id: str) -> Term:
         """The term for an HPO id; KeyError naming the id when unknown."""
         if hpo_id in self._terms:

@@ -12,7 +12,14 @@ listed in ``meta["withheld_hpo"]``. Case ids are hashes (no cohort, no PMID); th
 Validation: every bad record becomes one `ImportIssue(file, record, field, message)`. With
 ``on_error="raise"`` the first one raises a ValueError naming file, record and field; with ``"skip"`` they are
 collected (`write_report` lists each skipped record and why) and ``n_seen == len(cases) + len(issues)``
-always holds: nothing is dropped silently. Messages never quote note text.
+always holds: nothing is dropped silently. Messages never quote note text. A record nested deeper than
+`MAX_JSON_DEPTH` (or too deep for the JSON parser) is one bad record like any other, never a crash.
+
+Kept with a warning (``ImportResult.warnings``, listed in the report, never raised): a case one of whose HPO
+terms is obsolete (mapped to its ``replaced_by`` term) or unknown to the shipped release (dropped); the case
+is skipped only when no usable observed finding remains. Files that are not records (any name not ending in
+``.json``, case-insensitive, and hidden files) are listed in ``ImportResult.ignored``, the same for a folder and
+for an archive.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ _SEX = {"FEMALE": "female", "MALE": "male", "UNKNOWN_SEX": "unknown", "OTHER_SEX
 _ISO_DURATION = re.compile(r"P(?!$)(?:(\d+(?:\.\d+)?)Y)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?"
                            r"(?:T(?=\d)(?:\d+(?:\.\d+)?H)?(?:\d+(?:\.\d+)?M)?(?:\d+(?:\.\d+)?S)?)?")
 RENDER_TRIES = 5
+MAX_JSON_DEPTH = 100  # real phenopackets nest ~10 deep; deeper input is refused per record, not by a crash
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,6 +77,8 @@ class ImportResult:
     cases: list[Case]
     issues: list[ImportIssue]
     n_seen: int
+    warnings: list[ImportIssue] = dataclasses.field(default_factory=list)  # kept records: terms dropped/mapped
+    ignored: list[ImportIssue] = dataclasses.field(default_factory=list)  # files that are not records
 
     def __post_init__(self) -> None:
         if self.n_seen != len(self.cases) + len(self.issues):
@@ -80,11 +90,17 @@ class ImportResult:
         return len(self.issues)
 
     def __add__(self, other: "ImportResult") -> "ImportResult":
-        return ImportResult(self.cases + other.cases, self.issues + other.issues, self.n_seen + other.n_seen)
+        return ImportResult(self.cases + other.cases, self.issues + other.issues, self.n_seen + other.n_seen,
+                            self.warnings + other.warnings, self.ignored + other.ignored)
 
     def summary(self) -> str:
         """One line for logs (counts only, never note text)."""
-        return f"{self.n_seen} records: {len(self.cases)} imported, {len(self.issues)} skipped"
+        out = f"{self.n_seen} records: {len(self.cases)} imported, {len(self.issues)} skipped"
+        if self.warnings:
+            out += f", {len(self.warnings)} HPO terms dropped or mapped in kept records"
+        if self.ignored:
+            out += f", {len(self.ignored)} files of unknown kind ignored"
+        return out
 
 
 class _RecordError(ValueError):
@@ -100,14 +116,51 @@ def _check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
+def _json_depth_error(obj: Any) -> str | None:
+    """None when `obj` nests at most MAX_JSON_DEPTH deep, else why (iterative: deep input cannot recurse here)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels (not a phenopacket or note record)"
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return None
+
+
+def _parse_json(raw: bytes, jsonl: bool = False) -> Any:
+    """Bytes -> JSON value; every way it can fail (encoding, syntax, nesting, number limits) -> _RecordError."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        where = f"at column {e.colno}" if jsonl else f"at line {e.lineno} column {e.colno}"
+        raise _RecordError("<json>", f"invalid JSON: {e.msg} {where}") from None
+    except RecursionError:
+        raise _RecordError("<json>", "nested too deeply to parse (not a phenopacket or note record)") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+        raise _RecordError("<json>", f"invalid JSON: {str(e).splitlines()[0][:200]}") from None
+    why = _json_depth_error(obj)
+    if why:
+        raise _RecordError("<json>", why)
+    return obj
+
+
 class _Collector:
-    """Runs the per-record conversions and applies the raise/skip policy in one place."""
+    """Runs the per-record conversions and applies the raise/skip policy in one place.
+
+    `make(warn)` builds one Case; it may call ``warn(field, message)`` for what it dropped or mapped in a record
+    it keeps (collected in ``warnings``; dropped with the record when the record is skipped after all).
+    """
 
     def __init__(self, on_error: str):
         _check_on_error(on_error)
         self.on_error = on_error
         self.cases: list[Case] = []
         self.issues: list[ImportIssue] = []
+        self.warnings: list[ImportIssue] = []
+        self.ignored: list[ImportIssue] = []
         self.n_seen = 0
         self._ids: dict[str, str] = {}
 
@@ -119,19 +172,28 @@ class _Collector:
 
     def add(self, file: str, record: str, make) -> None:
         self.n_seen += 1
+        pending: list[ImportIssue] = []
+
+        def warn(field: str, message: str) -> None:
+            pending.append(ImportIssue(str(file), str(record), field, message))
+
         try:
-            case = make()
+            case = make(warn)
         except _RecordError as e:
             self.fail(file, record, e.field, e.message)
+            return
+        except RecursionError:  # a structure deep enough to exhaust the stack anywhere in the conversion
+            self.fail(file, record, "<json>", "nested too deeply to process (not a phenopacket or note record)")
             return
         if case.id in self._ids:
             self.fail(file, record, "id", f"duplicate case id {case.id!r} (first seen in record {self._ids[case.id]})")
             return
         self._ids[case.id] = str(record)
         self.cases.append(case)
+        self.warnings.extend(pending)
 
     def result(self) -> ImportResult:
-        return ImportResult(self.cases, self.issues, self.n_seen)
+        return ImportResult(self.cases, self.issues, self.n_seen, self.warnings, self.ignored)
 
 
 def write_report(issues: ImportResult | Sequence[ImportIssue], path: str | Path) -> Path:
@@ -140,16 +202,26 @@ def write_report(issues: ImportResult | Sequence[ImportIssue], path: str | Path)
     Pass the ImportResult to include the seen/imported counts; a bare list of issues works too.
     """
     path = Path(path)
+    warnings: list[ImportIssue] = []
+    ignored: list[ImportIssue] = []
     if isinstance(issues, ImportResult):
         counts = {"n_seen": issues.n_seen, "n_imported": len(issues.cases), "n_skipped": len(issues.issues)}
-        items = issues.issues
+        items, warnings, ignored = issues.issues, issues.warnings, issues.ignored
+        if warnings:
+            counts["n_warnings"] = len(warnings)
+        if ignored:
+            counts["n_ignored_files"] = len(ignored)
     else:
         items = list(issues)
         counts = {"n_skipped": len(items)}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({**counts, "skipped": [dataclasses.asdict(i) for i in items]}, indent=2) + "\n",
-                        encoding="utf-8")
+        doc: dict[str, Any] = {**counts, "skipped": [dataclasses.asdict(i) for i in items]}
+        if warnings:
+            doc["warnings"] = [dataclasses.asdict(i) for i in warnings]
+        if ignored:
+            doc["ignored_files"] = [dataclasses.asdict(i) for i in ignored]
+        path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         return path
 
     def cell(s: str) -> str:
@@ -161,6 +233,11 @@ def write_report(issues: ImportResult | Sequence[ImportIssue], path: str | Path)
         lines += [f"| {cell(i.file)} | {cell(i.record)} | {cell(i.field)} | {cell(i.message)} |" for i in items]
     else:
         lines.append("No record was skipped.")
+    for title, extra in (("Kept, with a warning (HPO terms dropped or mapped)", warnings),
+                         ("Files ignored (not a record of a known kind)", ignored)):
+        if extra:
+            lines += ["", f"## {title}", "", "| file | record | field | what |", "|---|---|---|---|"]
+            lines += [f"| {cell(i.file)} | {cell(i.record)} | {cell(i.field)} | {cell(i.message)} |" for i in extra]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -215,8 +292,16 @@ class _Time:
     onset_hpo: str | None = None
 
 
-def _parse_time(te: Any, path: str, ontology: Ontology) -> _Time | None:
-    """A Phenopacket TimeElement -> years + text; None for forms that carry no age (timestamp, interval)."""
+Warn = Callable[[str, str], None]
+
+
+def _no_warn(field: str, message: str) -> None:
+    pass
+
+
+def _parse_time(te: Any, path: str, ontology: Ontology, warn: Warn = _no_warn) -> _Time | None:
+    """A Phenopacket TimeElement -> years + text; None for forms that carry no age (timestamp, interval), and for
+    an onset class this HPO release does not know (with a warning: the age is left out, the case kept)."""
     if not isinstance(te, dict):
         raise _RecordError(path, f"must be an object (TimeElement), got {_type_name(te)}")
     if "age" in te:
@@ -230,7 +315,7 @@ def _parse_time(te: Any, path: str, ontology: Ontology) -> _Time | None:
     if "ageRange" in te:
         rng = _get(te, "ageRange", dict, f"{path}.ageRange", required=True)
         start = _get(rng, "start", dict, f"{path}.ageRange.start", required=True)
-        inner = _parse_time(start, f"{path}.ageRange.start", ontology)
+        inner = _parse_time(start, f"{path}.ageRange.start", ontology, warn)
         return inner
     if "gestationalAge" in te:
         ga = _get(te, "gestationalAge", dict, f"{path}.gestationalAge", required=True)
@@ -242,8 +327,15 @@ def _parse_time(te: Any, path: str, ontology: Ontology) -> _Time | None:
     if "ontologyClass" in te:
         oc = _get(te, "ontologyClass", dict, f"{path}.ontologyClass", required=True)
         hid = _get(oc, "id", str, f"{path}.ontologyClass.id", required=True)
-        if not ontology.has_term(hid):
-            raise _RecordError(f"{path}.ontologyClass.id", f"unknown HPO id {hid!r} (HPO release {ontology.version})")
+        if not _HPO_RE.fullmatch(hid):
+            raise _RecordError(f"{path}.ontologyClass.id", f"{hid!r} is not an HPO id (HP:NNNNNNN)")
+        current, why = ontology.resolve_term(hid)
+        if current is None:
+            warn(f"{path}.ontologyClass.id", f"{why}: left out")
+            return None
+        if why:
+            warn(f"{path}.ontologyClass.id", why)
+        hid = current
         label = ontology.label(hid)
         text = re.sub(r"\s*onset$", "", label, flags=re.I).lower() or label.lower()
         if ontology.is_onset(hid):
@@ -319,10 +411,11 @@ def phenopacket_case_id(packet: dict) -> str:
 
 
 def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Disease] | None = None,
-                        location: Sequence[str] = ()) -> Case:
+                        location: Sequence[str] = (), warn: Warn = _no_warn) -> Case:
     """One Phenopacket v2 dict -> Case; a ValueError (with ``.field``, the JSON path) on bad input.
 
-    ``location`` = path parts (cohort folder, file name) whose words must not appear in the note.
+    ``location`` = path parts (cohort folder, file name) whose words must not appear in the note. ``warn(field,
+    message)`` hears of each HPO term mapped (obsolete -> its replacement) or dropped (unknown to this release).
     """
     if not isinstance(packet, dict):
         raise _RecordError("<root>", f"a phenopacket must be a JSON object, got {_type_name(packet)}")
@@ -337,7 +430,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     sex = _SEX.get(raw_sex or "UNKNOWN_SEX", "unknown")
     age = None
     if subject.get("timeAtLastEncounter") is not None:
-        age = _parse_time(subject["timeAtLastEncounter"], "subject.timeAtLastEncounter", ontology)
+        age = _parse_time(subject["timeAtLastEncounter"], "subject.timeAtLastEncounter", ontology, warn)
     deceased = isinstance(subject.get("vitalStatus"), dict) and subject["vitalStatus"].get("status") == "DECEASED"
 
     # --- diagnosis ---------------------------------------------------------------------------------------------
@@ -382,6 +475,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     present: list[str] = []
     absent: list[str] = []
     feature_onsets: list[_Time] = []
+    dropped: list[str] = []
     for i, f in enumerate(feats):
         p = f"phenotypicFeatures[{i}]"
         if not isinstance(f, dict):
@@ -390,13 +484,18 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
         hid = _get(t, "id", str, f"{p}.type.id", required=True)
         if not _HPO_RE.fullmatch(hid):
             raise _RecordError(f"{p}.type.id", f"{hid!r} is not an HPO id (HP:NNNNNNN)")
-        if not ontology.has_term(hid):
-            raise _RecordError(f"{p}.type.id", f"unknown HPO id {hid!r} (not in HPO release {ontology.version}; "
-                                               "obsolete or newer term)")
         _get(t, "label", str, f"{p}.type.label")
         excluded = _get(f, "excluded", bool, f"{p}.excluded") or False
+        current, why = ontology.resolve_term(hid)
+        if current is None:  # newer than, or withdrawn from, the shipped release: the rest of the case still counts
+            warn(f"{p}.type.id", f"{why}: term dropped, case kept")
+            dropped.append(hid)
+            continue
+        if why:
+            warn(f"{p}.type.id", f"{why}: mapped, case kept")
+        hid = current
         if f.get("onset") is not None:
-            ft = _parse_time(f["onset"], f"{p}.onset", ontology)
+            ft = _parse_time(f["onset"], f"{p}.onset", ontology, warn)
             if ft is not None and ft.years is not None and not excluded:
                 feature_onsets.append(ft)
         (absent if excluded else present).append(hid)
@@ -407,7 +506,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     onset: _Time | None = None
     for i, item in enumerate(packet.get("diseases") or []):
         if isinstance(item, dict) and item.get("onset") is not None:
-            onset = _parse_time(item["onset"], f"diseases[{i}].onset", ontology)
+            onset = _parse_time(item["onset"], f"diseases[{i}].onset", ontology, warn)
             if onset is not None and onset.years is not None:
                 break
             onset = None
@@ -427,6 +526,8 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     absent = [h for h in absent if h not in withheld]
     if not present:
         why = f" ({len(withheld)} withheld: their wording would reveal the answer)" if withheld else ""
+        if dropped:
+            why += f" ({len(dropped)} not in HPO release {ontology.version}: {', '.join(dropped[:5])})"
         raise _RecordError("phenotypicFeatures", f"no observed (non-excluded) phenotypic feature to describe{why}")
 
     # --- render with the simulator's renderer, then check ------------------------------------------------------
@@ -457,18 +558,41 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
                 level="real", source="phenopacket", meta=meta)
 
 
-def _iter_json_records(path: Path) -> Iterator[tuple[str, str, tuple[str, ...], bytes | Exception]]:
+def _is_record_name(name: str) -> bool:
+    """A phenopacket record: a name ending in .json, any case (.json, .JSON, .Json), the same for folders and
+    archives."""
+    return name.lower().endswith(".json")
+
+
+def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
+                       ) -> Iterator[tuple[str, str, tuple[str, ...], bytes | Exception]]:
     """(file, record, location parts, raw bytes or read error) for each .json record under ``path``.
 
-    Hidden files (``.*``, e.g. macOS ``._x.json``) are not records; everything else ending in .json is.
+    Hidden files (``.*``, e.g. macOS ``._x.json``) are not records; everything else ending in .json (any case)
+    is. Every other file met (hidden, another extension, not a regular file) is appended to ``ignored`` with the
+    reason, for a folder and for an archive alike.
     """
+    ignored = ignored if ignored is not None else []
+
     def hidden(name: str) -> bool:
         return any(part.startswith(".") for part in Path(name).parts if part not in (".", ".."))
 
+    def ignore(file: str, record: str, why: str) -> None:
+        ignored.append(ImportIssue(file, record, "<file>", why))
+
     if path.is_dir():
-        for f in sorted(path.rglob("*.json")):
+        for f in sorted(path.rglob("*")):
             rel = f.relative_to(path)
-            if hidden(str(rel)) or not f.is_file():
+            if f.is_dir():
+                continue
+            if hidden(str(rel)):
+                ignore(str(f), str(rel), "hidden file, not read as a record")
+                continue
+            if not _is_record_name(f.name):
+                ignore(str(f), str(rel), "unknown file kind (a phenopacket record ends in .json), ignored")
+                continue
+            if not f.is_file():
+                ignore(str(f), str(rel), "not a regular file (dangling link, device or folder), ignored")
                 continue
             try:
                 raw: bytes | Exception = f.read_bytes()
@@ -478,7 +602,16 @@ def _iter_json_records(path: Path) -> Iterator[tuple[str, str, tuple[str, ...], 
     elif tarfile.is_tarfile(path):
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
-                if not m.isfile() or not m.name.lower().endswith(".json") or hidden(m.name):
+                if m.isdir():
+                    continue
+                if hidden(m.name):
+                    ignore(str(path), m.name, "hidden file, not read as a record")
+                    continue
+                if not _is_record_name(m.name):
+                    ignore(str(path), m.name, "unknown file kind (a phenopacket record ends in .json), ignored")
+                    continue
+                if not m.isfile():
+                    ignore(str(path), m.name, "not a regular file (link or device member), ignored")
                     continue
                 fh = tar.extractfile(m)
                 try:
@@ -497,24 +630,20 @@ def _iter_json_records(path: Path) -> Iterator[tuple[str, str, tuple[str, ...], 
 
 
 def load_phenopackets(path: str | Path, ontology: Ontology, on_error: str = "raise") -> ImportResult:
-    """Every .json phenopacket in a folder (recursive), a .tar.gz/.tar archive (read in memory) or one file."""
+    """Every .json phenopacket (any case of the extension) in a folder (recursive), a .tar.gz/.tar archive (read
+    in memory) or one file. Other files are listed in the result's ``ignored``."""
     _check_on_error(on_error)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such phenopacket file, folder or archive")
     diseases = {d.id: d for d in ontology.diseases()}
     col = _Collector(on_error)
-    for file, record, location, raw in _iter_json_records(path):
-        def make(raw=raw, location=location) -> Case:
+    for file, record, location, raw in _iter_json_records(path, col.ignored):
+        def make(warn, raw=raw, location=location) -> Case:
             if isinstance(raw, Exception):
                 raise _RecordError("<file>", f"cannot read: {raw}")
-            try:
-                packet = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
-            except json.JSONDecodeError as e:
-                raise _RecordError("<json>", f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-            return phenopacket_to_case(packet, ontology, diseases, location)
+            packet = _parse_json(raw)
+            return phenopacket_to_case(packet, ontology, diseases, location, warn)
 
         col.add(file, record, make)
     return col.result()
@@ -525,7 +654,8 @@ def load_phenopackets(path: str | Path, ontology: Ontology, on_error: str = "rai
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _jsonl_case(obj: Any, ontology: Ontology, linker: DiseaseLinker, diseases: dict[str, Disease]) -> Case:
+def _jsonl_case(obj: Any, ontology: Ontology, linker: DiseaseLinker, diseases: dict[str, Disease],
+                warn: Warn = _no_warn) -> Case:
     if not isinstance(obj, dict):
         raise _RecordError("<root>", f"each line must be a JSON object, got {_type_name(obj)}")
     cid = _get(obj, "id", str, "id", required=True)
@@ -568,10 +698,18 @@ def _jsonl_case(obj: Any, ontology: Ontology, linker: DiseaseLinker, diseases: d
     hpo: dict[str, list[str]] = {}
     for name in ("present_hpo", "absent_hpo"):
         vals = _get(obj, name, list, name) or []
+        kept: list[str] = []
         for j, h in enumerate(vals):
-            if not isinstance(h, str) or not ontology.has_term(h):
-                raise _RecordError(f"{name}[{j}]", f"unknown HPO id {h!r}")
-        hpo[name] = vals
+            if not isinstance(h, str) or not _HPO_RE.fullmatch(h):
+                raise _RecordError(f"{name}[{j}]", f"{h!r} is not an HPO id (HP:NNNNNNN)")
+            current, why = ontology.resolve_term(h)
+            if current is None:
+                warn(f"{name}[{j}]", f"{why}: term dropped, note kept")
+                continue
+            if why:
+                warn(f"{name}[{j}]", f"{why}: mapped, note kept")
+            kept.append(current)
+        hpo[name] = kept
     meta = _get(obj, "meta", dict, "meta") or {}
     return Case(id=cid, text=text, diagnosis=tuple(gold), diagnosis_name=diseases[gold[0]].name,
                 present_hpo=tuple(hpo["present_hpo"]), absent_hpo=tuple(hpo["absent_hpo"]), sex=sex,
@@ -598,14 +736,8 @@ def load_jsonl_notes(path: str | Path, ontology: Ontology, linker: DiseaseLinker
             if not raw.strip():
                 continue
 
-            def make(raw=raw) -> Case:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
-                except json.JSONDecodeError as e:
-                    raise _RecordError("<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
-                return _jsonl_case(obj, ontology, linker, diseases)
+            def make(warn, raw=raw) -> Case:
+                return _jsonl_case(_parse_json(raw, jsonl=True), ontology, linker, diseases, warn)
 
             col.add(str(path), str(lineno), make)
     return col.result()
@@ -648,6 +780,7 @@ def load_cases(spec: str | Path | Sequence[str | Path], ontology: Ontology, link
             col = _Collector(on_error)  # reuse the raise/skip policy for cross-source duplicates
             for c in dups:
                 col.fail(str(path), c.id, "id", f"duplicate case id {c.id!r} (already imported from an earlier input)")
-            res = ImportResult([c for c in res.cases if c.id not in seen], res.issues + col.issues, res.n_seen)
+            res = ImportResult([c for c in res.cases if c.id not in seen], res.issues + col.issues, res.n_seen,
+                               res.warnings, res.ignored)
         total = total + res
     return total
