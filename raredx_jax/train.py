@@ -4,14 +4,18 @@ Dispatches on `config.stage` through `STAGES` (stage -> "module:function"); a st
 resolved ConfigDict and returns a summary dict. A later stage registers by adding one line here. A hardware
 target composes with any stage: `--config=configs/knowledge_sft.py:h100x8`.
 
-Exit status: 0 on success, 2 for a bad config or a missing input (the message names the field or the stage to
-run first), 3 when training stopped on a non-finite loss (the last good checkpoint is kept).
+Exit status: 0 on success; 2 for a bad config or a missing input: an unknown or mistyped `--config.x=y` field, a
+config file that does not load, a value a stage refuses, an input not built yet (the message names the field or
+the stage to run first), a run dir whose checkpoints hold another model; 3 when training stopped on a non-finite
+loss (the last good checkpoint is kept); 1 for an unexpected failure (a traceback). Errors of exit 2 and 3 are
+one line `train: error: ...` on stderr; RAREDX_TRACEBACK=1 raises them instead, with the traceback.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -63,29 +67,102 @@ def run(config: Any) -> dict:
     return fn(config)
 
 
+def fail(message: Any, code: int = 2) -> None:
+    """Print `train: error: <message>` as one line on stderr and exit with `code`."""
+    print(f"train: error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def one_line(message: Any) -> str:
+    """An error message as one line; a message that embeds a traceback (a config file that raised while loading)
+    is reduced to where it happened and the exception's own message."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        head = lines[0].split(": Error whilst parsing config file", 1)[0].rstrip(":")
+        last = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+        lines = [f"{head}: {last}"] if head and not head.startswith("Traceback") else [last]
+    return " ".join(lines)
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+    """The dotted fields of the `--config.a.b=value` arguments, in order."""
+    out = []
+    for a in argv[1:]:
+        if a.startswith(("--config.", "-config.")):
+            out.append(a.lstrip("-").split("=", 1)[0][len("config."):])
+    return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the CLI's error contract: a bad flag or config override is one line, exit 2.
+
+    ml_collections raises KeyError / AttributeError (not a flags error) for an override of a field the config does
+    not have, which absl would print as a traceback with exit 1.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if os.environ.get("RAREDX_TRACEBACK"):
+            raise
+        fail(one_line(e) + (" (see --helpshort)" if isinstance(e, flags.UnrecognizedFlagError) else ""))
+    except (KeyError, AttributeError) as e:
+        if os.environ.get("RAREDX_TRACEBACK"):
+            raise
+        inner = e.args[0] if e.args else e
+        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+        first, *hint = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+        key = first.strip("'\"")
+        bad = [o for o in _config_overrides(argv) if key in o.split(".")]
+        where = f"--config.{bad[0]}" if bad else "--config"
+        fail(f"{where}: the config has no field {key!r}{' (' + hint[0] + ')' if hint else ''}; the fields are "
+             "those of configs/base.py and the stage's config file, and no field is created by an override")
+    return []  # not reached
+
+
+def _config_path(argv: list[str]) -> str:
+    for a in argv[1:]:
+        if a.startswith(("--config=", "-config=")):
+            return a.split("=", 1)[1]
+    return "?"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]} (use --config.x=y to override fields)")
+        fail(f"unexpected arguments: {argv[1:]} (use --config.x=y to override fields)")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.get("stage")  # ml_collections defers the error of a config file that did not load to first use
+    except OSError as e:
+        if os.environ.get("RAREDX_TRACEBACK"):
+            raise
+        reason = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
+        fail(f"--config={_config_path(sys.argv)}: the config file did not load ({reason})")
     if config is None:
-        sys.exit("train: --config is required, e.g. --config=configs/knowledge_sft.py")
+        fail("--config is required, e.g. --config=configs/knowledge_sft.py")
+    run_cli(config)
+
+
+def run_cli(config: Any) -> None:
+    """`run(config)` with the CLI's error contract (module docstring): prints the summary as one JSON line; a bad
+    config or missing input is one line on stderr, exit 2; a non-finite loss, exit 3."""
     from raredx_jax.training.sft import MissingInputError, NonFiniteLossError
 
     try:
         summary = run(config)
     except NonFiniteLossError as e:
-        print(f"train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        if os.environ.get("RAREDX_TRACEBACK"):
+            raise
+        fail(e, 3)
     except (MissingInputError, FileNotFoundError, ValueError) as e:
         if os.environ.get("RAREDX_TRACEBACK"):
             raise
-        print(f"train: error: {e}\n(set RAREDX_TRACEBACK=1 for the traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(e, 2)
     if summary is not None:
         print(json.dumps({"summary": summary}, default=str), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

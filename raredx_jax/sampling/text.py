@@ -48,6 +48,29 @@ def _batch_rows(count: int, batch_size: int, divisor: int) -> int:
     return -(-rows // divisor) * divisor
 
 
+def context_length(model: Any) -> int:
+    """Tokens the model's context holds (prompt + generation): its config's `max_position_embeddings`."""
+    return int(model.config.max_position_embeddings)
+
+
+def prompt_budget(model: Any, prompt_tokens: int, max_new_tokens: int, min_new_tokens: int = 64) -> tuple[int, int]:
+    """(max_prompt_len, max_new_tokens) for one prompt of `prompt_tokens` tokens within the model's context.
+
+    The prompt may use everything the context leaves after `max_new_tokens`; a prompt longer than that keeps its
+    length and the generation budget shrinks to what is left, down to `min(min_new_tokens, max_new_tokens)`.
+    ValueError (one line, with the numbers and the fix) only when the prompt cannot fit the model at all.
+    """
+    context = context_length(model)
+    want = max(1, int(max_new_tokens))
+    floor = max(1, min(int(min_new_tokens), want))
+    if prompt_tokens + floor > context:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens; the model's context holds {context} tokens, which "
+                         f"leaves no room for the {floor} generated tokens an answer needs: shorten the note to "
+                         f"about {max(0, context - floor)} tokens")
+    new = min(want, context - prompt_tokens)
+    return context - new, new
+
+
 def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]], n: int = 1,
                   params: SamplingParams | None = None, seed: int | jax.Array = 0,
                   mesh: jax.sharding.Mesh | None = None, *, progress: bool = False, desc: str = "generate",

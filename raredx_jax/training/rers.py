@@ -504,7 +504,7 @@ def build_samplers(config: Any, tokenizer: Any) -> tuple[SampleFn, SampleFn, str
     elif config.model.hf_path:
         checkpoint = os.path.abspath(config.model.hf_path)
     else:
-        checkpoint = f"fresh:{config.model.preset}:seed{config.seed}"
+        checkpoint = _provenance(config)
         print("[rers] WARNING: model.init_from is empty: sampling a randomly initialised model (set it to the "
               "knowledge-SFT run, e.g. runs/knowledge_sft)", flush=True)
     params = SamplingParams.from_config(config.sampling)
@@ -718,7 +718,8 @@ def _provenance(config: Any) -> str:
         return resolve_init_checkpoint(config.model.init_from)
     if config.model.hf_path:
         return os.path.abspath(config.model.hf_path)
-    return f"fresh:{config.model.preset}:seed{config.seed}"
+    vocab = int(config.model.get("vocab_size", 0) or 0)  # part of the model's identity when set (resume check)
+    return f"fresh:{config.model.preset}:seed{config.seed}" + (f":vocab{vocab}" if vocab else "")
 
 
 def _progress(total: int, desc: str) -> Any:

@@ -41,6 +41,7 @@ from raredx_jax.parallel.mesh import make_mesh
 from raredx_jax.parallel.sharding import logical_to_spec
 from raredx_jax.training import metrics as metrics_lib
 from raredx_jax.training.optim import accumulate_gradients, make_optimizer
+from raredx_jax.training.resume_guard import ModelChangedError, check_model_shape, check_resume  # noqa: F401
 from raredx_jax.training.state import (TrainState, abstract_params, abstract_train_state, cast_params,
                                        create_train_state, replicated, split_model, train_state_shardings)
 
@@ -400,6 +401,10 @@ def knowledge_probe_score(config: Any, graphdef: nnx.GraphDef, params: Any, para
 
 # --- the run -----------------------------------------------------------------------------------------------------
 def _write_resolved_config(config: Any, run_dir: str) -> None:
+    """Write `<run_dir>/config.json`; first refuse (ModelChangedError) a run dir whose checkpoints hold another
+    model than the config names: another source than the old config.json records, or another shape (GRPO calls
+    this too, before its resume)."""
+    check_resume(config, run_dir)
     if jax.process_index() != 0:
         return
     os.makedirs(run_dir, exist_ok=True)
@@ -410,12 +415,16 @@ def _write_resolved_config(config: Any, run_dir: str) -> None:
 
 
 def _resume_model_config(ckpt: TrainCheckpointManager, config: Any) -> ModelConfig | None:
-    """ModelConfig recorded in the newest readable step (numerics from the current config)."""
+    """ModelConfig recorded in the newest readable step (numerics from the current config); ModelChangedError when
+    its shape differs from the model the config asks for (another preset, vocab_size, HF dir or init checkpoint)."""
     for step in reversed(ckpt.steps()):
         try:
-            return orbax_io.read_model_config(ckpt.step_dir(step), **_numerics(config))
+            saved = orbax_io.read_model_config(ckpt.step_dir(step), **_numerics(config))
         except Exception as e:  # noqa: BLE001 - a damaged step; restore() reports and skips it
             log.warning("cannot read model_config of %s: %s", ckpt.step_dir(step), e)
+            continue
+        check_model_shape(saved, config, ckpt.step_dir(step))
+        return saved
     return None
 
 
@@ -458,6 +467,7 @@ def run_sft(config: Any) -> dict[str, Any]:
     batch_size, seq_len, accum = int(tc.batch_size), int(tc.seq_len), int(tc.get("grad_accum", 1))
     mesh = make_mesh(config.mesh)
     check_batch(mesh, batch_size, accum)
+    check_resume(config, run_dir)  # before a data build: a refused resume fails in seconds
 
     ensure_dataset(config)
     tokenizer = load_tokenizer(config)
