@@ -49,11 +49,21 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
     model = tokenizer = None
     if checkpoint:
         model, tokenizer = load_policy(checkpoint, mesh, tokenizer_dir=tokenizer_dir, dtype=config.model.dtype)
+    import jax
+
     sets = [load_case_set(s, config.data.dir, ontology, linker, candidates, on_error="skip",
-                          limit=config.eval.get("max_cases", 0)) for s in case_specs]
+                          limit=config.eval.get("max_cases", 0),
+                          report_dir=out_dir, write=jax.process_index() == 0) for s in case_specs]
+    if jax.process_index() == 0:
+        for cs in sets:  # counts and the report path only: a skip message never quotes note text
+            if cs.n_import_errors:
+                print(f"[eval] {cs.name}: skipped {cs.n_import_errors} bad records (file, record, field and why "
+                      f"each: {cs.report}); evaluating {len(cs.cases)} cases", flush=True)
+            elif cs.report:
+                print(f"[eval] {cs.name}: no record skipped; dropped or mapped HPO terms and ignored files are "
+                      f"listed in {cs.report}", flush=True)
     report = run_evaluation(model, tokenizer, sets, ontology, candidates, linker, config, mesh, progress)
     report["checkpoint"] = checkpoint
-    import jax
     if jax.process_index() == 0:
         paths = write_report(report, out_dir, title)
         print(f"[eval] wrote {paths['markdown']}", flush=True)

@@ -10,6 +10,11 @@ skips; any difference rebuilds from scratch (the previous outputs of this builde
 datasets and other files in data.dir are left alone). The manifest is written last, so an interrupted or
 failed build reruns.
 Other stages call `build_all(config)` in-process (on one process; others wait for it).
+
+Failures: a disease the note simulator cannot write a note for without naming it (`simulate.UnrenderableError`)
+is left out of every dataset and listed in `skipped_diseases.json` / `.md` (a console line gives the count);
+the build goes on. As a program, bad input or configuration ends with one line on stderr
+(`data.build: error: <file>: record <record>: field <field>: <why>` for a bad imported record) and exit status 2.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+SKIPPED_DISEASES = "skipped_diseases"  # .json + .md: diseases left out because no note could be rendered
 BUILD_FORMAT = 1  # bump when the on-disk layout written here changes
 SPLITS = ("train", "validation", "test")
 # Fresh training notes that only GRPO reads (`data.rl_notes_per_disease`): RERS and SFT never saw them, so the
@@ -123,9 +129,18 @@ def _levels(config: Any) -> tuple[str, ...]:
     return names
 
 
-def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Log) -> dict[str, list[dict]]:
-    """Training passages plus a validation split of *other* phrasings of the same facts (exact repeats removed)."""
+def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Log,
+                    unrenderable: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Training passages plus a validation split of *other* phrasings of the same facts (exact repeats removed).
+
+    With `unrenderable` (a dict), a disease whose worked cases cannot be rendered is added to it (id -> why) and
+    its records are left out; the caller must then rebuild with the smaller set (neighbours differ)."""
     from raredx_jax.data.knowledge import knowledge_records
+
+    on_unrenderable = None
+    if unrenderable is not None:
+        def on_unrenderable(d: Any, e: Exception) -> None:
+            unrenderable.setdefault(d.id, str(e))
 
     seed = int(config.data.seed)
     style = config.data.get("knowledge_exemplar_style", "note")
@@ -134,12 +149,14 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
                               exemplars_per_disease=int(config.data.get("knowledge_exemplars_per_disease", 3)),
                               exemplar_style=style,
                               reflection_exemplars_per_disease=int(
-                                  config.data.get("knowledge_reflection_exemplars_per_disease", 0)))
+                                  config.data.get("knowledge_reflection_exemplars_per_disease", 0)),
+                              on_unrenderable=on_unrenderable)
     out = {"train": list(train)}
     n_val = int(config.data.get("knowledge_eval_passages_per_disease", 0))
     if n_val > 0:
         val = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "validation"),
-                                passages_per_disease=n_val, exemplar_style=style)
+                                passages_per_disease=n_val, exemplar_style=style,
+                                on_unrenderable=on_unrenderable)
         seen = {_record_key(r) for r in train}
         held_out = [r for r in val if _record_key(r) not in seen]
         if len(held_out) < len(val):
@@ -168,10 +185,15 @@ def _record_key(r: dict) -> str:
     return json.dumps([r.get("prompt", ""), r.get("completion", "")], sort_keys=True, ensure_ascii=False)
 
 
-def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Log) -> dict[str, list[Any]]:
+def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Log,
+                    unrenderable: dict[str, str] | None = None) -> dict[str, list[Any]]:
     """Notes for every disease in every split, each split with its own seed; a note never repeats an earlier
     split's verbatim (train, validation, test, then the GRPO-only `rl` split), and case ids are unique across
-    splits."""
+    splits.
+
+    With `unrenderable` (a dict), a disease the simulator cannot write a note for in some split is added to it
+    (id -> why) and left out of every split; the notes of the others are exactly those of a build without it
+    (a note depends only on (seed, disease, index), and de-duplication runs over the kept diseases only)."""
     from raredx_jax.data import simulate
 
     seed = int(config.data.seed)
@@ -186,12 +208,24 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     n_rl = int(config.data.get("rl_notes_per_disease", 0))
     if n_rl > 0:  # last, so it is de-duplicated against every other split and changes none of them
         counts[RL_SPLIT] = n_rl
+    generated: dict[str, list[list[Any]]] = {split: [] for split in counts}
+    for split, n in counts.items():
+        for d in diseases:
+            try:
+                generated[split].append(simulate.simulate_cases(
+                    [d], ontology, n_per_disease=n, seed=_split_seed(seed, "cases", split), levels=levels))
+            except simulate.UnrenderableError as e:
+                if unrenderable is None:
+                    raise
+                unrenderable.setdefault(d.id, str(e))
+                generated[split].append([])
     out: dict[str, list[Any]] = {}
     seen_text: set[str] = set()
     seen_ids: set[str] = set()
+    skip = set(unrenderable or ())
+    diseases = [d for d in diseases if d.id not in skip]
     for split, n in counts.items():
-        cases = simulate.simulate_cases(diseases, ontology, n_per_disease=n, seed=_split_seed(seed, "cases", split),
-                                        levels=levels)
+        cases = [c for per in generated[split] for c in per if c.diagnosis[0] not in skip]
         kept = []
         for case in cases:
             if case.text in seen_text:
@@ -282,12 +316,30 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
     log(f"selected {len(diseases)} diseases (data.diseases.kind={config.data.diseases.kind}) "
         f"[{time.time() - t0:.1f}s]")
 
-    knowledge = build_knowledge(diseases, ontology, config, log)
-    log("knowledge: " + ", ".join(f"{k} {len(v)}" for k, v in knowledge.items()) + f" items [{time.time() - t0:.1f}s]")
-    cases = build_simulated(diseases, ontology, config, log)
-    log("simulated notes: " + ", ".join(f"{k} {len(v)}" for k, v in cases.items()) + f" [{time.time() - t0:.1f}s]")
+    # real cases first: with data.on_error=raise a bad record ends the build before minutes of generation
     imported_result = build_imported(ontology, config, log)
     imported = imported_result.cases if imported_result is not None else []
+
+    unrenderable: dict[str, str] = {}
+    cases = build_simulated(diseases, ontology, config, log, unrenderable)
+    for _ in range(len(diseases) + 1):
+        kept = [d for d in diseases if d.id not in unrenderable]
+        n_before = len(unrenderable)
+        knowledge = build_knowledge(kept, ontology, config, log, unrenderable)
+        if len(unrenderable) == n_before:
+            break
+        # the knowledge corpus left a disease out: rebuild both on the smaller set (neighbours, de-duplication)
+        cases = build_simulated(kept, ontology, config, log, unrenderable)
+    diseases = [d for d in diseases if d.id not in unrenderable]
+    if unrenderable:
+        report = _write_skipped_diseases(data_dir, unrenderable, ontology)
+        log(f"left out {len(unrenderable)} diseases the note simulator cannot render without naming them "
+            f"(report: {report})")
+    if not diseases:
+        raise ValueError("data.diseases: no selected disease can be rendered as a note; see "
+                         f"{data_dir / (SKIPPED_DISEASES + '.md')}")
+    log("knowledge: " + ", ".join(f"{k} {len(v)}" for k, v in knowledge.items()) + f" items [{time.time() - t0:.1f}s]")
+    log("simulated notes: " + ", ".join(f"{k} {len(v)}" for k, v in cases.items()) + f" [{time.time() - t0:.1f}s]")
     if imported_result is not None:
         from raredx_jax.data import importers
 
@@ -323,6 +375,7 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
         "tokenizer": {"path": "tokenizer/spm.model", "vocab_size": spm_vocab, "model_type": model_type},
         "imported": ({"seen": imported_result.n_seen, "imported": len(imported_result.cases),
                       "skipped": imported_result.n_skipped} if imported_result is not None else None),
+        "skipped_diseases": sorted(unrenderable),
         "seconds": round(time.time() - t0, 2),
     }
     tmp = data_dir / (MANIFEST + ".tmp")
@@ -342,8 +395,29 @@ def _clear_outputs(data_dir: Path) -> None:
             continue  # written by the RERS stage, not by this build
         shutil.rmtree(tb.dataset_dir(name, data_dir), ignore_errors=True)
     shutil.rmtree(data_dir / "tokenizer", ignore_errors=True)
-    for name in ("import_report.json", "import_report.md"):
+    for name in ("import_report.json", "import_report.md", SKIPPED_DISEASES + ".json", SKIPPED_DISEASES + ".md"):
         (data_dir / name).unlink(missing_ok=True)
+
+
+def _write_skipped_diseases(data_dir: Path, unrenderable: dict[str, str], ontology: Any) -> Path:
+    """skipped_diseases.json + .md: each disease left out and why (messages name ids and words, never notes)."""
+    def name(did: str) -> str:
+        try:
+            return ontology.disease(did).name
+        except KeyError:
+            return ""
+
+    items = [{"id": d, "name": name(d), "why": why} for d, why in sorted(unrenderable.items())]
+    (data_dir / (SKIPPED_DISEASES + ".json")).write_text(
+        json.dumps({"n_skipped": len(items), "skipped": items}, indent=2) + "\n", encoding="utf-8")
+    lines = ["# Diseases left out of the build", "",
+             f"{len(items)} selected diseases had no note the simulator could write without giving the diagnosis "
+             "away; they are in no dataset (knowledge, simulated cases) and not in manifest.json's disease list.",
+             "", "| id | name | why |", "|---|---|---|"]
+    lines += [f"| {i['id']} | {i['name'].replace('|', '/')} | {i['why'].replace('|', '/')} |" for i in items]
+    md = data_dir / (SKIPPED_DISEASES + ".md")
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
@@ -351,7 +425,10 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags
 
     del argv
-    config = flags.FLAGS.config
+    try:
+        config = flags.FLAGS.config
+    except OSError as e:  # config_flags reports a config file it could not load only when it is read
+        sys.exit(error_line(ValueError(f"bad configuration: {e}")))
     if config is None:
         raise SystemExit("--config is required, e.g. --config=configs/data.py")
     import tensorflow_datasets as tfds
@@ -361,7 +438,20 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO; our own lines report progress
     if not sys.stdout.isatty():
         tfds.display_progress_bar(False)  # no carriage-return bars in piped logs
-    build_all(config, force=flags.FLAGS.force)
+    try:
+        build_all(config, force=flags.FLAGS.force)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        sys.exit(error_line(e))
+
+
+def error_line(e: BaseException) -> int:
+    """Print `data.build: error: <message>` as one line on stderr; returns 2 (bad input or configuration).
+
+    Bad imported records read `<file>: record <record>: field <field>: <why>` (importers.ImportIssue)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split()) or type(e).__name__
+    print(f"data.build: error: {msg}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":
@@ -370,4 +460,14 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/data.py", lock_config=True)
     flags.DEFINE_bool("force", False, "Rebuild even if the manifest says the data are up to date.")
-    app.run(main)
+
+    def _parse(argv: list[str]) -> list[str]:
+        """absl's parser, but an unknown or mistyped config field is one line and exit 2, not a traceback."""
+        try:
+            return flags.FLAGS(argv)
+        except AttributeError as e:  # ml_collections: an override names a field the config does not have
+            sys.exit(error_line(ValueError(f"bad configuration: unknown config field {str(e).strip(chr(34))}")))
+        except (flags.Error, KeyError, TypeError, ValueError, OSError) as e:
+            sys.exit(error_line(ValueError(f"bad configuration: {e.args[0] if e.args else e}")))
+
+    app.run(main, flags_parser=_parse)

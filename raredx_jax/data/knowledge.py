@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from raredx_jax.data.hpo import Disease, Ontology, PhenotypeAnnotation
+from raredx_jax.data.simulate import UnrenderableError
 
 Record = dict
 
@@ -387,12 +388,15 @@ def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx:
 
 def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int,
                       passages_per_disease: int, exemplars_per_disease: int = 3,
-                      exemplar_style: str = "note", reflection_exemplars_per_disease: int = 0
-                      ) -> list[Record]:
+                      exemplar_style: str = "note", reflection_exemplars_per_disease: int = 0,
+                      on_unrenderable: Callable[[Disease, Exception], None] | None = None) -> list[Record]:
     """SFT records per disease: about half passages (prompt "", templates cycled) and half Q&A (chat prompt).
 
     A record is {"prompt": "" or [{"role": "user", "content": q}], "completion": str, "disease_id", "kind",
-    "template"}. Deterministic for (seed, disease set).
+    "template"}. Deterministic for (seed, disease set). With `on_unrenderable`, a disease whose worked cases
+    the note simulator cannot write (`simulate.UnrenderableError`) gets no records and is passed to it (the
+    caller drops it from the disease set: the other diseases' contrast passages depend on that set); without,
+    the error propagates.
     """
     if passages_per_disease < 1:
         raise ValueError(f"data.knowledge_passages_per_disease must be >= 1, got {passages_per_disease}")
@@ -404,36 +408,51 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
     names = list(PASSAGE_TEMPLATES)
     out: list[Record] = []
     for d in diseases:
-        rng = _rng(seed, d.id, "knowledge")
-        n_pass = max(1, (passages_per_disease + 1) // 2)
-        start = int(rng.integers(len(names)))
-        for i in range(n_pass):
-            name = names[(start + i) % len(names)]
-            out.append({"prompt": "", "completion": PASSAGE_TEMPLATES[name](d, ontology, rng, ctx),
-                        "disease_id": d.id, "kind": "passage", "template": name})
-        qa: list[tuple[str, str, str]] = []
-        seen: set[str] = set()
-        for _ in range(10):  # fresh draws vary the findings; repeats only when a disease has few facts
-            qa.extend(item for item in _qa_items(d, ontology, rng) if item[1] not in seen and not seen.add(item[1]))
-            if len(qa) >= passages_per_disease - n_pass:
-                break
-        while qa and len(qa) < passages_per_disease - n_pass:
-            qa.append(qa[len(qa) % len(seen)])
-        for name, q, a in qa[: passages_per_disease - n_pass]:
-            out.append({"prompt": [{"role": "user", "content": q}], "completion": a,
-                        "disease_id": d.id, "kind": "qa", "template": name})
-        for j in range(exemplars_per_disease):
-            ex = _exemplar(d, ontology, rng, ctx, exemplar_style, j)
-            if ex is not None:
-                out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "exemplar",
-                            "template": "diagnostic_exemplar"})
-        rrng = _rng(seed, d.id, "reflection")  # its own stream: adding these leaves the other records unchanged
-        for j in range(reflection_exemplars_per_disease):
-            ex = _reflection_exemplar(d, ontology, rrng, ctx, j)
-            if ex is not None:
-                out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "reflection_exemplar",
-                            "template": "reflection_exemplar"})
+        start_len = len(out)
+        try:
+            _disease_records(d, ontology, seed, passages_per_disease, exemplars_per_disease, exemplar_style,
+                             reflection_exemplars_per_disease, ctx, names, out)
+        except UnrenderableError as e:
+            if on_unrenderable is None:
+                raise
+            del out[start_len:]
+            on_unrenderable(d, e)
     return out
+
+
+def _disease_records(d: Disease, ontology: Ontology, seed: int, passages_per_disease: int,
+                     exemplars_per_disease: int, exemplar_style: str, reflection_exemplars_per_disease: int,
+                     ctx: dict, names: list[str], out: list[Record]) -> None:
+    """Appends one disease's knowledge records to `out` (the body of `knowledge_records`' loop)."""
+    rng = _rng(seed, d.id, "knowledge")
+    n_pass = max(1, (passages_per_disease + 1) // 2)
+    start = int(rng.integers(len(names)))
+    for i in range(n_pass):
+        name = names[(start + i) % len(names)]
+        out.append({"prompt": "", "completion": PASSAGE_TEMPLATES[name](d, ontology, rng, ctx),
+                    "disease_id": d.id, "kind": "passage", "template": name})
+    qa: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for _ in range(10):  # fresh draws vary the findings; repeats only when a disease has few facts
+        qa.extend(item for item in _qa_items(d, ontology, rng) if item[1] not in seen and not seen.add(item[1]))
+        if len(qa) >= passages_per_disease - n_pass:
+            break
+    while qa and len(qa) < passages_per_disease - n_pass:
+        qa.append(qa[len(qa) % len(seen)])
+    for name, q, a in qa[: passages_per_disease - n_pass]:
+        out.append({"prompt": [{"role": "user", "content": q}], "completion": a,
+                    "disease_id": d.id, "kind": "qa", "template": name})
+    for j in range(exemplars_per_disease):
+        ex = _exemplar(d, ontology, rng, ctx, exemplar_style, j)
+        if ex is not None:
+            out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "exemplar",
+                        "template": "diagnostic_exemplar"})
+    rrng = _rng(seed, d.id, "reflection")  # its own stream: adding these leaves the other records unchanged
+    for j in range(reflection_exemplars_per_disease):
+        ex = _reflection_exemplar(d, ontology, rrng, ctx, j)
+        if ex is not None:
+            out.append({"prompt": ex[0], "completion": ex[1], "disease_id": d.id, "kind": "reflection_exemplar",
+                        "template": "reflection_exemplar"})
 
 
 # --- held-out probes -----------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Specs (comma-separated for several): `simulated:test` / `simulated:validation` (built by data.build),
 `imported:test`, a phenopacket folder or `.tar.gz`, or a `.jsonl` notes file. Cases whose diagnosis lies
-outside the candidate disease set are counted and reported, never silently dropped.
+outside the candidate disease set are counted and reported, never silently dropped. Records an importer skips
+(bad JSON, unknown disease, ...) are listed with file, record and field in `import_report_<set>.json` under
+`report_dir` (the evaluation's output folder; never the working directory's runs/data), and counted in
+`CaseSet.n_import_errors`.
 """
 from __future__ import annotations
 
@@ -41,30 +44,39 @@ def spread(cases: Sequence[Case], limit: int) -> list[Case]:
 
 
 def load_case_set(spec: str, data_dir: str, ontology: Ontology, linker: Any,
-                  candidates: Sequence[Disease] | None, on_error: str = "skip", limit: int = 0) -> CaseSet:
+                  candidates: Sequence[Disease] | None, on_error: str = "skip", limit: int = 0,
+                  report_dir: str = "", write: bool = True) -> CaseSet:
+    """The cases of one spec. Import issues go to `report_dir` ("" = `data_dir`, for callers without an output
+    folder; `write=False`: the path only, for hosts other than the first); only counts and the report path are
+    returned, never note text."""
     from raredx_jax.data import importers
     from raredx_jax.data.tfds_builders import data_source, decode_case
 
     kind, _, split = spec.partition(":")
     issues: list = []
+    res = None
+    low = spec.lower()
     if kind in _BUILT and split:
         cases = [decode_case(r) for r in data_source(_BUILT[kind], split, data_dir)]
         name = spec
-    elif spec.endswith(".jsonl"):
+    elif low.endswith(".jsonl"):
         res = importers.load_jsonl_notes(spec, ontology, linker, on_error=on_error)
         cases, issues, name = list(res.cases), list(res.issues), os.path.basename(spec)
-    elif os.path.isdir(spec) or spec.endswith((".tar.gz", ".tgz")):
+    elif os.path.isdir(spec) or low.endswith((".tar.gz", ".tgz", ".tar", ".json")):
         res = importers.load_phenopackets(spec, ontology, on_error=on_error)
         cases, issues = list(res.cases), list(res.issues)
-        name = os.path.basename(spec.rstrip("/")).replace(".tar.gz", "")
+        base = os.path.basename(spec.rstrip("/"))
+        name = base[: -len(".tar.gz")] if base.lower().endswith(".tar.gz") else base
     else:
         raise ValueError(f"--cases: cannot read {spec!r}: expected simulated:<split>, imported:<split>, a "
                          "phenopacket folder / .tar.gz, or a .jsonl notes file")
     report = ""
-    if issues:
-        report = os.path.join(data_dir, f"import_report_{name.replace(':', '_')}.json")
-        os.makedirs(data_dir, exist_ok=True)
-        importers.write_report(issues, report)
+    if res is not None and (issues or res.warnings or res.ignored):
+        out = report_dir or data_dir
+        report = os.path.join(out, f"import_report_{name.replace(':', '_').replace(os.sep, '_')}.json")
+        if write:
+            os.makedirs(out, exist_ok=True)
+            importers.write_report(res, report)
     outside = 0
     if candidates is not None:
         ids = {d.id for d in candidates}
