@@ -6,9 +6,10 @@ target composes with any stage: `--config=configs/knowledge_sft.py:h100x8`.
 
 Exit status: 0 on success; 2 for a bad config or a missing input: an unknown or mistyped `--config.x=y` field, a
 config file that does not load, a value a stage refuses, an input not built yet (the message names the field or
-the stage to run first), a run dir whose checkpoints hold another model; 3 when training stopped on a non-finite
-loss (the last good checkpoint is kept); 1 for an unexpected failure (a traceback). Errors of exit 2 and 3 are
-one line `train: error: ...` on stderr; RAREDX_TRACEBACK=1 raises them instead, with the traceback.
+the stage to run first), a run dir whose checkpoints hold another model or are all damaged, a run dir that cannot
+be written; 3 when training stopped on a non-finite loss (the last good checkpoint is kept); 1 for an unexpected
+failure (a traceback). Errors of exit 2 and 3 are one line `train: error: ...` on stderr; RAREDX_TRACEBACK=1
+raises them instead, with the traceback.
 """
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ def main(argv: list[str]) -> None:
 def run_cli(config: Any) -> None:
     """`run(config)` with the CLI's error contract (module docstring): prints the summary as one JSON line; a bad
     config or missing input is one line on stderr, exit 2; a non-finite loss, exit 3."""
+    from raredx_jax.checkpoints.manager import CheckpointError
     from raredx_jax.training.sft import MissingInputError, NonFiniteLossError
 
     try:
@@ -156,7 +158,8 @@ def run_cli(config: Any) -> None:
         if os.environ.get("RAREDX_TRACEBACK"):
             raise
         fail(e, 3)
-    except (MissingInputError, FileNotFoundError, ValueError) as e:
+    # CheckpointError: every checkpoint of the run dir is damaged (they were moved aside; the line says what to do)
+    except (MissingInputError, FileNotFoundError, PermissionError, ValueError, CheckpointError) as e:
         if os.environ.get("RAREDX_TRACEBACK"):
             raise
         fail(e, 2)
