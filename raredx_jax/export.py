@@ -4,6 +4,11 @@
 
 Writes config.json, generation_config.json, sharded safetensors (+ index), the tokenizer files, and, when
 PyTorch is installed and `export.verify` is set, checks that transformers reproduces our logits.
+
+The HF directory is written as a unit (`raredx_jax.fileio`: a temporary sibling renamed into place), so a
+re-export leaves no shard or index of the earlier one. It replaces `export.hf_dir` when that is empty, new, or an
+earlier export of this project (`hf_io.is_own_export`: what a rerun after an interruption finds); any other
+non-empty directory is refused unless `export.overwrite=True`, and the checkpoint being exported never is.
 """
 from __future__ import annotations
 
@@ -48,15 +53,21 @@ def run_export(config: Any) -> dict[str, Any]:
                                 "`python -m raredx_jax.train --config=configs/knowledge_sft.py`") from None
     from raredx_jax.checkpoints.orbax import load_model
 
+    from raredx_jax import fileio
+
+    out = config.export.hf_dir or os.path.join(config.run_dir, "hf")
+    overwrite = bool(config.export.get("overwrite", False)) or hf_io.is_own_export(out)
+    dest = dict(src=ckpt, what="export.hf_dir", overwrite_hint="set export.overwrite=True to replace it")
+    fileio.check_destination(ckpt, out, overwrite, what=dest["what"], overwrite_hint=dest["overwrite_hint"])
     mesh = make_mesh(config.mesh)
     model = load_model(ckpt, mesh, dtype="float32")
-    out = config.export.hf_dir or os.path.join(config.run_dir, "hf")
     tok = find_tokenizer(ckpt)
     tok_dir = tok.path.parent if tok.path.is_file() else tok.path
+    # the embedded SentencePiece model as HF tokenizer files (so AutoTokenizer loads it), inside the same unit
+    extra = tok.save_hf if hasattr(tok, "save_hf") else None
     hf_io.save_hf_model(model, out, dtype=config.export.get("dtype", "float32"), tokenizer_dir=str(tok_dir),
-                        generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True)
-    if hasattr(tok, "save_hf") and jax.process_index() == 0:
-        tok.save_hf(out)  # the embedded SentencePiece model as HF tokenizer files, so AutoTokenizer loads it
+                        generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True,
+                        overwrite=overwrite, extra=extra, **dest)
     summary: dict[str, Any] = {"hf_dir": out, "checkpoint": ckpt, "params": model.config.num_params()}
     if config.export.get("verify", True) and jax.process_index() == 0:
         try:

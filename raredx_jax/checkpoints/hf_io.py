@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from raredx_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from raredx_jax.checkpoints.safetensors_io import CheckpointFormatError, SafetensorsFile, write_safetensors
 from raredx_jax.models.config import ModelConfig, read_hf_config, to_hf_config
 from raredx_jax.models.transformer import Transformer
 from raredx_jax.parallel.sharding import DEFAULT_RULES, state_shardings
@@ -34,6 +34,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Buffers some checkpoints carry that are derived, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+INDEX_FILE = "model.safetensors.index.json"
+# Written into every exported safetensors header: marks a directory as an earlier export of this project, which
+# a re-export may replace (see `is_own_export`).
+EXPORT_MARK = "raredx_jax_export"
+
+
+def pickle_refused(path: str) -> CheckpointFormatError:
+    """The one message for a pickle-based weights file, wherever it is met (import, convert, diagnose, evaluate)."""
+    return CheckpointFormatError(f"{path}: pickle-based checkpoint refused (loading it can execute code). Convert "
+                                 "it to safetensors first, e.g. in a trusted environment: "
+                                 "model.save_pretrained(dir, safe_serialization=True)")
+
+
+def pickle_weights(directory: str) -> list[str]:
+    """Pickle-based weight files (`pytorch_model.bin`, `*.pt`, ...) directly in `directory`, sorted."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names
+            if n.endswith(PICKLE_SUFFIXES) and os.path.isfile(os.path.join(directory, n))]
 
 
 # --- the one mapping between HF names/layouts and ours -------------------------------------------------------
@@ -97,27 +118,50 @@ class HFCheckpointReader:
         self.hf_dir = hf_dir
         if not os.path.isdir(hf_dir):
             raise FileNotFoundError(f"model.hf_path: {hf_dir!r} is not a local directory (nothing is downloaded)")
-        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        index = os.path.join(hf_dir, INDEX_FILE)
         files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: missing 'weight_map'")
-            self._where = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+            self._where = {k: self._indexed_file(index, k, v) for k, v in self._read_index(index).items()}
         elif files:
             self._where = {}
             for path in files:
                 for k in SafetensorsFile(path).keys():
                     self._where[k] = path
         else:
-            pickles = [p for p in os.listdir(hf_dir) if p.endswith(PICKLE_SUFFIXES)]
+            pickles = pickle_weights(hf_dir)
             if pickles:
-                raise ValueError(f"{os.path.join(hf_dir, pickles[0])}: pickle-based checkpoint refused (loading "
-                                 "it can execute code). Convert it to safetensors first, e.g. in a trusted "
-                                 "environment: model.save_pretrained(dir, safe_serialization=True)")
+                raise pickle_refused(pickles[0])
             raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights found")
         self._files: dict[str, SafetensorsFile] = {}
+
+    @staticmethod
+    def _read_index(index: str) -> dict:
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointFormatError(f"{index}: not a valid safetensors index ({reason})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointFormatError(f"{index}: missing 'weight_map'")
+        return weight_map
+
+    def _indexed_file(self, index: str, tensor: str, fname: Any) -> str:
+        """The file the index names for `tensor`: a .safetensors file inside the model directory, else refused
+        (an index can name a pickle, or a path outside the directory)."""
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointFormatError(f"{index}: tensor {tensor!r}: bad file name {fname!r}")
+        path = os.path.normpath(os.path.join(self.hf_dir, fname))
+        root = os.path.normpath(os.path.abspath(self.hf_dir))
+        if os.path.isabs(fname) or not os.path.abspath(path).startswith(root + os.sep):
+            raise CheckpointFormatError(f"{index}: tensor {tensor!r} points outside the model directory "
+                                        f"({fname!r}); refused")
+        if fname.endswith(PICKLE_SUFFIXES):
+            raise pickle_refused(path)
+        if not fname.endswith(".safetensors"):
+            raise CheckpointFormatError(f"{path}: unsupported weights file for tensor {tensor!r} (named in {index}); "
+                                        "only .safetensors files are read")
+        return path
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -240,16 +284,44 @@ def iter_hf_tensors(model: Transformer, dtype: str = "float32") -> Iterator[tupl
         yield "lm_head.weight", np.ascontiguousarray(_to_host(model.lm_head[...]).T.astype(np_dtype))
 
 
+def is_own_export(directory: str) -> bool:
+    """Whether `directory` holds an earlier export of this project and nothing else: no subdirectory, weights
+    present, and every `*.safetensors` file marked with EXPORT_MARK in its header. Such a directory is what a
+    re-export may replace without being told to (the export stage reruns after an interruption); any other
+    non-empty directory (a downloaded model, a run directory, a home directory) is never replaced unasked."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return False
+    weights = [e for e in entries if e.endswith(".safetensors")]
+    if not weights or any(os.path.isdir(os.path.join(directory, e)) for e in entries):
+        return False
+    try:
+        return all(SafetensorsFile(os.path.join(directory, w)).metadata.get(EXPORT_MARK) for w in weights)
+    except ValueError:
+        return False
+
+
 def save_hf_model(model: Transformer, out_dir: str, *, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
                   tokenizer_dir: str | None = None, generation: dict[str, Any] | None = None,
-                  progress: bool = False) -> str:
-    """Export to an HF directory. Only process 0 writes; every process takes part in gathering."""
+                  progress: bool = False, overwrite: bool = False, src: str | None = None,
+                  what: str = "HF export directory", overwrite_hint: str = "pass overwrite=True to replace it",
+                  extra: Callable[[str], Any] | None = None) -> str:
+    """Export to an HF directory, written as a unit. Only process 0 writes; every process takes part in gathering.
+
+    The directory is checked first (`fileio.check_destination`: not the source `src`, not inside or around it,
+    writable, empty unless `overwrite`), then written into a temporary sibling and renamed into place
+    (`fileio.atomic_directory`), so a re-export replaces the whole directory: no shard or index of an earlier
+    export survives beside the new one (our loader would read a stale index, transformers the new file).
+    `extra(tmp_dir)` may add files (e.g. the tokenizer) before the directory is published.
+    """
+    from raredx_jax import fileio
+
     cfg = model.config
     if dtype not in _NP_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(_NP_DTYPES)}")
     primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(out_dir, exist_ok=True)
+    fileio.check_destination(src, out_dir, overwrite, what=what, overwrite_hint=overwrite_hint)
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
     tensors = iter_hf_tensors(model, dtype)
@@ -265,25 +337,29 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str = "float32", m
     if not primary:
         return out_dir
     total = sum(a.nbytes for s in shards for _, a in s)
-    if len(shards) == 1:
-        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0])
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(os.path.join(out_dir, fname), shard)
-            weight_map.update({name: fname for name, _ in shard})
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(to_hf_config(cfg, torch_dtype=dtype), f, indent=2)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-           **(generation or {})}
-    gen = {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.items() if v is not None}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen, f, indent=2)
-    if tokenizer_dir:
-        copy_tokenizer_files(tokenizer_dir, out_dir)
+    mark = {"format": "pt", EXPORT_MARK: "1"}
+    with fileio.atomic_directory(out_dir, overwrite, what=what, overwrite_hint=overwrite_hint) as tmp:
+        if len(shards) == 1:
+            write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0], metadata=mark)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(os.path.join(tmp, fname), shard, metadata=mark)
+                weight_map.update({name: fname for name, _ in shard})
+            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(to_hf_config(cfg, torch_dtype=dtype), f, indent=2)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+               **(generation or {})}
+        gen = {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.items() if v is not None}
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if extra is not None:
+            extra(tmp)
     return out_dir
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -52,13 +52,33 @@ def params_state(model: Transformer) -> Any:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def save_model(path: str, model: Transformer) -> str:
-    """Save a standalone model checkpoint atomically (orbax writes to a temp dir and renames)."""
+def save_model(path: str, model: Transformer, *, overwrite: bool = False, src: str | None = None,
+               what: str = "model checkpoint directory", overwrite_hint: str = "pass overwrite=True to replace it",
+               extra: Callable[[str], Any] | None = None) -> str:
+    """Save a standalone model checkpoint as a unit (`fileio.atomic_directory`): a non-empty `path` is refused
+    unless `overwrite` (orbax's own `force=True` used to delete whatever was there, the source model included
+    when `path` was the source), and `path` is replaced only after the new checkpoint is complete.
+    `extra(tmp_dir)` may add files (e.g. `tokenizer/`) before the directory is published."""
+    from raredx_jax import fileio
+
     path = os.path.abspath(path)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardSave(params_state(model)),
-            CONFIG_ITEM: ocp.args.JsonSave(model_config_to_json(model.config))}), force=True)
+    primary = jax.process_index() == 0
+    fileio.check_destination(src, path, overwrite, what=what, overwrite_hint=overwrite_hint)
+    barrier = None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        barrier = multihost_utils.sync_global_devices
+    with fileio.atomic_directory(path, overwrite, what=what, overwrite_hint=overwrite_hint, barrier=barrier,
+                                 primary=primary) as tmp:
+        # force=True only ever deletes `tmp`: our own fresh, empty temporary directory (orbax refuses an existing
+        # path otherwise); orbax then writes its own temporary directory and renames it to `tmp`.
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(tmp, args=ocp.args.Composite(**{
+                PARAMS_ITEM: ocp.args.StandardSave(params_state(model)),
+                CONFIG_ITEM: ocp.args.JsonSave(model_config_to_json(model.config))}), force=True)
+        if extra is not None and primary:
+            extra(tmp)
     return path
 
 
@@ -96,11 +116,22 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def resolve_model_checkpoint(path: str) -> str:
-    """Accept a model checkpoint, a trainer checkpoint dir (takes the latest step) or a run directory."""
+    """Accept a model checkpoint, a trainer checkpoint dir (takes the latest step) or a run directory.
+
+    A pickle-based weights file (`pytorch_model.bin`, `*.pt`; given directly or the only weights in the folder) is
+    refused with the same message as the HF import and `convert` (hf_io.pickle_refused), not "no checkpoint here".
+    """
+    from raredx_jax.checkpoints.hf_io import PICKLE_SUFFIXES, pickle_refused, pickle_weights
+
     path = os.path.abspath(path)
     for cand in (path, latest_checkpoint(path), latest_checkpoint(os.path.join(path, "checkpoints"))):
         if cand and os.path.isdir(os.path.join(cand, CONFIG_ITEM)):
             return cand
+    if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
+        raise pickle_refused(path)
+    pickles = pickle_weights(path)
+    if pickles:
+        raise pickle_refused(pickles[0])
     raise FileNotFoundError(f"{path}: no model checkpoint here (looked for '{CONFIG_ITEM}' in it, in its latest "
                             "step, and in <path>/checkpoints/<latest step>)")
 
