@@ -46,9 +46,22 @@ def _tree_digest(path: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hf_shapes():
-    """HF tensor name -> shape of the MICRO model (one init, so one compile, per module)."""
-    model = hf_io.init_model(ModelConfig(**MICRO), single_device_mesh(), seed=0)
-    return {name: arr.shape for name, arr in hf_io.iter_hf_tensors(model)}
+    """HF tensor name -> shape of the MICRO model, from the abstract model (nothing allocated or compiled)."""
+    from flax import nnx
+
+    cfg = ModelConfig(**MICRO)
+    _, state, _ = hf_io.abstract_model(cfg, single_device_mesh())
+    layer_map, top_map, shapes = hf_io._layer_map(cfg), hf_io._top_map(cfg), {}
+    for path, var in nnx.to_flat_state(state):
+        shape = var.value.shape
+        if path[0] == "layers":
+            template, _, to_hf = layer_map[path[-1]]
+            for i in range(cfg.num_layers):
+                shapes[template.format(i)] = to_hf(np.zeros(shape[1:], np.float32)).shape
+        else:
+            template, _, to_hf = top_map[path[-1]]
+            shapes[template] = to_hf(np.zeros(shape, np.float32)).shape
+    return shapes
 
 
 def _write_hf(path: str, shapes: dict, seed: int = 0) -> str:
@@ -94,7 +107,8 @@ def _convert(capsys, *argv: str) -> tuple[int, str]:
 
 
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("W", "I")) or "error" in ln]
+    """The CLI's one error line (other stderr lines, e.g. a library's log warning, are not ours to judge)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("convert:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -108,8 +122,8 @@ def test_convert_to_orbax_with_dst_equal_to_src_refused_source_intact(hf_src):
     r = subprocess.run([sys.executable, "-m", "raredx_jax.checkpoints.convert", "--to=orbax", f"--src={hf_src}",
                         f"--dst={hf_src}"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip() == (f"convert: error: --dst={hf_src} is the source directory itself; writing there "
-                                "would destroy the source: choose another destination")
+    assert _one_line(r.stderr) == (f"convert: error: --dst={hf_src} is the source directory itself; writing there "
+                                   "would destroy the source: choose another destination")
     assert _tree_digest(hf_src) == before
 
 
@@ -211,6 +225,37 @@ def test_export_replaces_only_its_own_earlier_export(tmp_path, hf_shapes):
     assert hf_io.is_own_export(mine) and not hf_io.is_own_export(foreign)
     os.mkdir(os.path.join(mine, "sub"))
     assert not hf_io.is_own_export(mine)  # a subdirectory: not something an export wrote
+
+
+def test_export_stage_reruns_over_its_own_export_refuses_a_foreign_dir(tmp_path, hf_shapes):
+    """`configs/export.py` twice into the same export.hf_dir (a rerun after an interruption): replaced whole, the
+    earlier shards gone; a foreign non-empty export.hf_dir refused (one line) and left as it was."""
+    from configs.export import get_config
+    from raredx_jax.data.tokenizer import train_sentencepiece
+    from raredx_jax.export import run_export
+
+    ckpt = str(tmp_path / "ckpt")
+    model = _model(hf_shapes, tmp_path, 3)
+    orbax.save_model(ckpt, model)
+    os.mkdir(os.path.join(ckpt, "tokenizer"))
+    train_sentencepiece(["fever rash seizures"] * 20, os.path.join(ckpt, "tokenizer", "spm"), 300)
+    out = str(tmp_path / "hf")
+    hf_io.save_hf_model(model, out, max_shard_bytes=4_000)  # an earlier (sharded) export of this project
+    c = get_config("cpu")
+    c.model.init_from, c.export.hf_dir, c.export.verify, c.run_dir = ckpt, out, False, str(tmp_path / "run")
+    run_export(c)
+    assert hf_io.INDEX_FILE not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert "tokenizer.json" in os.listdir(out)  # the tokenizer written inside the same unit
+    foreign = _write_hf(str(tmp_path / "foreign"), hf_shapes)
+    before = _tree_digest(foreign)
+    c.export.hf_dir = foreign
+    with pytest.raises(fileio.DestinationError, match=rf"^export\.hf_dir={re.escape(foreign)} is not empty .*set "
+                                                       r"export\.overwrite=True to replace it"):
+        run_export(c)
+    assert _tree_digest(foreign) == before
+    c.export.hf_dir = ckpt
+    with pytest.raises(fileio.DestinationError, match="is the source directory itself"):
+        run_export(c)
 
 
 def test_failed_write_leaves_destination_untouched(tmp_path):
