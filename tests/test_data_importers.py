@@ -469,3 +469,87 @@ def test_issue_and_result_bookkeeping():
     assert str(i) == "f.json: record 3: field subject.sex: bad"
     with pytest.raises(RuntimeError, match="bookkeeping"):
         ImportResult([], [i], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 18: the bad-input corpus (tests/data/bad/) and the reproductions of items 3, 6 and 12
+
+BAD = Path(__file__).parent / "data" / "bad"
+
+
+def test_upper_case_extension_read_and_unknown_files_listed_folder_and_archive_agree(ontology, tmp_path):
+    """Item 6: a folder import read `*.json` only while the archive import read `*.JSON` too, and neither said
+    what it left out. Both now read the same records and list the same ignored files."""
+    folder = BAD / "phenopackets_mixed"
+    a = load_phenopackets(folder, ontology, on_error="skip")
+    arc = tmp_path / "mixed.tar.gz"
+    with tarfile.open(arc, "w:gz") as tar:
+        tar.add(folder, arcname="mixed")
+    b = load_phenopackets(arc, ontology, on_error="skip")
+    for r in (a, b):
+        assert r.n_seen == 4 and len(r.cases) == 3 and len(r.issues) == 1  # .json, .JSON, the newer-term case
+        assert r.issues[0].field == "subject.sex" and r.issues[0].record.endswith("case_bad_sex.json")
+        assert sorted(Path(i.record).name for i in r.ignored) == ["README.md", "notes.txt"]
+        assert all(i.field == "<file>" and "unknown file kind" in i.message for i in r.ignored)
+    assert sorted(c.id for c in a.cases) == sorted(c.id for c in b.cases)
+    assert phenopacket_case_id({"id": "case-upper"}) in {c.id for c in a.cases}
+    # the report lists the ignored files; the summary line counts them
+    md = write_report(a, tmp_path / "r.md").read_text()
+    assert "README.md" in md and "notes.txt" in md and "2 files of unknown kind ignored" in a.summary()
+    assert json.loads(write_report(b, tmp_path / "r.json").read_text())["n_ignored_files"] == 2
+
+
+def test_unknown_and_obsolete_terms_are_dropped_or_mapped_case_kept(ontology, tmp_path):
+    """Item 12: a case with one HPO term newer than the shipped release (HP:5210141) was skipped whole; now the
+    term is dropped, an obsolete one (HP:0000057) mapped to its replaced_by term, the case kept, and each term
+    reported with file, record and field. Only a case with no usable observed term left is skipped."""
+    f = BAD / "phenopackets_mixed" / "cohortA" / "phenopackets" / "case_newer_term.json"
+    r = load_phenopackets(f, ontology)  # on_error=raise: a warning never raises
+    (case,) = r.cases
+    assert "HP:5210141" not in case.present_hpo and "HP:0001166" in case.present_hpo
+    assert "HP:0008665" in case.absent_hpo + tuple(case.meta["withheld_hpo"])  # obsolete HP:0000057 -> replaced_by
+    assert "obsolete" not in case.text.lower()
+    got = {(w.field, w.message.split()[0]) for w in r.warnings}
+    assert got == {("phenotypicFeatures[1].type.id", "HP:5210141"), ("phenotypicFeatures[5].type.id", "HP:0000057")}
+    assert all(w.file == str(f) and w.record == f.name for w in r.warnings)
+    js = json.loads(write_report(r, tmp_path / "r.json").read_text())
+    assert js["n_skipped"] == 0 and {w["message"].split()[0] for w in js["warnings"]} == {"HP:5210141", "HP:0000057"}
+    # an onset class unknown to the release: the onset is left out, the case kept
+    p = good_packet()
+    p["diseases"][0]["onset"] = {"ontologyClass": {"id": "HP:5299999", "label": "Some new onset"}}
+    warns: list = []
+    c = importers.phenopacket_to_case(p, ontology, warn=lambda fld, msg: warns.append((fld, msg)))
+    assert c.present_hpo and warns == [("diseases[0].onset.ontologyClass.id", warns[0][1])]
+    assert "HP:5299999" in warns[0][1]
+
+
+def test_deep_json_is_one_bad_record_and_the_rest_is_kept(ontology, linker, tmp_path):
+    """Item 3: a deeply nested file aborted the whole import with a RecursionError naming no file, even with
+    on_error=skip. Now it is one skipped record (file, record, field <json>) and every good record is kept."""
+    folder = tmp_path / "pp"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"good{k}.json").write_text(json.dumps(good_packet(f"good{k}")))
+    (folder / "deep.json").write_text("{\"id\": " + "[" * 150_000 + "]" * 150_000 + "}")
+    r = load_phenopackets(folder, ontology, on_error="skip")
+    assert len(r.cases) == 3 and [(Path(i.file).name, i.record, i.field) for i in r.issues] == [
+        ("deep.json", "deep.json", "<json>")]
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'deep.json'}: record deep.json: field <json>: nested")):
+        load_phenopackets(folder, ontology)
+    notes = tmp_path / "n.jsonl"
+    notes.write_text("\n".join([
+        json.dumps({"id": "a", "text": "t", "diagnosis": ["OMIM:154700"]}),
+        '{"id": "b", "text": "t", "diagnosis": ["OMIM:154700"], "meta": ' + "{\"k\": " * 120_000 + "1" + "}" * 120_001,
+        json.dumps({"id": "c", "text": "t", "diagnosis": ["OMIM:154700"]})]) + "\n")
+    r = load_cases([folder, notes], ontology, linker, on_error="skip")
+    assert sorted(c.id for c in r.cases if c.source == "jsonl") == ["a", "c"] and r.n_seen == 7
+    assert [(i.record, i.field) for i in r.issues] == [("deep.json", "<json>"), ("2", "<json>")]
+
+
+def test_bad_jsonl_fixture_keeps_every_good_line(ontology, linker):
+    r = load_jsonl_notes(BAD / "notes_bad_lines.jsonl", ontology, linker, on_error="skip")
+    assert sorted(c.id for c in r.cases) == ["j1", "j4", "j6"]
+    assert [(i.record, i.field) for i in r.issues] == [("2", "<json>"), ("3", "diagnosis"), ("5", "diagnosis[0]")]
+    assert [(w.record, w.field) for w in r.warnings] == [("4", "present_hpo[0]")]
+    with pytest.raises(ValueError, match=r"notes_bad_lines\.jsonl: record 2: field <json>: invalid JSON"):
+        load_jsonl_notes(BAD / "notes_bad_lines.jsonl", ontology, linker)

@@ -220,3 +220,22 @@ def test_case_json_roundtrip(cases):
         Case.from_json({**d, "sex": "other"})
     with pytest.raises(ValueError, match="unknown field"):
         Case.from_json({**d, "gene": "FBN1"})
+
+
+def test_disease_named_like_a_family_history_sentence_renders(onto):
+    """Issue 18 item 11: OMIM:260660 'Cousin syndrome' ended the kind=all build ('every rendering of the note
+    leaks the diagnosis (distinctive word 'cousin')'): the drawn family history "The parents are first cousins"
+    named it. Now such a note says the family history neutrally; nothing names the disease, and a disease that
+    truly cannot be rendered raises UnrenderableError (a ValueError naming it) for the build to leave out."""
+    from raredx_jax.data.simulate import UnrenderableError
+
+    d = onto.disease("OMIM:260660")
+    cs = simulate_cases([d], onto, 40, seed=0, levels=list(LEVELS))
+    assert len(cs) == 40
+    assert not any(re.search(r"\bcousin", c.text, re.I) or find_leaks(c.text, d, onto) for c in cs)
+    assert any("family history" in c.text.lower() for c in cs)
+    # a disease every finding of which names it: the error names the disease and is a ValueError
+    named = dataclasses.replace(d, synonyms=tuple(p.label for p in d.phenotypes))
+    with pytest.raises(UnrenderableError, match="OMIM:260660") as e:
+        simulate_case(named, onto, case_rng(0, d.id, 0))
+    assert isinstance(e.value, ValueError) and e.value.disease_id == "OMIM:260660"

@@ -267,3 +267,81 @@ def test_run_diseases_are_the_built_set_at_its_core_findings(data_dir):
     for d in diseases:
         full = [p for p in onto.disease(d.id).phenotypes if p.frequency != 0.0]
         assert len([p for p in d.phenotypes if p.frequency != 0.0]) == min(k, len(full))
+
+
+# --- issue 18: bad input never ends a build without one clear line, and loses nothing -----------------------------
+BAD = __import__("pathlib").Path(__file__).parent / "data" / "bad"
+
+
+def _all_rows(data_dir, manifest):
+    out = {}
+    for name, splits in manifest["datasets"].items():
+        for split in splits:
+            src = tb.data_source(name, split, data_dir)
+            out[(name, split)] = [repr(sorted(src[i].items())) for i in range(len(src))]
+    return out
+
+
+def test_build_leaves_out_an_unrenderable_disease_and_keeps_good_records_beside_bad(tmp_path, monkeypatch):
+    """Item 11: one disease the simulator cannot render (OMIM:260660 ended `kind=all` after 5 minutes) is left
+    out and reported (skipped_diseases.json/.md, a console line); the other diseases' data are exactly those of
+    a build without it. Items 3/6/12 in the same build (on_error=skip): a deep JSON file, a bad record, an
+    upper-case .JSON and a case with a newer HPO term beside good ones: every good case is kept."""
+    from raredx_jax.data import build, simulate
+    from raredx_jax.data.hpo import load_ontology, select_diseases
+
+    c = _tiny_build_config(tmp_path / "data")
+    ids = [d.id for d in select_diseases(load_ontology(), c.data.diseases)]
+    victim = ids[1]
+    real_find_leaks = simulate.find_leaks
+    monkeypatch.setattr(simulate, "find_leaks", lambda text, d, o=None: (
+        ["forced leak for the test"] if d.id == victim else real_find_leaks(text, d, o)))
+    pp = tmp_path / "pp"
+    __import__("shutil").copytree(BAD / "phenopackets_mixed", pp)
+    (pp / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    c.data.phenopackets = str(pp)
+    c.data.on_error = "skip"
+    lines: list[str] = []
+    m = build.build_all(c, log=lines.append)
+    assert m["diseases"] == [i for i in ids if i != victim] and m["skipped_diseases"] == [victim]
+    rep = json.loads((tmp_path / "data" / "skipped_diseases.json").read_text())
+    assert [s["id"] for s in rep["skipped"]] == [victim] and "forced leak" in rep["skipped"][0]["why"]
+    assert any("left out 1 diseases" in s and "skipped_diseases.md" in s for s in lines)
+    rows = _all_rows(c.data.dir, m)
+    assert not any(victim in r for (name, _), rs in rows.items() if name != "raredx_imported_cases" for r in rs)
+    # imports: the three good cases (.json, .JSON, newer term dropped) kept; the bad record and deep file reported
+    assert m["imported"] == {"seen": 5, "imported": 3, "skipped": 2}
+    imp = json.loads((tmp_path / "data" / "import_report.json").read_text())
+    assert sorted((s["record"], s["field"]) for s in imp["skipped"]) == [("case_bad_sex.json", "subject.sex"),
+                                                                        ("deep.json", "<json>")]
+    assert [w["message"].split()[0] for w in imp["warnings"]] == ["HP:5210141", "HP:0000057"]
+    assert sorted(i["record"].rsplit("/", 1)[-1] for i in imp["ignored_files"]) == ["README.md", "notes.txt"]
+    # the kept diseases' data are those of a build that never selected the victim
+    monkeypatch.setattr(simulate, "find_leaks", real_find_leaks)
+    c2 = _tiny_build_config(tmp_path / "data2")
+    c2.data.diseases.kind, c2.data.diseases.ids = "ids", ",".join(m["diseases"])
+    m2 = build.build_all(c2, log=lambda _: None)
+    rows2 = _all_rows(c2.data.dir, m2)
+    assert {k: v for k, v in rows.items() if k[0] != "raredx_imported_cases"} == rows2
+
+
+def test_build_cli_bad_record_and_bad_config_one_line_exit_2(tmp_path):
+    """Item 9 (data): strict mode (the default on_error=raise) on a bad record gave a traceback; now one line
+    naming file, record and field, exit status 2. An unknown config field too."""
+    import os
+    import subprocess
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "raredx_jax.data.build", "--config=configs/data.py",
+                               f"--config.data.dir={tmp_path / 'data'}", *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+
+    bad = BAD / "phenopackets_mixed" / "cohortA" / "phenopackets" / "case_bad_sex.json"
+    p = run(f"--config.data.phenopackets={bad}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"data.build: error: {bad}: record case_bad_sex.json: field subject.sex: "
+                                             "must be string, got number"]
+    assert not (tmp_path / "data" / "manifest.json").exists()
+    p = run("--config.data.nonexistent_field=1")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "data.build: error: bad configuration: unknown config field 'nonexistent_field'"], p.stderr

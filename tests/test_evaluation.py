@@ -117,3 +117,39 @@ def test_compare_reports_pairs_cases_per_set_and_level(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "simulated:test all: top-1 2 -> 3 of 4 (+2 / -1, McNemar p=1.00)" in out.stdout
+
+
+def test_evaluate_jsonl_with_bad_lines_reports_under_out_and_counts(tmp_path, monkeypatch, capsys):
+    """Issue 18 item 10: `evaluate` on JSONL with bad lines wrote the skip report to ./runs/data of the working
+    directory and never said how many records it skipped. Now the report is under --out, the console gives the
+    count and the report path (never note text), and every good line is evaluated."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from configs import evaluate as eval_config
+    from raredx_jax.evaluate import evaluate_checkpoint
+
+    notes = tmp_path / "notes.jsonl"
+    shutil.copy(Path(__file__).parent / "data" / "bad" / "notes_bad_lines.jsonl", notes)
+    with notes.open("a") as f:  # item 3 in the same file: a line nested past the parser's recursion limit
+        f.write('{"id": "deep", "text": "t", "diagnosis": ["OMIM:154700"], "x": ' + "[" * 100_000 + "]" * 100_000
+                + "}\n")
+    c = eval_config.get_config("cpu")
+    c.data.diseases.kind, c.data.diseases.ids = "ids", "OMIM:154700,OMIM:260660"
+    monkeypatch.chdir(tmp_path)  # data.dir is the relative runs/data: nothing may land there
+    out = tmp_path / "eval_out"
+    report = evaluate_checkpoint(c, "", [str(notes)], str(out), progress=False)
+    printed = capsys.readouterr().out
+    rep_path = out / "import_report_notes.jsonl.json"
+    assert f"[eval] notes.jsonl: skipped 4 bad records (file, record, field and why each: {rep_path})" in printed
+    assert not (tmp_path / "runs").exists()
+    rep = json.loads(rep_path.read_text())
+    assert [(s["record"], s["field"]) for s in rep["skipped"]] == [("2", "<json>"), ("3", "diagnosis"),
+                                                                   ("5", "diagnosis[0]"), ("7", "<json>")]
+    assert [(w["record"], w["field"]) for w in rep["warnings"]] == [("4", "present_hpo[0]")]
+    for text in ("slender fingers", "lens dislocation", "broken line", "aortic root"):  # no note text on console
+        assert text not in printed
+    js = json.loads((out / "eval.json").read_text())
+    assert "notes.jsonl" in json.dumps(js) and report is not None
+    assert str(rep_path) in (out / "eval.md").read_text()
