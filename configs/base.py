@@ -157,5 +157,6 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.export.hf_dir = ""  # "" = <run_dir>/hf
     c.export.dtype = "float32"  # tensor dtype written: float32 | bfloat16 | float16
     c.export.verify = True  # reload with transformers and compare logits (needs the [torch] extra)
+    c.export.overwrite = False  # replace a non-empty export.hf_dir that is not an earlier export of this project
 
     return c
