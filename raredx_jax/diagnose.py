@@ -203,6 +203,15 @@ def main(argv: list[str]) -> None:
             max_new_tokens=F.max_new_tokens, temperature=F.temperature, seed=F.seed, candidates=F.candidates)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the CLI's error contract: a bad or unknown flag is one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"diagnose: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -107,6 +107,24 @@ def test_long_ordinary_note_fits_the_model_context(tiny_ckpt, tmp_path, capsys):
     assert "Traceback" not in cap.err and "tall stature" not in cap.err.lower()  # the note is not logged
 
 
+def test_note_near_the_context_shrinks_the_answer_budget_with_a_warning(tiny_ckpt, tmp_path, capsys):
+    from raredx_jax.data.prompts import diagnosis_messages
+
+    ckpt, tok = tiny_ckpt
+    text = LONG_NOTE
+    while len(tok.encode_chat(diagnosis_messages(text), add_generation_prompt=True)) < CONTEXT - 100:
+        text += " He also reports fatigue after exercise and occasional chest pain at rest."
+    n_prompt = len(tok.encode_chat(diagnosis_messages(text), add_generation_prompt=True))
+    assert CONTEXT - 256 < n_prompt <= CONTEXT - 64, n_prompt
+    note = tmp_path / "note.txt"
+    note.write_text(text, encoding="utf-8")
+    diagnose.run_cli(checkpoint=ckpt, note=str(note), as_json=True, max_new_tokens=256, candidates="OMIM:154700")
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["max_new_tokens"] == CONTEXT - n_prompt
+    assert cap.err.strip() == (f"diagnose: warning: the note leaves room for {CONTEXT - n_prompt} generated tokens "
+                               f"of the 256 asked (the model's context holds {CONTEXT})")
+
+
 def test_note_that_cannot_fit_the_model_is_one_line(tiny_ckpt, tmp_path, capsys):
     ckpt, _ = tiny_ckpt
     note = tmp_path / "long.txt"
@@ -177,6 +195,10 @@ def test_diagnose_process_exit_status_and_stderr(tmp_path):
     assert r.returncode == 2, r.stderr.decode()
     line = _one_line_error(r.stderr.decode(), "diagnose: error: ")
     assert "stdin: the note is not UTF-8 text (byte 0xc3 at offset 6)" in line
+    r = subprocess.run([sys.executable, "-m", "raredx_jax.diagnose", f"--checkpoint={tmp_path}",
+                        "--max_new_tokens=many"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2
+    assert "flag --max_new_tokens=many: invalid literal" in _one_line_error(r.stderr, "diagnose: error: ")
 
 
 # --- train: configuration errors are one line, exit 2 ---------------------------------------------------------------
