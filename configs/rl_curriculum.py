@@ -1,13 +1,14 @@
 """Dual-level curriculum GRPO (stage 4 of RareDxR1): `python -m raredx_jax.train --config=configs/rl_curriculum.py`.
 
 Starts from the SFT-on-RERS-trajectories run (`model.init_from`, default runs/rers_sft = configs/rers_sft.py; a
-missing checkpoint fails with the command to run first) and trains on the simulated train split with verifiable
-diagnosis rewards: closed-set diagnosis from 5 candidates on typical notes first, then open-domain ranked
-differentials on typical -> sparse -> noisy -> imprecise notes (promotion rule in `curriculum`). Greedy held-out
+missing checkpoint fails with the command to run first) and trains on the simulated train split with a
+verifiable reward that follows top-1 (rewards: gold first or nothing; shaping only among right answers) and a
+dual-level curriculum: cases by their measured pass rate (seeded from the RERS journal, `curriculum.prior_from`),
+open-domain lessons noisy -> imprecise -> sparse -> hard, promoted on a within-lesson gain. Greedy held-out
 pass@1 on a fixed subset of the validation split at step 0, every `grpo.eval_every` steps and at the end
 (`summary.json` holds before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
 
-The embedded default is sized for a 2-core CPU (the tiny model, 20 steps of 8 prompts x 4 samples). On an
+The embedded default is sized for a 2-core CPU (the tiny model, 32 steps of 8 prompts x 4 samples). On an
 accelerator target (`configs/rl_curriculum.py:gpu1`, `:h100x8`, ...) raise prompts_per_step / group_size /
 minibatch_size with the hardware's batch scale, e.g. `--config.grpo.prompts_per_step=64 --config.grpo.group_size=8`.
 """
@@ -25,7 +26,7 @@ def _stage(c):
 
     g = c.grpo
     # one global step = prompts_per_step prompts x group_size samples from the current policy
-    g.steps = 20
+    g.steps = 32
     g.prompts_per_step = 8
     g.group_size = 4
     # objective (training/rl_objectives.py registries)
@@ -45,7 +46,7 @@ def _stage(c):
     g.prompt_padding = "max"  # pad prompts to sampling.max_prompt_len: one compiled program for the run
     # optimisation: epochs over the rollout, mini-batches (optimiser steps), micro-batches (accumulation)
     g.epochs_per_step = 1
-    g.minibatch_size = 16  # rows; 32 rows per step -> 2 optimiser steps per global step
+    g.minibatch_size = 0  # 0 = one optimiser step per rollout batch (on-policy: the kept groups of the step)
     g.micro_batch_size = 0  # 0 = whole mini-batch per forward/backward
     g.lr = 5e-5
     g.warmup_steps = 4  # optimiser steps
@@ -61,13 +62,16 @@ def _stage(c):
     # better on the embedded default (README, GRPO side runs), so the default stays on the RERS training notes
     g.train_split = "train"
     g.max_train_cases = 0
+    # DAPO dynamic sampling: groups whose samples are all right or all wrong are dropped before the update (no
+    # policy-gradient signal); the kept share is logged as groups_kept_fraction
+    g.filter_groups = "pass"
     g.closed_set_candidates = 5  # gold + 4 distractors from the run's disease subset
     g.open_top_k = 5
     g.curriculum_reward = "diagnosis"  # the component the promotion rule reads
     # held-out evaluation (greedy pass@1 = top-1 on a fixed subset of the validation split)
-    g.eval_every = 20
+    g.eval_every = 16
     g.eval_split = "validation"
-    g.eval_cases = 40
+    g.eval_cases = 0  # the whole validation split (the pipeline's has 208 notes): 40 cases had a +-14-point CI
     g.eval_top_k = 10
     g.eval_at_start = True
     # bookkeeping
@@ -79,15 +83,36 @@ def _stage(c):
 
     # dual-level curriculum (training/curriculum.py documents every rule)
     cur = c.curriculum
-    cur.lessons = ("closed_set:typical", "open:typical", "open:sparse", "open:noisy", "open:imprecise")
-    cur.promote_metric = "reward"  # mean diagnosis reward of current-lesson samples over the window
-    cur.promote_threshold = 0.5
-    cur.window = 4
-    cur.min_steps = 4
-    cur.max_steps = 10  # plateau guard: a 20-step CPU run still reaches the open-domain lessons
+    # Task level: only the task the model was taught (open ranked differentials; no closed-set lesson, a prompt
+    # that appears in no SFT data or evaluation), ordered by the held-out top-1 RERS-SFT starts from (README:
+    # noisy ~90%, imprecise ~88%, sparse ~69%, hard ~53%), ending on the hardest. Typical notes are left out: the
+    # model already solves them, so their groups carry no signal
+    cur.lessons = ("open:noisy", "open:imprecise", "open:sparse", "open:hard")
+    # Promotion on what the policy learned at the lesson: a later window's pass rate beats the lesson's first
+    # window by promote_margin (a fixed reward threshold sat below the starting reward and promoted every 4 steps
+    # whatever happened); a lesson whose cases are all solved moves on at once; max_steps bounds a plateau so a
+    # 32-step CPU run reaches the hard lesson
+    cur.promote_metric = "pass"
+    cur.promote_rule = "gain"
+    cur.promote_margin = 0.05
+    cur.window = 3
+    cur.min_steps = 6
+    cur.max_steps = 8
     cur.replay = 0.2
-    cur.remeasure_every = 5
-    cur.min_attempts = 8
+    # Case level: every training case starts with the pass rate RERS measured (its direct round, 4 samples each,
+    # in the RERS journal), re-measured from every step's rollouts (counts, older ones discounted by half);
+    # cases always or never solved over >= 4 attempts (one group) are skipped, 5% of slots revisit them; the
+    # medium bucket (mixed outcomes, the groups that carry signal) gets most slots throughout
+    cur.prior_from = "runs/rers"
+    cur.remeasure_every = 1
+    cur.estimator = "counts"
+    cur.count_decay = 0.5
+    cur.min_attempts = 4
+    cur.skip_hi = 0.95
+    cur.skip_lo = 0.05
+    cur.revisit = 0.05
+    cur.bucket_weights_start = (0.2, 0.6, 0.2)
+    cur.bucket_weights_end = (0.1, 0.6, 0.3)
 
     # sampling for rollouts (temperature > 0); evaluation decodes greedily with the same limits. At T=1 the tiny
     # policy's samples are far worse than its greedy answers (pass 0.07 vs 0.33): 0.5 keeps the rollouts close to

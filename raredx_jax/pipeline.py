@@ -153,6 +153,9 @@ def stage_config(pipeline: Any, stage: str) -> config_dict.ConfigDict:
             c.model.init_from = os.path.join(root, "knowledge_sft")
     if stage == "grpo" and _rers_kept(root) == 0:
         c.model.init_from = os.path.join(root, "knowledge_sft")
+    if stage == "grpo":  # the case-level curriculum starts from the pass rates RERS measured, when RERS ran here
+        rers_dir = os.path.join(root, "rers")
+        c.curriculum.prior_from = rers_dir if os.path.isdir(os.path.join(rers_dir, "journal")) else ""
     if stage == "export":
         c.export.hf_dir = os.path.join(root, "hf")
     for key, value in stage_overrides(pipeline, stage).items():

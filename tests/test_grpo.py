@@ -82,10 +82,11 @@ def _model(seed=0):
     return nnx.merge(graphdef, state)
 
 
-def _learner(reward, mesh, *, max_new=16, **kw):
-    settings = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=1e-2, weight_decay=0.0)
+def _learner(reward, mesh, *, max_new=16, temperature=1.0, **kw):
+    settings = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=1e-2, weight_decay=0.0,
+                    filter_groups="none")
     settings.update(kw)
-    sp = SamplingParams(temperature=1.0, max_new_tokens=max_new, max_prompt_len=8, batch_size=4)
+    sp = SamplingParams(temperature=temperature, max_new_tokens=max_new, max_prompt_len=8, batch_size=4)
     return RLLearner.from_model(_model(), ToyTokenizer(), reward, GRPOSettings(**settings), sp, mesh, seed=0)
 
 
@@ -138,6 +139,43 @@ def test_zero_advantage_gives_no_update_and_no_reference_without_beta(mesh):
     # the sampler ran on the learner's own arrays, and its logprobs match the training forward token by token
     assert m["logprob_mismatch"] < 1e-5, m["logprob_mismatch"]
     assert learner.counters["old_logprob_forward"] == 1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_learner_logprobs_equal_the_samplers_at_temperature(mesh, temperature):
+    """Rollouts sample from softmax(logits / T); the learner's teacher-forced logprobs must use the same T or
+    every importance ratio is off (at T = 0.5 the mismatch without the division is ~1e-1 per token, not 1e-6)."""
+    learner = _learner(constant_reward, mesh, old_logprobs="recompute", temperature=temperature)
+    _, m = learner.step(PROMPTS, list(range(4)), 1)
+    assert m["logprob_mismatch"] < 1e-5, m["logprob_mismatch"]
+
+
+def test_zero_variance_groups_are_dropped_before_the_update(mesh):
+    """DAPO's dynamic sampling: a group whose filter reward is the same for every sample has no signal. All
+    groups flat -> no optimiser step at all (parameters bit-identical) while the global step still counts; two
+    of four groups varying -> only their rows are trained on (one mini-batch of 16 rows instead of two)."""
+    def half_flat(samples):  # groups 0, 1 flat; groups 2, 3 vary with the sample index
+        r = np.zeros(len(samples.texts), np.float32)
+        r[16:] = np.tile(np.arange(8) % 2, 2)
+        return {"total": r.copy(), "pass": r}
+
+    from raredx_jax.training.grpo import kept_rows
+
+    flat = _learner(lambda smp: {**constant_reward(smp), "pass": np.ones(len(smp.texts), np.float32)}, mesh,
+                    filter_groups="pass")
+    before = _host(flat.state.params)
+    batch, m = flat.step(PROMPTS, list(range(4)), 1)
+    assert m["updates"] == 0 and m["groups_kept_fraction"] == 0.0 and int(flat.state.step) == 1
+    assert kept_rows(batch, "pass").size == 0 and kept_rows(batch, "none").size == 32
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_host(flat.state.params))):
+        np.testing.assert_array_equal(a, b)
+    mixed = _learner(half_flat, mesh, filter_groups="pass")
+    batch, m = mixed.step(PROMPTS, list(range(4)), 1)
+    np.testing.assert_array_equal(kept_rows(batch, "pass"), np.arange(16, 32))
+    assert m["updates"] == 1 and m["groups_kept_fraction"] == 0.5 and m["grad_norm"] > 0
+    assert m["positive_advantage_wrong_first"] == 0.0  # every pushed-up row passed
+    with pytest.raises(ValueError, match="config.grpo.filter_groups"):
+        GRPOSettings(filter_groups="variance").validate()
 
 
 def test_toy_reward_rises_with_a_frozen_reference(mesh):
@@ -210,7 +248,12 @@ def _stage_cmd(run_dir, inputs, **over):
             "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.minibatch_size": 4, "grpo.checkpoint_every": 1,
             "grpo.eval_every": 0, "grpo.eval_at_start": False, "grpo.eval_cases": 2,  # held-out eval at the end only
             "sampling.max_new_tokens": 16, "sampling.max_prompt_len": 512, "sampling.batch_size": 2,
-            "curriculum.window": 1, "curriculum.min_steps": 1, "curriculum.max_steps": 2, "curriculum.remeasure_every": 1}
+            "curriculum.window": 1, "curriculum.min_steps": 1, "curriculum.max_steps": 2,
+            "curriculum.remeasure_every": 1, "curriculum.prior_from": "", "curriculum.promote_rule": "threshold",
+            # the closed-set task too (not in the default lessons); every group trained on (a random policy's
+            # groups are all misses, which the default filter drops)
+            "curriculum.lessons": "('closed_set:typical','open:typical','open:sparse')",
+            "grpo.filter_groups": "none"}
     args.update(over)
     return [sys.executable, "-m", "raredx_jax.train", "--config=configs/rl_curriculum.py"] + [
         f"--config.{k}={v}" for k, v in args.items()]
@@ -261,7 +304,9 @@ def test_stage_kill_and_resume_continues_exactly(stage_inputs):
 
     want, got = _records(ref_dir, "train"), _records(run_dir, "train")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
-    assert got == want  # every metric, the curriculum lesson sequence and batch mix included
+    for a, b in zip(got, want):  # every metric, the curriculum lesson sequence and batch mix included
+        diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        assert not diff, (a["step"], diff)
     lessons = [r["curriculum/lesson"] for r in got]
     assert lessons == ["closed_set:typical", "open:typical", "open:typical", "open:sparse", "open:sparse"]
     assert _records(run_dir, "promotion") == _records(ref_dir, "promotion")

@@ -7,11 +7,20 @@ Task level -- lessons
     differential); ``level`` selects the cases whose ``Case.level`` matches (``*`` = every case). A lesson
     whose level matches no case is skipped (listed in ``metrics()["skipped_lessons"]``).
 
-    Promotion rule (checked after every :meth:`DualCurriculum.update`): the learner moves from lesson i to
-    i + 1 when it has spent at least ``min_steps`` steps at lesson i **and** the mean of the per-step mean
-    ``promote_metric`` (``reward`` or ``pass``) of lesson-i samples over the last ``window`` steps is
-    ``>= promote_threshold`` (a float, or one value per lesson). The window must be full. ``max_steps`` > 0
-    promotes anyway after that many steps at a lesson (plateau guard; 0 = never). Once past lesson 0, a
+    Promotion rule (checked after every :meth:`DualCurriculum.update`), ``promote_rule``:
+
+    * ``threshold``: the learner moves from lesson i to i + 1 when it has spent at least ``min_steps`` steps
+      at lesson i **and** the mean of the per-step mean ``promote_metric`` (``reward`` or ``pass``) of
+      lesson-i samples over the last ``window`` steps is ``>= promote_threshold`` (a float, or one value per
+      lesson). The window must be full. A threshold below the starting reward promotes after ``min_steps``
+      whatever the policy does, so a fixed threshold has to be set per model.
+    * ``gain``: the lesson's first full window is its baseline; the learner moves on when a later window,
+      disjoint from the baseline, beats it by ``promote_margin`` (and ``min_steps`` have passed). It gates on
+      what the policy learned at this lesson, whatever its starting level.
+
+    Either way ``promote_saturated`` promotes at once when every case of the lesson is skipped as always
+    solved (nothing to learn there), and ``max_steps`` > 0 promotes anyway after that many steps at a lesson
+    (plateau guard; 0 = never). Each promotion records its reason (rule | saturated | max_steps). Once past lesson 0, a
     ``replay`` share of every batch is drawn from earlier lessons (uniformly among them).
 
 Case level -- pass-rate buckets
@@ -19,7 +28,9 @@ Case level -- pass-rate buckets
     given to :meth:`update` are accumulated and folded into ``p`` only every ``remeasure_every`` steps (so
     sampling weights are piecewise constant and reproducible): ``estimator="ema"``: the first measurement sets
     ``p``, later ones ``p <- (1 - ema) p + ema * batch_rate``; ``estimator="counts"``: ``p = s / n`` with the
-    counts discounted by ``count_decay`` at each re-measure. Unmeasured cases have ``p = prior``.
+    counts discounted by ``count_decay`` at each re-measure. Unmeasured cases have ``p = prior``;
+    :meth:`DualCurriculum.seed_pass_rates` gives cases a first measurement before step 1 (GRPO seeds it from
+    the RERS journal named by ``prior_from``: RERS sampled every training case).
 
     A case is *skipped* once it has ``>= min_attempts`` attempts and ``p >= skip_hi`` (always solved) or
     ``p <= skip_lo`` (never solved); a ``revisit`` share of batch slots re-samples skipped cases uniformly so
@@ -45,7 +56,8 @@ from ml_collections import config_dict
 
 BUCKETS = ("easy", "medium", "hard")
 TASKS = ("closed_set", "open")
-STATE_VERSION = 1
+PROMOTE_RULES = ("threshold", "gain")
+STATE_VERSION = 2
 
 
 def curriculum_config() -> config_dict.ConfigDict:
@@ -54,7 +66,10 @@ def curriculum_config() -> config_dict.ConfigDict:
     # task level
     c.lessons = ("closed_set:typical", "open:typical", "open:sparse", "open:noisy", "open:imprecise")
     c.promote_metric = "reward"  # reward | pass
-    c.promote_threshold = 0.5  # float, or a tuple with one value per lesson
+    c.promote_rule = "threshold"  # threshold (absolute) | gain (over the lesson's own first window)
+    c.promote_threshold = 0.5  # threshold rule: float, or a tuple with one value per lesson
+    c.promote_margin = 0.05  # gain rule: the last window's mean must exceed the first window's by this much
+    c.promote_saturated = True  # promote at once when every case of the lesson is skipped as always solved
     c.window = 8  # W: steps averaged by the promotion rule
     c.min_steps = 8  # at least this many steps at a lesson before promotion
     c.max_steps = 0  # > 0: promote anyway after this many steps at a lesson
@@ -65,6 +80,7 @@ def curriculum_config() -> config_dict.ConfigDict:
     c.ema = 0.5
     c.count_decay = 1.0
     c.prior = 0.5  # pass rate assumed for an unmeasured case
+    c.prior_from = ""  # a RERS run dir: its journal's direct samples are every case's first measurement
     c.min_attempts = 8  # attempts before a case may be skipped
     c.skip_lo = 0.0  # p <= skip_lo after min_attempts: never solved -> skipped
     c.skip_hi = 1.0  # p >= skip_hi after min_attempts: always solved -> skipped
@@ -123,6 +139,8 @@ def _validate(c: config_dict.ConfigDict) -> None:
             bad("lessons", f"{name!r} is not '<task>:<level>' with task in {TASKS}")
     if c.promote_metric not in ("reward", "pass"):
         bad("promote_metric", f"{c.promote_metric!r} not in ('reward', 'pass')")
+    if c.promote_rule not in PROMOTE_RULES:
+        bad("promote_rule", f"{c.promote_rule!r} not in {PROMOTE_RULES}")
     if c.estimator not in ("ema", "counts"):
         bad("estimator", f"{c.estimator!r} not in ('ema', 'counts')")
     if isinstance(c.promote_threshold, tuple) and len(c.promote_threshold) not in (len(c.lessons), len(c.lessons) - 1):
@@ -204,6 +222,8 @@ class DualCurriculum:
         self.lesson_index = 0
         self.steps_at_lesson = 0
         self.window: list[list[float]] = []  # [step, sum, count] of current-lesson samples per step
+        self.lesson_baseline: float | None = None  # gain rule: mean of the lesson's first full window
+        self.baseline_end = -1.0  # the last step of that window
         self.last_counted_step = -1  # last step counted in steps_at_lesson
         self.step = 0  # last step given to update (0 = none yet)
         self.last_remeasure = 0
@@ -355,6 +375,25 @@ class DualCurriculum:
             self.remeasure()
         return self._maybe_promote(step)
 
+    def seed_pass_rates(self, task: str, case_indices: Sequence[int], attempts: Sequence[float],
+                        successes: Sequence[float]) -> int:
+        """A first measurement of cases that have none yet (e.g. RERS's direct samples of every training case):
+        ``p = successes / attempts`` with those attempts counted, so saturated and hopeless cases can be skipped
+        from step 1. Returns how many cases were seeded."""
+        if task not in self.p:
+            return 0
+        ci = np.asarray(case_indices, np.int64).reshape(-1)
+        a = np.asarray(attempts, np.float64).reshape(-1)
+        s_ = np.asarray(successes, np.float64).reshape(-1)
+        if not (ci.size == a.size == s_.size):
+            raise ValueError(f"seed_pass_rates: {ci.size} cases, {a.size} attempts, {s_.size} successes")
+        m = (a > 0) & (self.attempts[task][ci] == 0)
+        ci, a, s_ = ci[m], a[m], s_[m]
+        self.p[task][ci] = s_ / a
+        self.attempts[task][ci] = a
+        self.successes[task][ci] = s_
+        return int(ci.size)
+
     def remeasure(self) -> None:
         """Fold the accumulated rollout results into the pass-rate estimates."""
         c = self.cfg
@@ -384,24 +423,41 @@ class DualCurriculum:
         vals = [s / c for _, s, c in self.window if c > 0]
         return float(np.mean(vals)) if vals else None
 
+    def saturated(self, lesson: Lesson | None = None) -> bool:
+        """Every case of the lesson is skipped as always solved (measured, p >= skip_hi): nothing left to learn."""
+        lesson = lesson or self.lesson
+        c, pool = self.cfg, self.pools[lesson.name]
+        p, n = self.p[lesson.task][pool], self.attempts[lesson.task][pool]
+        return bool(np.all((n >= c.min_attempts) & (p >= c.skip_hi)))
+
     def _maybe_promote(self, step: int) -> list[dict]:
         c = self.cfg
         if self.lesson_index >= len(self.lessons) - 1:
             return []
         full = len(self.window) >= int(c.window)
         mean = self.window_mean()
-        rule = full and self.steps_at_lesson >= int(c.min_steps) and mean is not None and (
-            mean >= self.thresholds[self.lesson_index])
+        if c.promote_rule == "gain":
+            # the baseline is the lesson's first full window; the rule compares a later, disjoint window with it
+            if full and self.lesson_baseline is None:
+                self.lesson_baseline, self.baseline_end = mean, self.window[-1][0]
+            rule = (full and self.lesson_baseline is not None and self.steps_at_lesson >= int(c.min_steps)
+                    and self.window[0][0] > self.baseline_end and mean is not None
+                    and mean >= self.lesson_baseline + float(c.promote_margin))
+        else:
+            rule = full and self.steps_at_lesson >= int(c.min_steps) and mean is not None and (
+                mean >= self.thresholds[self.lesson_index])
+        saturated = bool(c.promote_saturated) and self.saturated()
         forced = int(c.max_steps) > 0 and self.steps_at_lesson >= int(c.max_steps)
-        if not (rule or forced):
+        if not (rule or saturated or forced):
             return []
         event = {"step": int(step), "from": self.lesson.name, "to": self.lessons[self.lesson_index + 1].name,
-                 "window_mean": mean, "steps_at_lesson": self.steps_at_lesson,
-                 "reason": "rule" if rule else "max_steps"}
+                 "window_mean": mean, "baseline": self.lesson_baseline, "steps_at_lesson": self.steps_at_lesson,
+                 "reason": "rule" if rule else ("saturated" if saturated else "max_steps")}
         self.lesson_index += 1
         self.steps_at_lesson = 0
         self.last_counted_step = step  # the promoting step counts for the old lesson only
         self.window = []
+        self.lesson_baseline, self.baseline_end = None, -1.0
         self.promotions.append(event)
         return [event]
 
@@ -417,6 +473,7 @@ class DualCurriculum:
             "lesson": self.lesson.name,
             "steps_at_lesson": self.steps_at_lesson,
             "window_mean": self.window_mean(),
+            "lesson_baseline": self.lesson_baseline,
             "pass_rate_mean": float(self.p[task][pool].mean()),
             "skipped_cases": int(skip.sum()),
             "skipped_lessons": list(self.skipped_lessons),
@@ -437,6 +494,8 @@ class DualCurriculum:
             "lesson_index": self.lesson_index,
             "steps_at_lesson": self.steps_at_lesson,
             "window": [list(map(float, w)) for w in self.window],
+            "lesson_baseline": self.lesson_baseline,
+            "baseline_end": self.baseline_end,
             "step": self.step,
             "last_counted_step": self.last_counted_step,
             "last_remeasure": self.last_remeasure,
@@ -466,6 +525,8 @@ class DualCurriculum:
         self.lesson_index = int(state["lesson_index"])
         self.steps_at_lesson = int(state["steps_at_lesson"])
         self.window = [list(map(float, w)) for w in state["window"]]
+        self.lesson_baseline = state["lesson_baseline"]
+        self.baseline_end = float(state["baseline_end"])
         self.step = int(state["step"])
         self.last_counted_step = int(state["last_counted_step"])
         self.last_remeasure = int(state["last_remeasure"])

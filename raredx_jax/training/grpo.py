@@ -85,6 +85,7 @@ RL_ITEM = "rl_state"
 #: Every other registered loss is treated as a per-row mean (grpo, dr_grpo): micro-batches weighted by row share.
 TOKEN_MEAN_LOSSES = frozenset({"dapo"})
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
+FILTER_GROUPS = ("none", "pass", "total")
 SFT_COMMAND = "python -m raredx_jax.train --config=configs/rers_sft.py"
 
 
@@ -110,6 +111,9 @@ class GRPOSettings:
     minibatch_size: int = 16  # rows (sequences) per optimiser step; 0 = the whole rollout
     micro_batch_size: int = 0  # rows per forward/backward inside a mini-batch; 0 = the whole mini-batch
     old_logprobs: str = "auto"  # auto | sampler | recompute (module docstring)
+    # DAPO's dynamic-sampling filter: groups whose `filter_groups` reward has no variance (all right or all wrong
+    # when "pass") carry no policy-gradient signal and are dropped before the update; none = keep every group
+    filter_groups: str = "pass"  # none | pass | total
     prompt_padding: str = "max"  # max: every prompt padded to sampling.max_prompt_len (one compiled program per
     #                              run) | bucket: power-of-two buckets (less padding, one compile per bucket)
     # optimiser (AdamW from training/optim.py)
@@ -188,6 +192,8 @@ class GRPOSettings:
             bad("clip_eps", "need 0 < clip_eps < 1 and clip_eps_high > 0")
         if self.old_logprobs not in OLD_LOGPROBS:
             bad("old_logprobs", f"expected one of {OLD_LOGPROBS}")
+        if self.filter_groups not in FILTER_GROUPS:
+            bad("filter_groups", f"expected one of {FILTER_GROUPS}")
         if self.prompt_padding not in ("max", "bucket"):
             bad("prompt_padding", "expected 'max' or 'bucket'")
         if self.lr <= 0:
@@ -384,6 +390,7 @@ class RLLearner:
         self.sampler: Sampler | None = None
         self.ref_params: Any = None
         self.counters = {"reference_forward": 0, "old_logprob_forward": 0, "updates": 0}
+        self.optimizer_steps = 0  # optimiser steps taken (the lr schedule's count); set from the state on restore
         self._fns: dict[tuple[int, int], tuple[Callable, Callable]] = {}
 
     # --- construction ------------------------------------------------------------------------------------------
@@ -514,20 +521,25 @@ class RLLearner:
             keys = (*_SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if ref is not None else ())
             sh = _batch_shardings(self.mesh, self.layout.padded, seq, batch.completion_len, keys)
             rep = replicated(self.mesh)
+            kept = kept_rows(batch, s.filter_groups)
+            num = -(-kept.size // self.layout.rows)  # mini-batches of the kept rows (all of them: num = layout.num)
+            total_upd = s.epochs_per_step * num
             outs = []
             n_upd = 0
             for epoch in range(s.epochs_per_step):
-                perm = np.random.default_rng([self.seed, int(step), epoch]).permutation(batch.num_rows)
-                for j in range(self.layout.num):
+                perm = kept[np.random.default_rng([self.seed, int(step), epoch]).permutation(kept.size)]
+                for j in range(num):
                     rows = perm[j * self.layout.rows:(j + 1) * self.layout.rows]
                     arr = batch.train_arrays(rows, self.layout.padded)
                     if ref is not None:
                         arr["ref_logprobs"] = np.zeros_like(arr["old_logprobs"])
                         arr["ref_logprobs"][:rows.size] = ref[rows]
                     n_upd += 1
-                    inc = jax.device_put(np.int32(1 if n_upd == self.updates_per_step else 0), rep)
+                    inc = jax.device_put(np.int32(1 if n_upd == total_upd else 0), rep)
                     self.state, m = update(self.state, _put(arr, sh), inc)
                     outs.append(m)
+            if not n_upd:  # every group filtered out: no update, but the global step still counts
+                self.state = self.state.replace(step=jax.device_put(self.state.step + 1, self.state_sh.step))
             host = jax.device_get(outs)
             nnx.update(self.model, self.state.params)
         t_upd = time.time() - t1
@@ -535,11 +547,13 @@ class RLLearner:
         for i, m in enumerate(host):
             if not bool(m["ok"]):
                 raise NonFiniteLoss(step, i, float(m["loss"]), float(m["grad_norm"]))
-        for k in host[0]:
+        for k in (host[0] if host else ()):
             if k != "ok":
                 metrics[k] = float(np.mean([float(m[k]) for m in host]))
         metrics.update(self._rollout_metrics(batch))
-        metrics["lr"] = float(self.schedule(max(int(step) * self.updates_per_step - 1, 0)))
+        metrics["groups_kept_fraction"] = kept.size / max(batch.num_rows, 1)
+        self.optimizer_steps += n_upd
+        metrics["lr"] = float(self.schedule(max(self.optimizer_steps - 1, 0)))
         metrics["updates"] = n_upd
         metrics["update_s"] = t_upd
         train_tokens = n_upd * self.layout.padded * seq
@@ -561,6 +575,12 @@ class RLLearner:
         total = batch.rewards["total"].reshape(-1, g)
         out["zero_std_groups"] = float(np.mean(total.std(axis=1) == 0))
         out["advantage_abs_mean"] = float(np.mean(np.abs(batch.advantages)))
+        if "pass" in batch.rewards:
+            out["zero_std_pass_groups"] = float(np.mean(batch.rewards["pass"].reshape(-1, g).std(axis=1) == 0))
+            # of the rows the update pushes up, the share whose first answer is wrong (0 = the reward follows top-1)
+            pos = batch.advantages > 0
+            out["positive_advantage_wrong_first"] = (float(np.mean(batch.rewards["pass"][pos] == 0)) if pos.any()
+                                                     else 0.0)
         lengths = batch.samples.lengths
         out["response_length_mean"] = float(lengths.mean())
         out["response_length_max"] = float(lengths.max())
@@ -579,6 +599,20 @@ class RLLearner:
             if self.settings.release_kv_cache:
                 self.sampler.release()
         return decode_samples(self.tokenizer, gen, payloads, 1)
+
+
+def kept_rows(batch: RolloutBatch, filter_groups: str) -> np.ndarray:
+    """Row indices the update trains on: every row, or (DAPO's dynamic sampling) the rows of groups whose
+    ``filter_groups`` reward varies inside the group; a group where every sample is right (or every one wrong)
+    has no policy-gradient signal, only noise from the KL term and the shaping rewards."""
+    if filter_groups == "none":
+        return np.arange(batch.num_rows)
+    if filter_groups not in batch.rewards:
+        raise ValueError(f"config.grpo.filter_groups={filter_groups!r}: the reward function returns no "
+                         f"{filter_groups!r} (it returns {sorted(batch.rewards)}); set it to none or total")
+    r = np.asarray(batch.rewards[filter_groups], np.float64).reshape(-1, batch.group_size)
+    varies = r.max(axis=1) > r.min(axis=1)
+    return np.flatnonzero(np.repeat(varies, batch.group_size))
 
 
 def _make_transformer(cfg: ModelConfig) -> Any:
@@ -669,6 +703,54 @@ def held_out_eval(learner: RLLearner, cases: Sequence[Any], linker: Any, setting
     return out
 
 
+def seed_from_rers(curriculum: Any, train_cases: Sequence[Any], rers_dir: str) -> int:
+    """First pass-rate estimate of every training case RERS sampled: its direct round (``rers.num_samples`` samples
+    of the open prompt per case, from the model RERS-SFT started from) is in the RERS journal, free. Returns how
+    many cases were seeded; "" = none. A missing journal is an error naming the flag."""
+    if not rers_dir:
+        return 0
+    from raredx_jax.training.rers import JOURNAL_DIR, read_journals
+    from raredx_jax.training.sft import MissingInputError
+
+    journal_dir = os.path.join(rers_dir, JOURNAL_DIR)
+    chunks = read_journals(journal_dir)
+    if not chunks:
+        raise MissingInputError(f"curriculum.prior_from={rers_dir!r}: no RERS journal in {journal_dir} (run RERS "
+                                "first, or set --config.curriculum.prior_from='' for unmeasured cases)")
+    by_id = {c["case_id"]: c.get("direct", {}) for ch in chunks.values() for c in ch["cases"]}
+    idx, att, suc = [], [], []
+    for i, case in enumerate(train_cases):
+        d = by_id.get(case.id)
+        if d and int(d.get("tries", 0)) > 0:
+            idx.append(i)
+            att.append(float(d["tries"]))
+            suc.append(float(d.get("correct", 0)))
+    return curriculum.seed_pass_rates("open", idx, att, suc)
+
+
+def lesson_trends(train_recs: Sequence[dict], promo_recs: Sequence[dict], lessons: Sequence[str], total: int
+                  ) -> dict[str, dict[str, Any]]:
+    """Per lesson, over the steps it was the current lesson: the rollout pass rate and reward of its own samples
+    at the start and at the end (means of up to 3 steps each). Rewards of different lessons are not comparable
+    (different notes), so a trend is only read within a lesson."""
+    bounds, start = {}, 1
+    for i, name in enumerate(lessons):
+        if i and not any(r.get("to") == name for r in promo_recs):
+            break  # never reached
+        end = next((int(r["step"]) for r in promo_recs if r.get("from") == name), total)
+        bounds[name] = (start, end)
+        start = end + 1
+    out = {}
+    for name, (a, b) in bounds.items():
+        recs = [r for r in train_recs if a <= int(r.get("step", 0)) <= b]
+        vals = {k: [r[f"reward/lesson/{name}/{k}"] for r in recs if f"reward/lesson/{name}/{k}" in r]
+                for k in ("pass", "total")}
+        k = max(1, min(3, len(vals["pass"]) // 2))
+        out[name] = {"steps": [a, b], **{f"{m}_{w}": (float(np.mean(v[:k] if w == "first" else v[-k:])) if v else None)
+                                         for m, v in vals.items() for w in ("first", "last")}}
+    return out
+
+
 def _lesson_reward_metrics(batch: RolloutBatch, lessons: Sequence[str]) -> dict[str, float]:
     g = batch.group_size
     per_row = np.repeat(np.asarray(lessons, dtype=object), g)
@@ -692,7 +774,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
     from raredx_jax.rewards.combined import RewardFn
     from raredx_jax.training import metrics as metrics_lib
     from raredx_jax.training.curriculum import DualCurriculum
-    from raredx_jax.training.rollout import diagnosis_reward, lesson_messages
+    from raredx_jax.training.rollout import diagnosis_reward, lesson_case, lesson_messages
     from raredx_jax.training.sft import (MissingInputError, NonFiniteLossError, _numerics, _resume_model_config,
                                          _write_resolved_config)
 
@@ -727,6 +809,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
     linker = DiseaseLinker(diseases)
     reward = RewardFn(linker, config)
     curriculum = DualCurriculum([c.level for c in train_cases], config)
+    seeded = seed_from_rers(curriculum, train_cases, curriculum.cfg.prior_from)
     if st.curriculum_reward not in reward.weights and st.curriculum_reward not in ("total", "pass", "rank"):
         raise ValueError(f"config.grpo.curriculum_reward={st.curriculum_reward!r}: not a reward component "
                          f"({sorted(reward.weights)} or total | pass | rank)")
@@ -759,6 +842,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
             else:
                 print(f"WARNING: checkpoint step {start} has no curriculum state; the curriculum restarts", flush=True)
             saved = restored.extras.get(RL_ITEM, {})
+            learner.optimizer_steps = int(saved.get("optimizer_steps", start * learner.updates_per_step))
             if saved.get("settings") and saved["settings"] != st.digest():
                 print(f"WARNING: resuming with different grpo settings than step {start} was trained with", flush=True)
             print(f"[{stage}] resumed from {restored.path} (step {start}/{total}, lesson {curriculum.lesson.name})",
@@ -785,7 +869,8 @@ def run_grpo(config: Any) -> dict[str, Any]:
               f"loss {st.loss}, advantage {st.advantage}, beta {st.beta} "
               f"({'reference loaded' if learner.ref_params is not None else 'no reference model'}); old logprobs: "
               f"{'recomputed' if learner.recompute_old else 'sampler'}; {len(train_cases)} train cases, "
-              f"{len(eval_cases)} held-out; lessons {[x.name for x in curriculum.lessons]}; steps {start}->{total}; "
+              f"{len(eval_cases)} held-out ({seeded} case pass rates from the RERS journal); lessons "
+              f"{[x.name for x in curriculum.lessons]}; filter {st.filter_groups}; steps {start}->{total}; "
               f"run_dir {run_dir}", flush=True)
 
     def do_eval(s: int) -> dict[str, Any] | None:
@@ -809,7 +894,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
             messages = [lesson_messages(c, les, disease_names, np.random.default_rng([seed, s, slot, 0xC105]),
                                         n_candidates=st.closed_set_candidates, top_k=st.open_top_k)
                         for slot, (c, les) in enumerate(zip(cases, lessons))]
-            batch, m = learner.step(messages, cases, s)
+            payloads = [lesson_case(c, les, n_candidates=st.closed_set_candidates, top_k=st.open_top_k)
+                        for c, les in zip(cases, lessons)]
+            batch, m = learner.step(messages, payloads, s)
             g = st.group_size
             promos = curriculum.update(np.repeat([ci for ci, _ in pairs], g), [x for x in lessons for _ in range(g)],
                                        batch.rewards[st.curriculum_reward], batch.rewards.get("pass"), step=s)
@@ -828,12 +915,13 @@ def run_grpo(config: Any) -> dict[str, Any]:
                                f"{m.get('clip_fraction', 0.0):.3f} ({m['step_time_s']:.1f}s)")
             if (st.eval_every and s % st.eval_every == 0) or s == total:
                 do_eval(s)
-            logger.progress(s, {"loss": m["loss"], "lr": m["lr"], "tokens_per_s": m["train_tokens_per_s"],
-                                "mfu": m["mfu"]})
+            logger.progress(s, {k: m[k2] for k, k2 in (("loss", "loss"), ("lr", "lr"), ("tokens_per_s",
+                                "train_tokens_per_s"), ("mfu", "mfu")) if k2 in m})
             if (st.checkpoint_every and s % st.checkpoint_every == 0) or s == total:
                 ckpt.save(s, learner.state, model_cfg, meta={"stage": stage, "tokenizer_digest": tokenizer.digest()},
                           extras={CURRICULUM_ITEM: curriculum.state_dict(),
                                   RL_ITEM: {"step": s, "settings": st.digest(), "seed": seed,
+                                            "optimizer_steps": learner.optimizer_steps,
                                             "sampler_key": [int(x) for x in np.asarray(jax.random.key_data(
                                                 learner.sampler_key(s)))]}})
                 last_saved = s
@@ -866,7 +954,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
                   "format_ok": r.get("format_ok")} for r in eval_recs],
         "heldout_top1_before": eval_recs[0].get("pass@1") if eval_recs and eval_recs[0]["step"] == 0 else None,
         "heldout_top1_after": eval_recs[-1].get("pass@1") if eval_recs else None,
-        "promotions": [{k2: r.get(k2) for k2 in ("step", "from", "to", "reason")} for r in promo_recs],
+        "promotions": [{k2: r.get(k2) for k2 in ("step", "from", "to", "reason", "baseline", "window_mean")}
+                       for r in promo_recs],
+        "lesson_trends": lesson_trends(train_recs, promo_recs, [x.name for x in curriculum.lessons], total),
         "final_lesson": curriculum.lesson.name,
         "checkpoint": ckpt.step_dir(last_saved) if last_saved is not None else None,
         "init_from": init_path, "params": model_cfg.num_params(), "seconds": round(time.time() - t_start, 1),

@@ -244,6 +244,28 @@ def closed_set_candidates(case: Any, diseases: Sequence[tuple[str, str]], n: int
     return [names[j] for j in rng.permutation(len(names))]
 
 
+@dataclasses.dataclass(frozen=True)
+class LessonCase:
+    """A training case as one lesson's prompt poses it: the reward reads ``max_answers`` (how many entries the
+    prompt allows: the asked top-k for open prompts, every candidate but one for closed-set prompts, so copying
+    the candidate list earns nothing); every other attribute is the wrapped Case's."""
+
+    case: Any
+    task: str
+    max_answers: int
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "case":  # not yet set (copy / unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.case, name)
+
+
+def lesson_case(case: Any, lesson: str, *, n_candidates: int = 5, top_k: int = 5) -> LessonCase:
+    """The reward payload of ``case`` under lesson ``"<task>:<level>"`` (see :class:`LessonCase`)."""
+    task = lesson.partition(":")[0]
+    return LessonCase(case, task, max(1, int(n_candidates) - 1) if task == "closed_set" else int(top_k))
+
+
 def lesson_messages(case: Any, lesson: str, diseases: Sequence[tuple[str, str]], rng: np.random.Generator, *,
                     n_candidates: int = 5, top_k: int = 5) -> list[dict]:
     """The chat prompt of ``case`` under curriculum lesson ``"<task>:<level>"`` (task closed_set | open)."""
@@ -271,6 +293,6 @@ def diagnosis_reward(reward: Any) -> RewardFunction:
 
 
 __all__ = [
-    "RolloutSamples", "RewardFunction", "RolloutBatch", "Generated", "to_host", "encode_prompts", "generate_groups",
-    "decode_samples", "training_layout", "rollout", "closed_set_candidates", "lesson_messages", "diagnosis_reward",
+    "RolloutSamples", "RewardFunction", "RolloutBatch", "LessonCase", "lesson_case", "Generated", "to_host",
+    "encode_prompts", "generate_groups", "decode_samples", "training_layout", "rollout", "closed_set_candidates", "lesson_messages", "diagnosis_reward",
 ]
