@@ -268,3 +268,66 @@ def test_reads_the_base_config():
     assert cur.cfg.remeasure_every == cfg.curriculum.remeasure_every
     assert cur.cfg.shift_steps == cfg.grpo.steps and cur.cfg.seed == cfg.seed
     assert [x.name for x in cur.lessons] == ["closed_set:typical", "open:typical", "open:sparse"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the gain rule, saturated lessons and the RERS prior (the GRPO stage's defaults)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_gain_rule_compares_a_later_disjoint_window_with_the_lessons_first_and_not_before():
+    """A lesson that starts high (0.9) but does not improve is never promoted by the rule, whatever a fixed
+    threshold would have said; one that rises from 0.3 by the margin moves on once a window disjoint from the
+    baseline window shows the gain, and min_steps holds it before that."""
+    cur = make(["sparse"] * 4 + ["hard"] * 4, lessons=("open:sparse", "open:hard"), promote_rule="gain",
+               promote_metric="pass", promote_margin=0.1, window=2, min_steps=4, replay=0.0, remeasure_every=100)
+    for step in range(1, 12):  # flat at 0.9: baseline 0.9, later windows 0.9 < 1.0
+        assert cur.update([0, 1], "open:sparse", [1.0, 1.0], passes=[1.0, 0.8], step=step) == []
+    assert cur.lesson_index == 0 and cur.lesson_baseline == pytest.approx(0.9)
+    cur = make(["sparse"] * 4 + ["hard"] * 4, lessons=("open:sparse", "open:hard"), promote_rule="gain",
+               promote_metric="pass", promote_margin=0.1, window=2, min_steps=4, replay=0.0, remeasure_every=100)
+    rates = [0.3, 0.3, 0.5, 0.5, 0.5]  # baseline (steps 1-2) 0.3; window (3,4) 0.5 is disjoint and >= 0.4
+    promoted_at = None
+    for step, p in enumerate(rates, start=1):
+        if cur.update([0, 1], "open:sparse", [p, p], passes=[p, p], step=step):
+            promoted_at = step
+            break
+    assert promoted_at == 4, promoted_at  # not at step 3: window (2, 3) overlaps the baseline
+    e = cur.promotions[0]
+    assert e["reason"] == "rule" and e["baseline"] == pytest.approx(0.3) and e["window_mean"] == pytest.approx(0.5)
+    # min_steps holds a gain that shows early
+    cur = make(["sparse"] * 4 + ["hard"] * 4, lessons=("open:sparse", "open:hard"), promote_rule="gain",
+               promote_metric="pass", promote_margin=0.1, window=1, min_steps=4, replay=0.0, remeasure_every=100)
+    got = [bool(cur.update([0], "open:sparse", [p], passes=[p], step=s)) for s, p in enumerate([0.2, 0.9, 0.9, 0.9], 1)]
+    assert got == [False, False, False, True]
+
+
+def test_a_saturated_lesson_is_promoted_at_once_and_the_rers_prior_seeds_estimates():
+    cur = make(["noisy"] * 3 + ["hard"] * 3, lessons=("open:noisy", "open:hard"), promote_rule="gain",
+               min_attempts=4, skip_hi=0.95, skip_lo=0.05, estimator="counts", replay=0.0, max_steps=0)
+    # RERS's direct round: 4 samples per case; noisy cases all solved, hard ones mixed or never
+    assert cur.seed_pass_rates("open", [0, 1, 2, 3, 4, 5], [4] * 6, [4, 4, 4, 2, 0, 1]) == 6
+    assert cur.seed_pass_rates("open", [0], [4], [0]) == 0  # measured cases are not overwritten
+    assert cur.seed_pass_rates("closed_set", [0], [4], [4]) == 0  # no such task in the lessons
+    np.testing.assert_allclose(cur.p["open"], [1, 1, 1, 0.5, 0, 0.25])
+    assert cur.saturated() and cur.skipped("open").tolist() == [True, True, True, False, True, False]
+    ev = cur.update([0], "open:noisy", [1.0], passes=[1.0], step=1)
+    assert ev and ev[0]["reason"] == "saturated" and cur.lesson.name == "open:hard"
+    # the hard lesson samples only its unskipped cases (mixed outcomes) apart from revisits
+    picks = [ci for ci, _ in cur.sample_batch(64, rng=np.random.default_rng(0))]
+    assert set(picks) <= {3, 4, 5} and picks.count(4) < 10
+    state = json.loads(json.dumps(cur.state_dict()))
+    again = make(["noisy"] * 3 + ["hard"] * 3, lessons=("open:noisy", "open:hard"), promote_rule="gain",
+                 min_attempts=4, skip_hi=0.95, skip_lo=0.05, estimator="counts", replay=0.0, max_steps=0)
+    again.load_state_dict(state)
+    assert again.state_dict() == cur.state_dict()
+
+
+def test_rl_curriculum_stage_defaults_have_no_untaught_task_and_end_on_hard():
+    from configs.rl_curriculum import get_config
+
+    c = get_config()
+    lessons = tuple(c.curriculum.lessons)
+    assert all(x.startswith("open:") for x in lessons) and lessons[-1] == "open:hard"
+    assert c.curriculum.min_attempts <= c.grpo.group_size  # a case can be skipped after one group
+    assert c.curriculum.promote_rule == "gain" and c.grpo.filter_groups == "pass"
