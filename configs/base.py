@@ -88,6 +88,8 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.on_error = "raise"  # raise | skip (skip writes a report of every skipped record)
     c.data.seed = 0  # generation seed (knowledge phrasings, notes); each split derives its own from it
     c.data.eval_notes_per_disease = 5  # per disease in validation and in test (levels cycle: 5 = one of each)
+    c.data.test_notes_per_disease = 0  # > 0: the test split's size instead (0 = eval_notes_per_disease)
+    c.data.test_seed = -1  # >= 0: the test split's own generation seed (a fresh test set); -1 = data.seed
     c.data.knowledge_eval_passages_per_disease = 3  # held-out phrasings per disease (knowledge validation)
     c.data.levels = ""  # comma-separated simulator difficulty levels; "" = every level simulate.py defines
 

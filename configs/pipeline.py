@@ -30,9 +30,14 @@ def _stage(c):
     c.pipeline.eval_cases = "simulated:test"  # + imported:test when real cases are configured
     c.pipeline.case_diseases = 8  # of data.diseases.n, taken from the real-case archive's diagnoses
     c.pipeline.min_cases_per_disease = 3
-    # 10 simulated test notes per disease (160): paired stage-to-stage comparisons need the cases
-    c.data.eval_notes_per_disease = 10
-    c.eval.max_cases = 160  # per case set, spread over the diseases (the real archive has ~260 of 8 diseases)
+    # Held-out sets sized for the comparisons made on them: 13 validation notes per disease (208, what GRPO steers
+    # by: a 95% CI of about +-6 points), 50 test notes per disease (800 paired notes, all five levels: a 3-point
+    # change in paired top-1 is detectable) drawn with a seed no earlier run was scored on (data.test_seed), and
+    # every real case of the trained diseases (eval.max_cases = 0)
+    c.data.eval_notes_per_disease = 13
+    c.data.test_notes_per_disease = 50
+    c.data.test_seed = 1
+    c.eval.max_cases = 0
     # per-stage overrides, e.g. --config.pipeline.overrides.grpo="grpo.steps=100,grpo.lr=2e-5"; they apply
     # over the scale's own (raredx_jax/pipeline.py SCALES). "pipeline" applies to the shared sections.
     c.pipeline.overrides = config_dict.ConfigDict(

@@ -203,8 +203,9 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
             raise ValueError(f"data.levels: unknown difficulty level {lv!r}; known: {', '.join(simulate.LEVELS)}")
     counts = {"train": int(config.data.notes_per_disease)}
     n_eval = int(config.data.get("eval_notes_per_disease", 0))
-    if n_eval > 0:
-        counts.update(validation=n_eval, test=n_eval)
+    if n_eval > 0:  # the test split may be larger (powered paired comparisons) and drawn with its own seed
+        counts.update(validation=n_eval, test=int(config.data.get("test_notes_per_disease", 0)) or n_eval)
+    test_seed = int(config.data.get("test_seed", -1))
     n_rl = int(config.data.get("rl_notes_per_disease", 0))
     if n_rl > 0:  # last, so it is de-duplicated against every other split and changes none of them
         counts[RL_SPLIT] = n_rl
@@ -213,7 +214,8 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
         for d in diseases:
             try:
                 generated[split].append(simulate.simulate_cases(
-                    [d], ontology, n_per_disease=n, seed=_split_seed(seed, "cases", split), levels=levels))
+                    [d], ontology, n_per_disease=n, levels=levels,
+                    seed=_split_seed(test_seed if split == "test" and test_seed >= 0 else seed, "cases", split)))
             except simulate.UnrenderableError as e:
                 if unrenderable is None:
                     raise
