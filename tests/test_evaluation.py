@@ -85,7 +85,11 @@ def test_paired_top1_change_by_hand():
     after = {"a": True, "b": True, "c": True, "d": False, "e": False, "only_after": False}
     got = paired_top1_change(before, after)
     # common cases a..e: gained b, c; lost d -> 3 discordant pairs; p = 2 * P(X <= 1 | n=3, 1/2) = 2 * 4/8 = 1
-    assert got == {"n": 5, "gained": 2, "lost": 1, "p_value": 1.0}
+    assert {k: got[k] for k in ("n", "gained", "lost", "p_value")} == {"n": 5, "gained": 2, "lost": 1, "p_value": 1.0}
+    # change (2 - 1) / 5 = 0.2; paired Wald se = sqrt(3 - 1 / 5) / 5
+    se = (2.8 ** 0.5) / 5
+    assert got["diff"] == pytest.approx(0.2) and got["ci_low"] == pytest.approx(0.2 - 1.959964 * se)
+    assert got["ci_high"] == pytest.approx(0.2 + 1.959964 * se)
     many = paired_top1_change({str(i): False for i in range(10)}, {str(i): True for i in range(10)})
     assert many["gained"] == 10 and many["lost"] == 0 and many["p_value"] == pytest.approx(2 / 2 ** 10)
     assert paired_top1_change({"a": True}, {"a": True})["p_value"] == 1.0

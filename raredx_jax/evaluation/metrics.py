@@ -41,6 +41,21 @@ def paired_top1_change(before: dict[str, bool], after: dict[str, bool]) -> dict[
     common = sorted(set(before) & set(after))
     gained = sum(1 for k in common if after[k] and not before[k])
     lost = sum(1 for k in common if before[k] and not after[k])
+    return {"n": len(common), "gained": gained, "lost": lost, "p_value": mcnemar_exact_p(gained, lost),
+            **paired_difference_ci(gained, lost, len(common))}
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p: a binomial(gained + lost, 1/2) test on the discordant pairs."""
     n = gained + lost
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
-    return {"n": len(common), "gained": gained, "lost": lost, "p_value": p}
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_difference_ci(gained: int, lost: int, n: int, z: float = 1.959964) -> dict[str, float]:
+    """The change in top-1 (after - before) on n paired cases and its 95% Wald interval for paired
+    proportions: d = (gained - lost) / n, se = sqrt(gained + lost - (gained - lost)^2 / n) / n."""
+    if n <= 0:
+        return {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    d = (gained - lost) / n
+    se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+    return {"diff": d, "ci_low": d - z * se, "ci_high": d + z * se}

@@ -1,0 +1,1 @@
+"""Experiments that answer a question about the recipe with repo commands (each writes its own report)."""
