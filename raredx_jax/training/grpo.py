@@ -911,7 +911,8 @@ def run_grpo(config: Any) -> dict[str, Any]:
             if s % st.log_every == 0 or s == total:
                 logger.message(f"[{stage}] step {s}/{total} lesson {curriculum.lesson.name}: reward "
                                f"{m['reward/total_mean']:.3f} pass {m.get('reward/pass_mean', float('nan')):.3f} "
-                               f"len {m['response_length_mean']:.0f} kl {m.get('kl', 0.0):.4f} clip "
+                               f"kept {m['groups_kept_fraction']:.2f} len {m['response_length_mean']:.0f} "
+                               f"kl {m.get('kl', 0.0):.4f} clip "
                                f"{m.get('clip_fraction', 0.0):.3f} ({m['step_time_s']:.1f}s)")
             if (st.eval_every and s % st.eval_every == 0) or s == total:
                 do_eval(s)
