@@ -35,8 +35,9 @@ STAGE_OVERRIDES = {
     "rers": f"rers.chunk_size=4,rers.num_samples=2,rers.reflection_tries=0,sampling.max_new_tokens=16,"
             f"rers.sampler='{SAMPLER}'",
     "rers_sft": "train.steps=4,train.checkpoint_every=1,train.eval_every=0,train.batch_size=4,train.seq_len=768",
-    "grpo": "grpo.steps=3,grpo.checkpoint_every=1,grpo.eval_cases=2,grpo.eval_at_start=False,"
-            "sampling.max_new_tokens=16,sampling.max_prompt_len=768",
+    # groups kept when their total reward varies (the default keeps those whose pass varies: never, for this model)
+    "grpo": "grpo.steps=3,grpo.checkpoint_every=1,grpo.eval_cases=-1,grpo.eval_at_start=False,"
+            "sampling.max_new_tokens=16,sampling.max_prompt_len=768,grpo.filter_groups='total'",
     "export": "export.verify=False",
 }
 # wall-clock fields (and the resume step, which differs by construction) left out of every comparison
@@ -50,21 +51,40 @@ def pipeline_cmd(run_dir: str, hf_model: str) -> list[str]:
     cmd = [sys.executable, "-m", "raredx_jax.train", "--config=configs/pipeline.py", "--config.pipeline.scale=smoke",
            f"--config.run_dir={run_dir}", "--config.data.phenopackets=", "--config.tokenizer.vocab_size=600",
            "--config.data.eval_notes_per_disease=2", "--config.pipeline.eval_after=()",
-           f"--config.model.hf_path={hf_model}"]
+           f"--config.model.hf_path={hf_model}",
+           # the length reward counts for every completion (not only right ones): GRPO's only signal here
+           "--config.rewards.combine=sum"]
     return cmd + [f"--config.pipeline.overrides.{k}={v}" for k, v in STAGE_OVERRIDES.items()]
 
 
-def write_mini_model(out_dir: str, vocab_size: int = 600) -> str:
+def write_mini_model(out_dir: str, vocab_size: int = 600, eos_scale: float = 6.0) -> str:
     """A randomly initialised 2-layer, 64-wide Qwen2-shaped model saved as an HF directory (safetensors +
-    config.json): the suite's starting model, ~15x cheaper per token than the `tiny` preset."""
+    config.json): the suite's starting model, ~30x cheaper per token than the `tiny` preset.
+
+    Its (tied) embedding row of `<|im_end|>` -- the embedded tokenizer's EOS: id 3 + its place among the
+    user-defined symbols, after <pad> <unk> <s> -- is a random direction of norm `eos_scale`, so the EOS logit is
+    eos_scale x a unit-variance projection of the hidden state: some completions end after a few tokens, others
+    run to the limit. Varying lengths give GRPO's length reward some variance within a group, hence non-zero
+    advantages and a real policy update (a random model never earns any other reward)."""
+    import jax
+    from flax import nnx
+
     from raredx_jax.checkpoints import hf_io
+    from raredx_jax.data.tokenizer import IM_END, SPECIAL_SYMBOLS
     from raredx_jax.models.config import PRESETS, ModelConfig
     from raredx_jax.parallel.mesh import single_device_mesh
 
     shape = {**PRESETS["tiny"], "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
              "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
     model = hf_io.init_model(ModelConfig(**shape), single_device_mesh(), seed=0)
-    return hf_io.save_hf_model(model, out_dir)
+    graphdef, state = nnx.split(model)
+    params = state.to_pure_dict()
+    emb = np.array(params["embed_tokens"])
+    direction = np.random.default_rng(0).standard_normal(emb.shape[1])
+    emb[3 + SPECIAL_SYMBOLS.index(IM_END)] = eos_scale * direction / np.linalg.norm(direction)
+    params["embed_tokens"] = jax.device_put(emb.astype(emb.dtype), params["embed_tokens"].sharding)
+    state.replace_by_pure_dict(params)
+    return hf_io.save_hf_model(nnx.merge(graphdef, state), out_dir)
 
 
 def child_env(cache_dir: str, devices: int = 1) -> dict[str, str]:
@@ -176,7 +196,7 @@ def progress(stage: str, run_dir: str, marks: set[str]) -> int:
     return 1 + max(_digit_dirs(os.path.join(d, "checkpoints")) or [0])
 
 
-def watch(child: Child, run_dir: str, stages=STAGES, poll: float = 0.01) -> dict[str, list[float]]:
+def watch(child: Child, run_dir: str, stages=STAGES, poll: float = 0.02) -> dict[str, list[float]]:
     """Until the child exits: per stage, the time each of its events was first seen, in order, "done" last."""
     first: dict[str, dict[int, float]] = {s: {} for s in stages}
     while True:
@@ -339,7 +359,7 @@ def kill_between(child: Child, run_dir: str, stage: str, event: int, delay: floa
     while progress(stage, run_dir, child.marks) < event + 1:
         if not child.running() or time.time() > deadline:
             return child.wait(30), progress(stage, run_dir, child.marks)
-        time.sleep(0.005)
+        time.sleep(0.01)
     t = time.time()
     while time.time() < t + delay and progress(stage, run_dir, child.marks) < event + 2 and child.running():
         time.sleep(0.005)
