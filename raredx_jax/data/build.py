@@ -134,8 +134,10 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     """Training passages plus a validation split of *other* phrasings of the same facts (exact repeats removed).
 
     With `unrenderable` (a dict), a disease whose worked cases cannot be rendered is added to it (id -> why) and
-    its records are left out; the caller must then rebuild with the smaller set (neighbours differ)."""
-    from raredx_jax.data.knowledge import knowledge_records
+    left out; the diseases that had it among their neighbours (contrast passages, differentials) are generated
+    again against the smaller set, so the result equals a build that never selected it (a disease's records
+    depend only on the seed, the disease and its neighbours), without a second pass over every disease."""
+    from raredx_jax.data.knowledge import _neighbours, knowledge_records
 
     on_unrenderable = None
     if unrenderable is not None:
@@ -144,19 +146,42 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
 
     seed = int(config.data.seed)
     style = config.data.get("knowledge_exemplar_style", "note")
-    train = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "train"),
-                              passages_per_disease=int(config.data.knowledge_passages_per_disease),
-                              exemplars_per_disease=int(config.data.get("knowledge_exemplars_per_disease", 3)),
-                              exemplar_style=style,
-                              reflection_exemplars_per_disease=int(
-                                  config.data.get("knowledge_reflection_exemplars_per_disease", 0)),
-                              on_unrenderable=on_unrenderable)
-    out = {"train": list(train)}
     n_val = int(config.data.get("knowledge_eval_passages_per_disease", 0))
-    if n_val > 0:
-        val = knowledge_records(diseases, ontology, seed=_split_seed(seed, "knowledge", "validation"),
+
+    def make(ds: Sequence[Any], ctx: Sequence[Any]) -> tuple[list[dict], list[dict]]:
+        train = knowledge_records(ds, ontology, seed=_split_seed(seed, "knowledge", "train"),
+                                  passages_per_disease=int(config.data.knowledge_passages_per_disease),
+                                  exemplars_per_disease=int(config.data.get("knowledge_exemplars_per_disease", 3)),
+                                  exemplar_style=style,
+                                  reflection_exemplars_per_disease=int(
+                                      config.data.get("knowledge_reflection_exemplars_per_disease", 0)),
+                                  on_unrenderable=on_unrenderable, ctx_diseases=ctx)
+        val = knowledge_records(ds, ontology, seed=_split_seed(seed, "knowledge", "validation"),
                                 passages_per_disease=n_val, exemplar_style=style,
-                                on_unrenderable=on_unrenderable)
+                                on_unrenderable=on_unrenderable, ctx_diseases=ctx) if n_val > 0 else []
+        return train, val
+
+    def splice(old: list[dict], kept: Sequence[Any], new: list[dict], redone: set[str]) -> list[dict]:
+        by_d: dict[str, list[dict]] = {}
+        for r in old:
+            if r["disease_id"] not in redone:
+                by_d.setdefault(r["disease_id"], []).append(r)
+        for r in new:
+            by_d.setdefault(r["disease_id"], []).append(r)
+        return [r for d in kept for r in by_d.get(d.id, [])]  # records grouped per disease, in disease order
+
+    kept = list(diseases)
+    train, val = make(kept, kept)
+    while unrenderable and any(d.id in unrenderable for d in kept):
+        smaller = [d for d in kept if d.id not in unrenderable]
+        before, after = _neighbours(kept), _neighbours(smaller)
+        affected = [d for d in smaller if before[d.id] != after[d.id]]
+        t2, v2 = make(affected, smaller)
+        redone = {d.id for d in affected}
+        train, val = splice(train, smaller, t2, redone), splice(val, smaller, v2, redone)
+        kept = smaller
+    out = {"train": list(train)}
+    if n_val > 0:
         seen = {_record_key(r) for r in train}
         held_out = [r for r in val if _record_key(r) not in seen]
         if len(held_out) < len(val):
@@ -186,14 +211,16 @@ def _record_key(r: dict) -> str:
 
 
 def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Log,
-                    unrenderable: dict[str, str] | None = None) -> dict[str, list[Any]]:
+                    unrenderable: dict[str, str] | None = None,
+                    generated: dict[str, dict[str, list[Any]]] | None = None) -> dict[str, list[Any]]:
     """Notes for every disease in every split, each split with its own seed; a note never repeats an earlier
     split's verbatim (train, validation, test, then the GRPO-only `rl` split), and case ids are unique across
     splits.
 
     With `unrenderable` (a dict), a disease the simulator cannot write a note for in some split is added to it
     (id -> why) and left out of every split; the notes of the others are exactly those of a build without it
-    (a note depends only on (seed, disease, index), and de-duplication runs over the kept diseases only)."""
+    (a note depends only on (seed, disease, index), and de-duplication runs over the kept diseases only).
+    `generated` (split -> disease id -> notes) caches the notes across calls with fewer diseases."""
     from raredx_jax.data import simulate
 
     seed = int(config.data.seed)
@@ -209,25 +236,28 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     n_rl = int(config.data.get("rl_notes_per_disease", 0))
     if n_rl > 0:  # last, so it is de-duplicated against every other split and changes none of them
         counts[RL_SPLIT] = n_rl
-    generated: dict[str, list[list[Any]]] = {split: [] for split in counts}
+    generated = {} if generated is None else generated
     for split, n in counts.items():
+        per = generated.setdefault(split, {})
         for d in diseases:
+            if d.id in per:
+                continue
             try:
-                generated[split].append(simulate.simulate_cases(
+                per[d.id] = simulate.simulate_cases(
                     [d], ontology, n_per_disease=n, levels=levels,
-                    seed=_split_seed(test_seed if split == "test" and test_seed >= 0 else seed, "cases", split)))
+                    seed=_split_seed(test_seed if split == "test" and test_seed >= 0 else seed, "cases", split))
             except simulate.UnrenderableError as e:
                 if unrenderable is None:
                     raise
                 unrenderable.setdefault(d.id, str(e))
-                generated[split].append([])
+                per[d.id] = []
     out: dict[str, list[Any]] = {}
     seen_text: set[str] = set()
     seen_ids: set[str] = set()
     skip = set(unrenderable or ())
     diseases = [d for d in diseases if d.id not in skip]
     for split, n in counts.items():
-        cases = [c for per in generated[split] for c in per if c.diagnosis[0] not in skip]
+        cases = [c for d in diseases for c in generated[split][d.id]]
         kept = []
         for case in cases:
             if case.text in seen_text:
@@ -323,16 +353,14 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
     imported = imported_result.cases if imported_result is not None else []
 
     unrenderable: dict[str, str] = {}
-    cases = build_simulated(diseases, ontology, config, log, unrenderable)
-    for _ in range(len(diseases) + 1):
-        kept = [d for d in diseases if d.id not in unrenderable]
-        n_before = len(unrenderable)
-        knowledge = build_knowledge(kept, ontology, config, log, unrenderable)
-        if len(unrenderable) == n_before:
-            break
-        # the knowledge corpus left a disease out: rebuild both on the smaller set (neighbours, de-duplication)
-        cases = build_simulated(kept, ontology, config, log, unrenderable)
+    generated: dict[str, dict[str, list[Any]]] = {}
+    cases = build_simulated(diseases, ontology, config, log, unrenderable, generated)
+    n_sim = len(unrenderable)
+    knowledge = build_knowledge([d for d in diseases if d.id not in unrenderable], ontology, config, log,
+                                unrenderable)
     diseases = [d for d in diseases if d.id not in unrenderable]
+    if len(unrenderable) > n_sim:  # the knowledge step left more out: the notes again without them (cached)
+        cases = build_simulated(diseases, ontology, config, log, unrenderable, generated)
     if unrenderable:
         report = _write_skipped_diseases(data_dir, unrenderable, ontology)
         log(f"left out {len(unrenderable)} diseases the note simulator cannot render without naming them "

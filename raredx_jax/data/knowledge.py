@@ -389,14 +389,16 @@ def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx:
 def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int,
                       passages_per_disease: int, exemplars_per_disease: int = 3,
                       exemplar_style: str = "note", reflection_exemplars_per_disease: int = 0,
-                      on_unrenderable: Callable[[Disease, Exception], None] | None = None) -> list[Record]:
+                      on_unrenderable: Callable[[Disease, Exception], None] | None = None,
+                      ctx_diseases: Sequence[Disease] | None = None) -> list[Record]:
     """SFT records per disease: about half passages (prompt "", templates cycled) and half Q&A (chat prompt).
 
     A record is {"prompt": "" or [{"role": "user", "content": q}], "completion": str, "disease_id", "kind",
     "template"}. Deterministic for (seed, disease set). With `on_unrenderable`, a disease whose worked cases
     the note simulator cannot write (`simulate.UnrenderableError`) gets no records and is passed to it (the
     caller drops it from the disease set: the other diseases' contrast passages depend on that set); without,
-    the error propagates.
+    the error propagates. `ctx_diseases` (default `diseases`): the set the neighbours (contrast passages,
+    differentials) are drawn from; a disease's records depend only on (seed, the disease, its neighbours in it).
     """
     if passages_per_disease < 1:
         raise ValueError(f"data.knowledge_passages_per_disease must be >= 1, got {passages_per_disease}")
@@ -404,7 +406,8 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
                      ("knowledge_reflection_exemplars_per_disease", reflection_exemplars_per_disease)):
         if n < 0:
             raise ValueError(f"data.{field} must be >= 0, got {n}")
-    ctx = {"neighbours": _neighbours(diseases), "by_id": {d.id: d for d in diseases}}
+    ctx_set = diseases if ctx_diseases is None else ctx_diseases
+    ctx = {"neighbours": _neighbours(ctx_set), "by_id": {d.id: d for d in ctx_set}}
     names = list(PASSAGE_TEMPLATES)
     out: list[Record] = []
     for d in diseases:
