@@ -99,8 +99,9 @@ def main(argv: list[str], config_flag: Any = None) -> None:
     try:
         evaluate_checkpoint(config, F.checkpoint, [s for s in F.cases.split(",") if s], out,
                             tokenizer_dir=F.tokenizer)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"evaluate: error: {e}")
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one line, exit 2 (README, Troubleshooting)
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

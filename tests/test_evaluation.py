@@ -157,3 +157,18 @@ def test_evaluate_jsonl_with_bad_lines_reports_under_out_and_counts(tmp_path, mo
     js = json.loads((out / "eval.json").read_text())
     assert "notes.jsonl" in json.dumps(js) and report is not None
     assert str(rep_path) in (out / "eval.md").read_text()
+
+
+def test_evaluate_bad_input_is_one_line_exit_2(tmp_path):
+    """A checkpoint that does not exist: one line on stderr, exit 2 (bad input), no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "raredx_jax.evaluate", f"--checkpoint={tmp_path / 'none'}",
+                          "--cases=simulated:test", f"--out={tmp_path / 'out'}"], cwd=repo, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("evaluate: error:") and "Traceback" not in res.stderr, lines
