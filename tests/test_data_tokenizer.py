@@ -41,6 +41,14 @@ def test_sentencepiece_round_trip(spm_path):
         assert tok.decode(ids) == text
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(spm_path):
+    """A model whose embedding is padded past the tokenizer can sample such ids: decoding them must not crash
+    (SentencePiece raised IndexError), and they add no text."""
+    tok = SentencePieceTokenizer(spm_path)
+    ids = tok.encode("tall stature")
+    assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 39]) == tok.decode(ids) == "tall stature"
+
+
 def test_sentencepiece_special_tokens_single_ids(spm_path):
     tok = SentencePieceTokenizer(spm_path)
     ids = {s: tok.encode(s) for s in SPECIAL_SYMBOLS}

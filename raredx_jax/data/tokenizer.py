@@ -191,7 +191,10 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self._sp.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        # ids past the vocabulary (a model whose embedding is padded beyond the tokenizer, as HF models often are,
+        # can sample them) decode to nothing, as in HF tokenizers, instead of SentencePiece's IndexError
+        n = self._sp.get_piece_size()
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return chatml(messages, add_generation_prompt)
