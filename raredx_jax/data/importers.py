@@ -19,7 +19,9 @@ Kept with a warning (``ImportResult.warnings``, listed in the report, never rais
 terms is obsolete (mapped to its ``replaced_by`` term) or unknown to the shipped release (dropped); the case
 is skipped only when no usable observed finding remains. Files that are not records (any name not ending in
 ``.json``, case-insensitive, and hidden files) are listed in ``ImportResult.ignored``, the same for a folder and
-for an archive.
+for an archive; so are symbolic links in a folder that point to a folder or outside the folder (not followed; a
+link to a file inside the folder is read). A UTF-8 byte-order mark is read as absent. A record (file, archive
+member or JSONL line) over `MAX_RECORD_BYTES` is one bad record refused by its size, never read whole.
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ _ISO_DURATION = re.compile(r"P(?!$)(?:(\d+(?:\.\d+)?)Y)?(?:(\d+(?:\.\d+)?)M)?(?:
                            r"(?:T(?=\d)(?:\d+(?:\.\d+)?H)?(?:\d+(?:\.\d+)?M)?(?:\d+(?:\.\d+)?S)?)?")
 RENDER_TRIES = 5
 MAX_JSON_DEPTH = 100  # real phenopackets nest ~10 deep; deeper input is refused per record, not by a crash
+# One record (a phenopacket file or archive member, one JSONL line) larger than this is refused by its size before
+# it is read: a real phenopacket or note is a few KB, and a stray multi-GB file must be one bad record, never a
+# MemoryError that ends the import (issue 18's bad-input corpus: the 50 MB file).
+MAX_RECORD_BYTES = 16 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,6 +117,14 @@ class _RecordError(ValueError):
         self.field, self.message = field, message
 
 
+class _TooLarge(Exception):
+    """A record over MAX_RECORD_BYTES, refused by its size before it is read."""
+
+    def __init__(self, size: int):
+        super().__init__(f"{size / 2**20:.1f} MB, over the {MAX_RECORD_BYTES // 2**20} MB limit for one record "
+                         "(a phenopacket or note is a few KB): not read")
+
+
 def _check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -131,12 +145,15 @@ def _json_depth_error(obj: Any) -> str | None:
 def _parse_json(raw: bytes, jsonl: bool = False) -> Any:
     """Bytes -> JSON value; every way it can fail (encoding, syntax, nesting, number limits) -> _RecordError."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        # utf-8-sig: a leading byte-order mark (Windows editors write one) is read as absent; plain "utf-8" left it
+        # in and json refused the whole record ("Unexpected UTF-8 BOM")
+        obj = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise _RecordError("<json>", f"not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
         where = f"at column {e.colno}" if jsonl else f"at line {e.lineno} column {e.colno}"
-        raise _RecordError("<json>", f"invalid JSON: {e.msg} {where}") from None
+        # json's "Invalid control character at" already ends in "at": without the trim the message read "at at"
+        raise _RecordError("<json>", f"invalid JSON: {e.msg.removesuffix(' at')} {where}") from None
     except RecursionError:
         raise _RecordError("<json>", "nested too deeply to parse (not a phenopacket or note record)") from None
     except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
@@ -570,7 +587,10 @@ def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
 
     Hidden files (``.*``, e.g. macOS ``._x.json``) are not records; everything else ending in .json (any case)
     is. Every other file met (hidden, another extension, not a regular file) is appended to ``ignored`` with the
-    reason, for a folder and for an archive alike.
+    reason, for a folder and for an archive alike. In a folder, a symbolic link to a file inside the folder is
+    read like that file; a link to a folder, or to anything outside the folder, is not followed and is listed in
+    ``ignored`` (an archive's link members are not followed either). A record over MAX_RECORD_BYTES is not read:
+    it comes back as a `_TooLarge` error (one bad record).
     """
     ignored = ignored if ignored is not None else []
 
@@ -580,10 +600,23 @@ def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
     def ignore(file: str, record: str, why: str) -> None:
         ignored.append(ImportIssue(file, record, "<file>", why))
 
+    def too_large(size: int) -> "_TooLarge | None":
+        return _TooLarge(size) if size > MAX_RECORD_BYTES else None
+
     if path.is_dir():
+        root = path.resolve()
         for f in sorted(path.rglob("*")):
             rel = f.relative_to(path)
+            # A symlink used to be followed wherever it pointed (a file anywhere on the machine read silently) and
+            # a link to a folder skipped silently (rglob does not descend into it): both are now listed.
+            if f.is_symlink() and f.is_dir():
+                ignore(str(f), str(rel), "symbolic link to a folder, not followed (list the folder itself)")
+                continue
             if f.is_dir():
+                continue
+            if f.is_symlink() and f.exists() and not f.resolve().is_relative_to(root):
+                ignore(str(f), str(rel), "symbolic link to a file outside the folder, not followed (copy the file "
+                                         "into the folder to import it)")
                 continue
             if hidden(str(rel)):
                 ignore(str(f), str(rel), "hidden file, not read as a record")
@@ -595,7 +628,7 @@ def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
                 ignore(str(f), str(rel), "not a regular file (dangling link, device or folder), ignored")
                 continue
             try:
-                raw: bytes | Exception = f.read_bytes()
+                raw: bytes | Exception = too_large(f.stat().st_size) or f.read_bytes()
             except OSError as e:
                 raw = e
             yield str(f), rel.name, tuple(rel.parts), raw
@@ -613,6 +646,10 @@ def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
                 if not m.isfile():
                     ignore(str(path), m.name, "not a regular file (link or device member), ignored")
                     continue
+                big = too_large(m.size)
+                if big:
+                    yield str(path), m.name, tuple(Path(m.name).parts), big
+                    continue
                 fh = tar.extractfile(m)
                 try:
                     raw = fh.read() if fh is not None else OSError("unreadable member")
@@ -621,7 +658,7 @@ def _iter_json_records(path: Path, ignored: list[ImportIssue] | None = None
                 yield str(path), m.name, tuple(Path(m.name).parts), raw
     elif path.is_file():
         try:
-            raw = path.read_bytes()
+            raw = too_large(path.stat().st_size) or path.read_bytes()
         except OSError as e:
             raw = e
         yield str(path), path.name, (path.name,), raw
@@ -640,6 +677,8 @@ def load_phenopackets(path: str | Path, ontology: Ontology, on_error: str = "rai
     col = _Collector(on_error)
     for file, record, location, raw in _iter_json_records(path, col.ignored):
         def make(warn, raw=raw, location=location) -> Case:
+            if isinstance(raw, _TooLarge):
+                raise _RecordError("<file>", str(raw))
             if isinstance(raw, Exception):
                 raise _RecordError("<file>", f"cannot read: {raw}")
             packet = _parse_json(raw)
@@ -732,7 +771,27 @@ def load_jsonl_notes(path: str | Path, ontology: Ontology, linker: DiseaseLinker
     linker = linker if linker is not None else DiseaseLinker(list(diseases.values()))
     col = _Collector(on_error)
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        lineno = 0
+        while True:
+            # readline with a limit: one huge line is read at most MAX_RECORD_BYTES + 1 at a time and refused,
+            # never held whole in memory; the good lines after it are still read
+            raw = fh.readline(MAX_RECORD_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
+            if len(raw) > MAX_RECORD_BYTES:  # skip the rest of the line in chunks, counting its size
+                size = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(MAX_RECORD_BYTES + 1)
+                    if not raw:
+                        break
+                    size += len(raw)
+
+                def too_large(warn, size=size) -> Case:
+                    raise _RecordError("<line>", str(_TooLarge(size)))
+
+                col.add(str(path), str(lineno), too_large)
+                continue
             if not raw.strip():
                 continue
 
