@@ -331,3 +331,33 @@ def test_rl_curriculum_stage_defaults_have_no_untaught_task_and_end_on_hard():
     assert all(x.startswith("open:") for x in lessons) and lessons[-1] == "open:hard"
     assert c.curriculum.min_attempts <= c.grpo.group_size  # a case can be skipped after one group
     assert c.curriculum.promote_rule == "gain" and c.grpo.filter_groups == "pass"
+
+
+def test_rers_journal_seeds_buckets_but_skipping_waits_for_the_policys_own_rollouts(tmp_path):
+    """The RERS journal measured another policy: it places each case (p = correct / tries) but counts as at most
+    min_attempts - 1 attempts, so a case solved 4/4 by RERS is skipped only after the current policy also
+    solves it in a group of its own."""
+    from types import SimpleNamespace
+
+    from raredx_jax.training.grpo import seed_from_rers
+    from raredx_jax.training.rers import JOURNAL_DIR
+    from raredx_jax.training.sft import MissingInputError
+
+    jdir = tmp_path / JOURNAL_DIR
+    jdir.mkdir()
+    lines = [{"chunk": 0, "case_id": f"c{i}", "status": "direct", "direct": {"tries": 4, "correct": k}}
+             for i, k in enumerate([4, 0, 2])]
+    lines.append({"commit": 0, "n": 3})
+    (jdir / "shard-00000-of-00001.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cases = [SimpleNamespace(id=f"c{i}", level="sparse") for i in range(4)]  # c3: not in the journal
+    cur = make([c.level for c in cases], lessons=("open:sparse",), min_attempts=4, skip_hi=0.95, skip_lo=0.05,
+               estimator="counts", count_decay=0.5, remeasure_every=1)
+    assert seed_from_rers(cur, cases, str(tmp_path)) == 3
+    np.testing.assert_allclose(cur.p["open"], [1.0, 0.0, 0.5, 0.5])
+    np.testing.assert_allclose(cur.attempts["open"], [3, 3, 3, 0])
+    assert not cur.skipped("open").any()  # nothing skipped on RERS's word alone
+    cur.update([0] * 4 + [1] * 4, "open:sparse", [1] * 4 + [0] * 4, passes=[1] * 4 + [0] * 4, step=1)
+    assert cur.skipped("open").tolist() == [True, True, False, False]  # confirmed by one group each
+    assert seed_from_rers(cur, cases, "") == 0
+    with pytest.raises(MissingInputError, match="curriculum.prior_from"):
+        seed_from_rers(cur, cases, str(tmp_path / "none"))

@@ -40,8 +40,40 @@ def test_report_pairs_each_arm_with_its_start_and_pools_seeds(tmp_path):
     assert rep["per_seed"]["0"]["c"]["sets"]["simulated:test"]["all"]["gained"] == 0
     pooled = rep["pooled"]["b"]["simulated:test"]
     assert (pooled["seeds"], pooled["n"], pooled["gained"], pooled["lost"]) == (2, 80, 12, 2)
+    assert "p_value" not in pooled and pooled["diff_min"] == pooled["diff_max"] == pytest.approx(5 / 40)
+    assert rep["pooled"]["a"]["simulated:test"]["every_seed_gain_p05"]  # +20/-0 on each seed
+    assert not pooled["every_seed_gain_p05"]  # +6/-1: p = 0.125
     md = open(os.path.join(root, "grpo_arms.md"), encoding="utf-8").read()
-    assert "positive control" in md and "pooled over seeds" in md and "+6/-1" in md
+    assert "positive control" in md and "over seeds" in md and "+6/-1" in md
+
+
+def test_arm_commands_chain_the_pipeline_and_match_samples(tmp_path, monkeypatch):
+    """The commands each arm runs: b the pipeline; a GRPO alone from the copied knowledge-SFT checkpoint; c RERS
+    without reflection from b's RERS-SFT checkpoint at b's GRPO temperature, as many samples per case as b's
+    GRPO drew, then RERS-SFT from the same checkpoint. Extra --config flags reach every command."""
+    root = str(tmp_path)
+    base = os.path.join(root, "s3")
+    for d in ("data", "knowledge_sft", "rers", "rers_sft", "grpo"):
+        os.makedirs(os.path.join(base, d))
+    with open(os.path.join(base, "data", "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({"datasets": {"raredx_simulated_cases": {"train": 192}}}, f)
+    with open(os.path.join(base, "grpo", "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"grpo": {"steps": 32, "prompts_per_step": 8, "group_size": 4}, "sampling": {"temperature": 0.5}},
+                  f)
+    calls = []
+    monkeypatch.setattr(grpo_arms, "_train", lambda args, log: calls.append(list(args)))
+    assert grpo_arms.main(["--root", root, "--seeds", "3", "--config.pipeline.scale=smoke"]) == 0
+    b, a, c = calls
+    assert b == [f"--config.run_dir={base}", "--config.seed=3", "--config.pipeline.scale=smoke"]
+    assert a[:3] == [f"--config.run_dir={base}-a", "--config.seed=3", "--config.pipeline.scale=smoke"]
+    assert "--config.pipeline.stages=('grpo',)" in a and a[-1].endswith(f"model.init_from={base}-a/knowledge_sft")
+    assert os.path.isdir(base + "-a/rers") and os.path.isdir(base + "-c/knowledge_sft")
+    rers = next(x for x in c if x.startswith("--config.pipeline.overrides.rers="))
+    # 32 steps x 8 prompts x 4 samples over 192 training notes = 5.33 -> 5 per case
+    assert rers == (f"--config.pipeline.overrides.rers=model.init_from={base}/rers_sft,rers.reflection_tries=0,"
+                    "rers.num_samples=5,sampling.temperature=0.5")
+    assert c[-1] == f"--config.pipeline.overrides.rers_sft=model.init_from={base}/rers_sft"
+    assert grpo_arms.main(["--root", root, "--bogus"]) == 2
 
 
 def test_unknown_arm_is_one_clear_error(capsys):

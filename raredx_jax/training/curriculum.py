@@ -515,8 +515,9 @@ class DualCurriculum:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"curriculum state version {state.get('version')!r}, expected {STATE_VERSION}")
+        state = {"lesson_baseline": None, "baseline_end": -1.0, **state}  # version 1 had no gain rule
         if state["num_cases"] != self.n:
             raise ValueError(f"curriculum state has {state['num_cases']} cases, this curriculum {self.n}")
         names = [x.name for x in self.lessons]

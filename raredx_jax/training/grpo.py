@@ -705,8 +705,9 @@ def held_out_eval(learner: RLLearner, cases: Sequence[Any], linker: Any, setting
 
 def seed_from_rers(curriculum: Any, train_cases: Sequence[Any], rers_dir: str) -> int:
     """First pass-rate estimate of every training case RERS sampled: its direct round (``rers.num_samples`` samples
-    of the open prompt per case, from the model RERS-SFT started from) is in the RERS journal, free. Returns how
-    many cases were seeded; "" = none. A missing journal is an error naming the flag."""
+    of the open prompt per case, from the model RERS-SFT started from) is in the RERS journal, free. It places a
+    case in a bucket; skipping it needs the current policy's rollouts too (see below). Returns how many cases were
+    seeded; "" = none. A missing journal is an error naming the flag."""
     if not rers_dir:
         return 0
     from raredx_jax.training.rers import JOURNAL_DIR, read_journals
@@ -718,13 +719,19 @@ def seed_from_rers(curriculum: Any, train_cases: Sequence[Any], rers_dir: str) -
         raise MissingInputError(f"curriculum.prior_from={rers_dir!r}: no RERS journal in {journal_dir} (run RERS "
                                 "first, or set --config.curriculum.prior_from='' for unmeasured cases)")
     by_id = {c["case_id"]: c.get("direct", {}) for ch in chunks.values() for c in ch["cases"]}
+    # RERS sampled another policy (the model RERS-SFT started from, at RERS's temperature): its rate sets where a
+    # case starts, but counts as at most min_attempts - 1 attempts, so no case is skipped as always or never
+    # solved before the current policy's own rollouts confirm it
+    cap = max(float(curriculum.cfg.min_attempts) - 1.0, 0.0)
     idx, att, suc = [], [], []
     for i, case in enumerate(train_cases):
         d = by_id.get(case.id)
-        if d and int(d.get("tries", 0)) > 0:
+        tries = float(d.get("tries", 0)) if d else 0.0
+        if tries > 0 and cap > 0:
+            w = min(tries, cap) / tries
             idx.append(i)
-            att.append(float(d["tries"]))
-            suc.append(float(d.get("correct", 0)))
+            att.append(tries * w)
+            suc.append(float(d.get("correct", 0)) * w)
     return curriculum.seed_pass_rates("open", idx, att, suc)
 
 
@@ -958,6 +965,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
         "promotions": [{k2: r.get(k2) for k2 in ("step", "from", "to", "reason", "baseline", "window_mean")}
                        for r in promo_recs],
         "lesson_trends": lesson_trends(train_recs, promo_recs, [x.name for x in curriculum.lessons], total),
+        # how many promotions the gain rule made vs the saturation and plateau (max_steps) guards
+        "promotion_reasons": {why: sum(r.get("reason") == why for r in promo_recs)
+                              for why in ("rule", "saturated", "max_steps")},
         "final_lesson": curriculum.lesson.name,
         "checkpoint": ckpt.step_dir(last_saved) if last_saved is not None else None,
         "init_from": init_path, "params": model_cfg.num_params(), "seconds": round(time.time() - t_start, 1),
