@@ -223,6 +223,10 @@ def test_export_replaces_only_its_own_earlier_export(tmp_path, hf_shapes):
     hf_io.save_hf_model(_model(hf_shapes, tmp_path, 0), mine)
     foreign = _write_hf(str(tmp_path / "foreign"), hf_shapes)  # a model from elsewhere: no export mark
     assert hf_io.is_own_export(mine) and not hf_io.is_own_export(foreign)
+    with open(os.path.join(mine, "NOTES.md"), "w", encoding="utf-8") as f:
+        f.write("a user's notes beside the weights")
+    assert not hf_io.is_own_export(mine)  # a file an export never writes: not replaced unasked
+    os.remove(os.path.join(mine, "NOTES.md"))
     os.mkdir(os.path.join(mine, "sub"))
     assert not hf_io.is_own_export(mine)  # a subdirectory: not something an export wrote
 
@@ -246,6 +250,7 @@ def test_export_stage_reruns_over_its_own_export_refuses_a_foreign_dir(tmp_path,
     run_export(c)
     assert hf_io.INDEX_FILE not in os.listdir(out) and "model.safetensors" in os.listdir(out)
     assert "tokenizer.json" in os.listdir(out)  # the tokenizer written inside the same unit
+    assert hf_io.is_own_export(out), sorted(os.listdir(out))  # so the next rerun may replace it again
     foreign = _write_hf(str(tmp_path / "foreign"), hf_shapes)
     before = _tree_digest(foreign)
     c.export.hf_dir = foreign

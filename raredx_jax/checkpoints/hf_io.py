@@ -296,6 +296,10 @@ def is_own_export(directory: str) -> bool:
     weights = [e for e in entries if e.endswith(".safetensors")]
     if not weights or any(os.path.isdir(os.path.join(directory, e)) for e in entries):
         return False
+    # only files an export writes: a README, notes or eval output a user put beside the weights are not replaced
+    written = {"config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES}
+    if any(e not in written and not e.endswith(".safetensors") for e in entries):
+        return False
     try:
         return all(SafetensorsFile(os.path.join(directory, w)).metadata.get(EXPORT_MARK) for w in weights)
     except ValueError:

@@ -748,7 +748,8 @@ def _jsonl_case(obj: Any, ontology: Ontology, linker: DiseaseLinker, diseases: d
             if why:
                 warn(f"{name}[{j}]", f"{why}: mapped, note kept")
             kept.append(current)
-        hpo[name] = kept
+        hpo[name] = list(dict.fromkeys(kept))  # an obsolete id and its replacement both listed: one term
+    hpo["absent_hpo"] = [h for h in hpo["absent_hpo"] if h not in set(hpo["present_hpo"])]  # observed wins
     meta = _get(obj, "meta", dict, "meta") or {}
     return Case(id=cid, text=text, diagnosis=tuple(gold), diagnosis_name=diseases[gold[0]].name,
                 present_hpo=tuple(hpo["present_hpo"]), absent_hpo=tuple(hpo["absent_hpo"]), sex=sex,

@@ -689,7 +689,8 @@ def simulate_case(disease: Disease, ontology: Ontology, rng: np.random.Generator
                     leaks = find_leaks(text, disease, ontology)
                     if not leaks:
                         break
-                break
+                if not leaks:  # else the next neutral sentence, then none at all
+                    break
         if leaks:
             raise UnrenderableError(disease.id, f"every rendering of the note leaks the diagnosis ({'; '.join(leaks)})")
     if case_id is None:
