@@ -178,6 +178,68 @@ def test_zero_variance_groups_are_dropped_before_the_update(mesh):
         GRPOSettings(filter_groups="variance").validate()
 
 
+def test_a_zero_update_step_resumes_exactly_across_a_checkpoint(mesh, tmp_path):
+    """Step 2's groups are all flat on `pass` (filter_groups=pass drops them all): no optimiser step, parameters
+    bit-identical, but state.step counts it. Saved after step 2 as run_grpo saves (rl_state holding
+    optimizer_steps), restored into a fresh learner as run_grpo restores, step 3 equals the uninterrupted run's
+    bit for bit: metrics (loss, grad_norm, lr, rewards, ...) and parameters. The lr schedule decays, so the
+    optimiser-step count must come from rl_state (the fallback start * updates_per_step = 4, not 2, would log
+    another lr)."""
+    from raredx_jax.checkpoints.manager import TrainCheckpointManager
+    from raredx_jax.training.grpo import RL_ITEM
+
+    phase = {"flat": False}
+
+    def reward(samples):  # pass alternates inside every group (kept), or is 1 everywhere (all dropped)
+        n = len(samples.texts)
+        passed = np.ones(n, np.float32) if phase["flat"] else (np.arange(n) % 2).astype(np.float32)
+        return {"total": toy_reward(samples)["total"] + passed, "pass": passed}
+
+    kw = dict(steps=3, filter_groups="pass", schedule="cosine", min_lr_ratio=0.1)
+    timing = ("rollout_s", "update_s", "step_time_s", "sample_tokens_per_s", "train_tokens_per_s", "mfu")
+
+    def run_step(learner, s):
+        phase["flat"] = s == 2
+        _, m = learner.step(PROMPTS, list(range(4)), s)
+        assert int(learner.state.step) == s
+        return {k: v for k, v in m.items() if k not in timing}
+
+    ref = _learner(reward, mesh, **kw)
+    m1 = run_step(ref, 1)
+    after1 = _host(ref.state.params)
+    m2 = run_step(ref, 2)
+    assert m1["updates"] == 2 and m2["updates"] == 0 and m2["groups_kept_fraction"] == 0.0
+    assert "loss" not in m2 and ref.optimizer_steps == 2
+    for a, b in zip(jax.tree.leaves(after1), jax.tree.leaves(_host(ref.state.params))):
+        np.testing.assert_array_equal(a, b)  # the zero-update step left the parameters alone
+    ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
+    ckpt.save(2, ref.state, ref.cfg, extras={RL_ITEM: {"step": 2, "optimizer_steps": ref.optimizer_steps}})
+    ckpt.close()
+    m3 = run_step(ref, 3)  # the uninterrupted run (the save only copied the state)
+    assert m3["updates"] == 2 and ref.optimizer_steps == 4 and m3["grad_norm"] > 0
+
+    ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
+    fresh = RLLearner(ref.cfg, ToyTokenizer(), reward, ref.settings, ref.sampling, mesh, seed=0)
+    with jax.set_mesh(mesh):
+        restored = ckpt.restore(fresh.abstract_state())
+    ckpt.close()
+    assert restored.step == 2 and int(restored.state.step) == 2
+    fresh.set_state(restored.state)
+    saved = restored.extras.get(RL_ITEM, {})
+    fresh.optimizer_steps = int(saved.get("optimizer_steps", restored.step * fresh.updates_per_step))  # run_grpo's
+    assert fresh.optimizer_steps == 2 != restored.step * fresh.updates_per_step
+    got = run_step(fresh, 3)
+    assert int(fresh.state.step) == int(ref.state.step) == 3
+    assert float(fresh.schedule(3)) != float(fresh.schedule(5))  # a wrong count would show in the logged lr
+    for k in ("loss", "grad_norm", "lr", "reward/total_mean", "reward/pass_mean"):
+        assert k in m3, k
+    assert got == m3, {k: (got.get(k), m3.get(k)) for k in set(got) | set(m3) if got.get(k) != m3.get(k)}
+    for a, b in zip(jax.tree.leaves(_host(ref.state.params)), jax.tree.leaves(_host(fresh.state.params))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(_host(ref.state.opt_state)), jax.tree.leaves(_host(fresh.state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_toy_reward_rises_with_a_frozen_reference(mesh):
     """A random-init policy learns to emit the target token within 20 steps: real sampling, real gradients,
     G = 8. beta > 0: the reference is built (a frozen copy of the start), its forward runs once per step and the
