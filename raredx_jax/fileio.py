@@ -15,6 +15,11 @@ the two functions here:
   (an old `dst` is replaced only when `overwrite`), on failure it is removed and `dst` is untouched. A reader
   sees the old directory or the new one, never a mix.
 
+Replacing takes two renames (old `dst` aside to `.<name>.replaced-<host>-<pid>-<random>/<name>`, the new copy
+into place). A process killed between them leaves `dst` missing and its last complete copy aside: the next
+`check_destination` or `atomic_directory` on that `dst` renames it back (one line on stderr). A `.replaced-`
+sibling left by a dead writer beside an existing `dst` (killed before deleting it) is removed.
+
 Errors are `DestinationError` (a ValueError), whose message is one line naming the path: the CLIs print it and
 exit 2.
 """
@@ -24,11 +29,12 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 import tempfile
 from typing import Callable, Iterator
 
 PARTIAL_TAG = ".partial-"  # temporary siblings are named .<dst name>.partial-<host>-<pid>-<random>
-OLD_TAG = ".replaced-"  # an old destination is moved to .<dst name>.replaced-<random> then deleted
+OLD_TAG = ".replaced-"  # an old destination is moved into .<dst name>.replaced-<host>-<pid>-<random> then deleted
 
 
 class DestinationError(ValueError):
@@ -71,6 +77,7 @@ def check_destination(src: str | None, dst: str, overwrite: bool = False, *, wha
     if not dst:
         raise DestinationError(f"{what}: no destination given")
     real_dst = _real(dst)
+    _recover_replaced(real_dst)
     if src:
         real_src = _real(src)
         if real_dst == real_src:
@@ -142,9 +149,10 @@ def atomic_directory(dst: str, overwrite: bool = False, *, what: str = "--dst",
 
     The temporary directory is a sibling of `dst` (`.<name>.partial-<random>`; the same filesystem, so the rename
     is atomic). On success every file in it is fsynced, then it is renamed to `dst`; an existing non-empty `dst`
-    is replaced only when `overwrite` (it is first renamed aside to `.<name>.replaced-<random>`, then deleted:
-    a crash between the two renames leaves the old directory under that name, never a mix of old and new files).
-    On any exception the temporary directory is removed and `dst` is left as it was.
+    is replaced only when `overwrite` (it is first renamed aside into `.<name>.replaced-<host>-<pid>-<random>`,
+    then deleted: a crash between the two renames leaves the old directory under that name, never a mix of old and
+    new files, and the next call on `dst` renames it back, `_recover_replaced`). On any exception the temporary
+    directory is removed and `dst` is left as it was (put back if it had been renamed aside).
 
     Multi-process writers (orbax saves shards from every process) pass `barrier(name)` (e.g.
     `multihost_utils.sync_global_devices`) and `primary`: the temporary name is then derived from `dst` alone so
@@ -155,6 +163,7 @@ def atomic_directory(dst: str, overwrite: bool = False, *, what: str = "--dst",
     multi = barrier is not None
     tmp = os.path.join(parent, f".{name}{PARTIAL_TAG}shared") if multi else ""
     if primary:
+        _recover_replaced(real_dst)
         if os.path.lexists(real_dst) and not os.path.isdir(real_dst):
             raise DestinationError(f"{what}={dst} is a file, not a directory; choose a directory path")
         if os.path.isdir(real_dst) and os.listdir(real_dst) and not overwrite:
@@ -191,21 +200,74 @@ def atomic_directory(dst: str, overwrite: bool = False, *, what: str = "--dst",
 _HOST = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
 
 
+def _writer(entry: str, prefix: str) -> str:
+    """The writer of sibling `entry` (`<prefix><host>-<pid>-...`): "dead" (made on this host by a process that
+    no longer runs), "alive" (this process, or one that runs: another user's too) or "unknown" (another host, a
+    name without host and pid)."""
+    own = f"{prefix}{_HOST}-"
+    pid = entry[len(own):].split("-", 1)[0] if entry.startswith(own) else ""
+    if not pid.isdigit():
+        return "unknown"
+    if int(pid) == os.getpid():
+        return "alive"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return "dead"
+    except OSError:
+        pass  # exists (another user's process)
+    return "alive"
+
+
 def _remove_dead_partials(parent: str, name: str) -> None:
     """Remove temporary siblings of `name` left by a killed writer on this host (its pid no longer runs)."""
-    prefix = f".{name}{PARTIAL_TAG}{_HOST}-"
+    prefix = f".{name}{PARTIAL_TAG}"
     for entry in os.listdir(parent):
-        if not entry.startswith(prefix):
-            continue
-        pid = entry[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if entry.startswith(prefix) and _writer(entry, prefix) == "dead":
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-        except OSError:
-            pass  # exists (another user's process): leave it
+
+
+def _recover_replaced(dst: str) -> None:
+    """Undo a replacement interrupted between its two renames (`_publish`), before `dst` is checked or written.
+
+    `dst` missing and exactly one `.<name>.replaced-*` sibling holding `<name>` whose writer is not a live process
+    of this host: that is the last complete copy, renamed back to `dst` (one line on stderr). Several such copies:
+    none is guessed, one line says so. `dst` present: the replaced siblings of dead writers on this host are
+    removed (their writer was killed before deleting them), like dead partials. Errors are left to the checks
+    that follow (a parent that cannot be listed or written is reported there).
+    """
+    parent, name = os.path.dirname(dst), os.path.basename(dst)
+    prefix = f".{name}{OLD_TAG}"
+    try:
+        entries = sorted(e for e in os.listdir(parent) if e.startswith(prefix))
+    except OSError:
+        return
+    if not entries:
+        return
+    if os.path.lexists(dst):
+        for entry in entries:
+            if _writer(entry, prefix) == "dead":
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        return
+    # a running writer of this host is between its renames: its business (it puts the copy back on failure)
+    copies = [e for e in entries if _writer(e, prefix) != "alive" and os.path.isdir(os.path.join(parent, e, name))]
+    if len(copies) > 1:
+        print(f"WARNING: {dst} is missing and {len(copies)} earlier copies lie beside it ({', '.join(copies)}); "
+              f"none restored: move the one to keep to {dst}", file=sys.stderr, flush=True)
+        return
+    if not copies:
+        return
+    aside = os.path.join(parent, copies[0])
+    try:
+        os.rename(os.path.join(aside, name), dst)
+    except OSError as e:
+        print(f"WARNING: {dst} is missing and could not be restored from {aside} ({_os_reason(e)})", file=sys.stderr,
+              flush=True)
+        return
+    _fsync_dir(parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    print(f"restored {dst} from {aside}: an earlier write stopped between moving it aside and publishing its "
+          "replacement; this is the last complete copy", file=sys.stderr, flush=True)
 
 
 def _publish(tmp: str, dst: str, overwrite: bool) -> None:
@@ -213,9 +275,14 @@ def _publish(tmp: str, dst: str, overwrite: bool) -> None:
     if os.path.isdir(dst) and os.listdir(dst):
         if not overwrite:  # re-checked: someone wrote there while we were working
             raise DestinationError(f"{dst} was filled while this directory was being written; not replaced")
-        old = tempfile.mkdtemp(prefix=f".{name}{OLD_TAG}", dir=parent)
+        old = tempfile.mkdtemp(prefix=f".{name}{OLD_TAG}{_HOST}-{os.getpid()}-", dir=parent)
         os.rename(dst, os.path.join(old, name))
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(os.path.join(old, name), dst)  # put the old copy back; the caller removes tmp
+            os.rmdir(old)
+            raise
         _fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -277,6 +277,76 @@ def test_failed_write_leaves_destination_untouched(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(dst) == ["new.txt"]
 
 
+_CRASH_BETWEEN_RENAMES = """
+import os, sys
+from raredx_jax import fileio
+rename = os.rename
+def killed_at_publish(src, dst):  # the old copy is aside; the process dies before the new one is renamed in
+    if fileio.PARTIAL_TAG in os.path.basename(src):
+        os._exit(17)
+    rename(src, dst)
+os.rename = killed_at_publish
+with fileio.atomic_directory(sys.argv[1], overwrite=True) as tmp:
+    open(os.path.join(tmp, "new.txt"), "w").write("new")
+"""
+
+
+def test_a_replacement_interrupted_between_its_renames_is_undone(tmp_path, capsys, monkeypatch):
+    """Replacing `dst` is two renames (old aside, new in). An exception at the second puts the old copy back at
+    once; a process killed there leaves `dst` missing and the old copy under `.out.replaced-*`, which the next
+    check_destination renames back (one stderr line, every byte as before). A replaced sibling of a dead writer
+    beside an existing `dst` is removed by the next atomic_directory; a live writer's or another host's is not."""
+    dst = tmp_path / "out"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "old.txt").write_text("old")
+    (dst / "sub" / "w.bin").write_bytes(bytes(range(256)) * 64)
+    before = _tree_digest(str(dst))
+
+    child = subprocess.Popen([sys.executable, "-c", _CRASH_BETWEEN_RENAMES, str(dst)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 17, out + err
+    aside = [e for e in os.listdir(tmp_path) if fileio.OLD_TAG in e]
+    assert not dst.exists() and len(aside) == 1 and f"-{child.pid}-" in aside[0]  # the crash state (and the
+    assert any(fileio.PARTIAL_TAG in e for e in os.listdir(tmp_path))  # unpublished new copy, removed later)
+    assert _tree_digest(str(tmp_path / aside[0] / "out")) == before
+
+    capsys.readouterr()
+    assert fileio.check_destination(None, str(dst), overwrite=True) == os.path.realpath(dst)
+    err = capsys.readouterr().err
+    assert err.startswith(f"restored {os.path.realpath(dst)} from ") and err.count("\n") == 1, err
+    assert _tree_digest(str(dst)) == before and not any(fileio.OLD_TAG in e for e in os.listdir(tmp_path))
+    with pytest.raises(fileio.DestinationError, match="is not empty"):  # restored data is not replaced unasked
+        fileio.check_destination(None, str(dst))
+
+    # an exception (not a kill) at the second rename: the old copy is put back before it propagates
+    real_rename = os.rename
+
+    def failing(src, target):
+        if fileio.PARTIAL_TAG in os.path.basename(src):
+            raise OSError(errno.EIO, "I/O error")
+        real_rename(src, target)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        with fileio.atomic_directory(str(dst), overwrite=True) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").write("new")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert _tree_digest(str(dst)) == before
+    assert not any(fileio.OLD_TAG in e for e in os.listdir(tmp_path))
+
+    # leftovers beside an existing dst: the dead child's is removed, the others are kept
+    dead = f".out{fileio.OLD_TAG}{fileio._HOST}-{child.pid}-abc"
+    alive = f".out{fileio.OLD_TAG}{fileio._HOST}-{os.getpid()}-def"
+    other_host = f".out{fileio.OLD_TAG}{fileio._HOST}x-{child.pid}-ghi"
+    for name in (dead, alive, other_host):
+        (tmp_path / name / "out").mkdir(parents=True)
+    with fileio.atomic_directory(str(dst), overwrite=True) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert sorted(os.listdir(tmp_path)) == sorted([alive, other_host, "out"])
+    assert os.listdir(dst) == ["new.txt"] and capsys.readouterr().err == ""
+
+
 # --- item 7: truncated / corrupt safetensors and a bad index: one line naming the file and the tensor ----------
 
 def _single_file_dir(tmp_path, shapes, name: str) -> tuple[str, str]:
