@@ -212,7 +212,8 @@ TINY = dict(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
 OPT = {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01, "grad_clip": 1.0}
 SFT_BATCH, SFT_SEQ, SFT_ACCUM, SFT_STEPS = 8, 32, 2, 2  # 8 rows: 2 micro-batches of 4 rows over data x fsdp = 4
 GRPO = dict(steps=4, prompts_per_step=3, group_size=4, minibatch_size=8, micro_batch_size=4, loss="grpo",
-            old_logprobs="sampler", beta=0.0, lr=1e-3, weight_decay=0.0)  # 12 rows: 2 updates (the 2nd padded)
+            old_logprobs="sampler", beta=0.0, lr=1e-3, weight_decay=0.0,  # 12 rows: 2 updates (the 2nd padded)
+            filter_groups="none")  # the synthetic rollout's reward has no `pass`: train on every group
 GRPO_METRICS = ("loss", "pg_loss", "grad_norm", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "tokens",
                 "rows")
 
