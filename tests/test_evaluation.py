@@ -172,3 +172,26 @@ def test_evaluate_bad_input_is_one_line_exit_2(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("evaluate: error:") and "Traceback" not in res.stderr, lines
+
+
+def test_baseline_scores_do_not_depend_on_the_process_hash_seed():
+    """Scores sum IC over set intersections; string hashes (so set order) differ per process. With a plain sum
+    tied diseases differed in the last bit and their ranks flipped between runs; fsum makes them exact."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from raredx_jax.data.hpo import load_ontology, select_diseases\n"
+            "from raredx_jax.evaluation.baseline import PhenotypeRanker\n"
+            "from ml_collections import ConfigDict\n"
+            "o = load_ontology()\n"
+            "ds = select_diseases(o, ConfigDict(dict(kind='random', n=60, seed=3, ids='', min_phenotypes=8,"
+            " max_phenotypes=0)))\n"
+            "r = PhenotypeRanker(o, ds)\n"
+            "q = sorted({p.hpo_id for d in ds[:3] for p in d.phenotypes[:6]})\n"
+            "print(repr([s.hex() for s in r.scores(q, q[:2])]))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2", "3")]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout

@@ -49,8 +49,10 @@ class PhenotypeRanker:
         q, neg = self.closure(present), self.closure(absent)
         out = []
         for c in self.disease_closure:
-            s = sum(self.ic.get(t, 0.0) for t in q & c)
-            s -= 0.5 * sum(self.ic.get(t, 0.0) for t in (neg & c) - q)
+            # fsum: exact, so a score does not depend on the set's iteration order (string hashes differ per
+            # process); with a plain sum, tied diseases differed in the last bit and the id tie-break lost
+            s = math.fsum(self.ic.get(t, 0.0) for t in q & c)
+            s -= 0.5 * math.fsum(self.ic.get(t, 0.0) for t in (neg & c) - q)
             out.append(s)
         return out
 
