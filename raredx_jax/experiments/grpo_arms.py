@@ -52,11 +52,16 @@ def _train(args: Sequence[str], log_path: str) -> None:
 
 
 def _copy(src_root: str, dst_root: str, names: Sequence[str]) -> None:
+    """Copy arm b's finished stage dirs into an arm's run dir (each published whole, never half-copied; an
+    existing copy is kept, so a rerun resumes the arm)."""
+    from raredx_jax.fileio import atomic_directory
+
     for name in names:
         src, dst = os.path.join(src_root, name), os.path.join(dst_root, name)
         if not os.path.isdir(dst):
-            shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
-            os.replace(dst + ".tmp", dst)
+            os.makedirs(dst_root, exist_ok=True)
+            with atomic_directory(dst, what="grpo_arms copy") as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _resolved_grpo(base: str) -> dict:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from ml_collections import config_dict
 
-from raredx_jax.rewards.diagnosis import Verification, parse_answer, rank_reward, verify
+from raredx_jax.rewards.diagnosis import Verification, rank_reward, verify
 from raredx_jax.rewards.format import format_reward, length_penalty
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,6 @@ class RewardContext:
     truncated: bool
     cfg: config_dict.ConfigDict
     length_max: int
-    answers: int = 0  # entries the answer block listed (before the verifier's top_k cut)
 
 
 REWARDS: dict[str, Callable[[RewardContext], float]] = {}
@@ -174,7 +173,7 @@ def register_reward(name: str, bounds: tuple[float, float] = (-1.0, 1.0)):
 def answer_count_ok(ctx: RewardContext) -> bool:
     """Whether the answer lists no more entries than the prompt allows (payload ``max_answers``; 0 = any)."""
     limit = int(getattr(ctx.case, "max_answers", 0) or 0)
-    return not (ctx.cfg.enforce_answer_count and limit and ctx.answers > limit)
+    return not (ctx.cfg.enforce_answer_count and limit and ctx.verification.answers > limit)
 
 
 @register_reward("diagnosis", bounds=(0.0, 1.0))
@@ -298,10 +297,9 @@ class RewardFn:
             case = cases[i // g]
             gold = gold_ids(case)
             ver = verify(text or "", gold, self.linker, top_k=int(self.cfg.top_k))
-            n_answers = len(parse_answer(text or "").entries)
             ctx = RewardContext(
                 text=text or "", case=case, gold=gold, verification=ver, length=int(lengths[i]),
-                truncated=bool(truncated[i]), cfg=self.cfg, length_max=self.length_max, answers=n_answers,
+                truncated=bool(truncated[i]), cfg=self.cfg, length_max=self.length_max,
             )
             for k in self.weights:
                 comps[k].append(float(REWARDS[k](ctx)))
@@ -311,7 +309,7 @@ class RewardFn:
             earned.append(1.0 if ver.rank == 1 and (comps["diagnosis"][-1] > 0 if "diagnosis" in comps else True)
                           else 0.0)
             fmt_ok.append(1.0 if ver.format_ok else 0.0)
-            answers.append(float(n_answers))
+            answers.append(float(ver.answers))
         out = {k: np.asarray(v, np.float32) for k, v in comps.items()}
         pass_arr = np.asarray(passed, np.float32)
         earned_arr = np.asarray(earned, np.float32)

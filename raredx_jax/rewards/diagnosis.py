@@ -133,12 +133,14 @@ class Verification:
     format_ok: as in :class:`ParsedAnswer`.
     linked: the ontology id of each ranked entry (None where an entry did not link), aligned with ``entries``.
     entries: the ranked entries the rank refers to (at most ``top_k``).
+    answers: how many entries the answer listed (deduplicated, before the ``top_k`` cut).
     """
 
     rank: int | None
     format_ok: bool
     linked: list[str | None]
     entries: list[str]
+    answers: int = 0  # entries the answer listed before the top_k cut (GRPO's answer-count limit reads it)
 
     @property
     def correct(self) -> bool:
@@ -429,7 +431,8 @@ def verify(text: str, gold_ids: Iterable[str] | str, linker: Any, top_k: int = 1
         entries.append(name)
         linked.append(did)
     rank = next((i + 1 for i, d in enumerate(linked) if d is not None and d in gold), None)
-    return Verification(rank=rank, format_ok=parsed.format_ok, linked=linked, entries=entries)
+    return Verification(rank=rank, format_ok=parsed.format_ok, linked=linked, entries=entries,
+                        answers=len(parsed.entries))
 
 
 # ---------------------------------------------------------------------------------------------------------
