@@ -34,8 +34,10 @@ numerics of the KV-cache decode path vs the full forward: ~1e-6 in float32 (the 
 bfloat16, which would show up as spurious ratio drift and clipping. ``auto`` (default) therefore uses the
 sampler's logprobs when ``model.dtype`` is float32 (saving one forward pass per step) and recomputes them with a
 teacher-forced forward of the sampling-time parameters otherwise; ``recompute`` / ``sampler`` force either.
-When recomputed, the mean |difference| is logged as ``logprob_mismatch``. (With top-k / top-p the tokens were
-drawn from the truncated distribution; like TRL and verl we take the untruncated one as the behaviour policy.)
+When recomputed, the mean |difference| over the rows the update trains on is logged as ``logprob_mismatch``.
+(With top-k / top-p the tokens were drawn from the truncated distribution; like TRL and verl we take the
+untruncated one as the behaviour policy.) The old-logprob and reference forwards run only on the rows the
+group filter keeps.
 
 Checkpoints (``checkpoints/manager.py``, the SFT trainer's manager): params, optimiser state, step, RNG key (the
 sampler's stream derives from it) plus two JSON items, ``curriculum`` (the full curriculum state, its RNG
@@ -456,17 +458,15 @@ class RLLearner:
             self._fns[key] = (upd, lpf)
         return self._fns[key]
 
-    def _chunks(self, n: int) -> list[np.ndarray]:
-        p = self.layout.padded
-        return [np.arange(i, min(i + p, n)) for i in range(0, n, p)]
-
-    def _logprobs(self, params: Any, batch: RolloutBatch, fn: Callable) -> np.ndarray:
+    def _logprobs(self, params: Any, batch: RolloutBatch, fn: Callable, rows: np.ndarray) -> np.ndarray:
+        """Teacher-forced logprobs of ``rows`` (the rows the update trains on), 0 elsewhere."""
         seq = batch.tokens.shape[1]
         sh = _batch_shardings(self.mesh, self.layout.padded, seq, batch.completion_len, _SEQ_KEYS)
         out = np.zeros(batch.mask.shape, np.float32)
-        for rows in self._chunks(batch.num_rows):
-            lp = to_host(fn(params, _put(batch.train_arrays(rows, self.layout.padded), sh)))
-            out[rows] = lp[:rows.size]
+        p = self.layout.padded
+        for chunk in [rows[i:i + p] for i in range(0, rows.size, p)]:
+            lp = to_host(fn(params, _put(batch.train_arrays(chunk, self.layout.padded), sh)))
+            out[chunk] = lp[:chunk.size]
         return np.where(batch.mask > 0, out, 0.0).astype(np.float32)
 
     # --- one global step ---------------------------------------------------------------------------------------
@@ -507,21 +507,22 @@ class RLLearner:
         metrics: dict[str, Any] = {}
         with jax.set_mesh(self.mesh):
             update, lp_fn = self._functions(batch.prompt_len, batch.completion_len)
-            if self.recompute_old:
-                old = self._logprobs(self.state.params, batch, lp_fn)
+            # the forwards below serve only the update: rows of groups the filter dropped are not run through them
+            kept = kept_rows(batch, s.filter_groups)
+            if self.recompute_old and kept.size:
+                old = self._logprobs(self.state.params, batch, lp_fn, kept)
                 self.counters["old_logprob_forward"] += 1
-                n_tok = max(float(batch.mask.sum()), 1.0)
-                metrics["logprob_mismatch"] = float(np.abs(old - batch.old_logprobs).sum() / n_tok)
-                batch.old_logprobs = old
+                n_tok = max(float(batch.mask[kept].sum()), 1.0)
+                metrics["logprob_mismatch"] = float(np.abs(old[kept] - batch.old_logprobs[kept]).sum() / n_tok)
+                batch.old_logprobs[kept] = old[kept]
             ref = None
-            if s.beta > 0:
-                ref = self._logprobs(self.ref_params, batch, lp_fn)
+            if s.beta > 0 and kept.size:
+                ref = self._logprobs(self.ref_params, batch, lp_fn, kept)
                 self.counters["reference_forward"] += 1
             seq = batch.tokens.shape[1]
             keys = (*_SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if ref is not None else ())
             sh = _batch_shardings(self.mesh, self.layout.padded, seq, batch.completion_len, keys)
             rep = replicated(self.mesh)
-            kept = kept_rows(batch, s.filter_groups)
             num = -(-kept.size // self.layout.rows)  # mini-batches of the kept rows (all of them: num = layout.num)
             total_upd = s.epochs_per_step * num
             outs = []
