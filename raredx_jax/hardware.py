@@ -151,3 +151,45 @@ def check_batch_sizes(config, num_devices: int) -> None:
 def describe(name: str) -> str:
     module = load_target(name)
     return getattr(module, "DESCRIPTION", name)
+
+
+# --- accelerator specs for the AOT plan (raredx_jax/plan.py) ------------------------------------------------------
+# One row per chip: HBM capacity per JAX device, dense bf16 peak FLOP/s and peak HBM bandwidth, each from the
+# vendor's own spec page (named in `source`). The plan compares per-device memory with `hbm_bytes` and turns
+# XLA's FLOPs / bytes into a roofline step time with `peak_flops` / `hbm_bandwidth`.
+ACCELERATORS: dict[str, dict[str, object]] = {
+    "h100-sxm": dict(
+        name="NVIDIA H100 SXM5 80 GB", hbm_bytes=80e9, peak_flops=989e12, hbm_bandwidth=3.35e12,
+        source="NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100): SXM5 80 GB HBM3, "
+               "3.35 TB/s, BF16 1,979 TFLOPS with sparsity = 989 dense"),
+    "h200": dict(
+        name="NVIDIA H200 SXM 141 GB", hbm_bytes=141e9, peak_flops=989e12, hbm_bandwidth=4.8e12,
+        source="NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): 141 GB HBM3e, 4.8 TB/s, BF16 1,979 "
+               "TFLOPS with sparsity = 989 dense"),
+    "tpu-v5p": dict(
+        name="TPU v5p chip", hbm_bytes=95e9, peak_flops=459e12, hbm_bandwidth=2.765e12,
+        source="Google Cloud TPU v5p docs (cloud.google.com/tpu/docs/v5p): 95 GB HBM2e, 2,765 GB/s, 459 bf16 "
+               "TFLOPS per chip"),
+    "tpu-v6e": dict(
+        name="TPU v6e (Trillium) chip", hbm_bytes=32e9, peak_flops=918e12, hbm_bandwidth=1.64e12,
+        source="Google Cloud TPU v6e docs (cloud.google.com/tpu/docs/v6e): 32 GB HBM, 1,640 GB/s, 918 bf16 "
+               "TFLOPS per chip"),
+}
+
+#: The chip each shipped target is planned for (gpu1 is sized for 40-80 GB cards; it is planned as one H100).
+TARGET_ACCELERATORS: dict[str, str | None] = {
+    "cpu": None, "gpu1": "h100-sxm", "h100x8": "h100-sxm", "tpu_v5p_128": "tpu-v5p", "tpu_v6e_256": "tpu-v6e",
+}
+
+
+def target_accelerator(name: str) -> dict[str, object] | None:
+    """The ACCELERATORS row a target is planned for: the target module's `ACCELERATOR` attribute if it has one,
+    else TARGET_ACCELERATORS; None for CPU (the plan then needs an explicit memory budget)."""
+    module = load_target(name)
+    key = getattr(module, "ACCELERATOR", None) or TARGET_ACCELERATORS.get(Path(module.__file__).stem)
+    return None if key is None else {"key": key, **ACCELERATORS[key]}
+
+
+def target_num_devices(name: str) -> int | None:
+    """JAX devices of the target (`NUM_DEVICES`; per host for multi-host GPU targets); None when it varies."""
+    return getattr(load_target(name), "NUM_DEVICES", None)
