@@ -115,6 +115,16 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2
 
+    # --- LoRA / QLoRA (raredx_jax/lora.py): adapters on chosen projections, frozen base ------------
+    c.lora = config_dict.ConfigDict()
+    c.lora.enabled = False  # off: every stage trains all parameters (the default pipeline)
+    c.lora.rank = 8
+    c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank (as PEFT and qwix)
+    c.lora.dropout = 0.0  # dropout on the adapter's input during training only
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated projections
+    c.lora.quantize = "none"  # QLoRA base weights: none | int8 | nf4 (qwix; nf4 in blocks of lora.block_size)
+    c.lora.block_size = 64  # nf4 block along each projection's input axis
+
     # --- sampling ------------------------------------------------------------------------------
     c.sampling = config_dict.ConfigDict()
     c.sampling.temperature = 1.0

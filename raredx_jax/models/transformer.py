@@ -115,16 +115,34 @@ class DecoderLayers(nnx.Module):
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
+def _weight(v: Any, dt: Any) -> jax.Array:
+    """A layer's weight in the compute dtype. QLoRA's quantised base projections (qwix QArrays, raredx_jax/lora.py)
+    are dequantised here, one layer at a time; integer arrays (the LoRA dropout key) pass unchanged."""
+    if hasattr(v, "qvalue"):
+        import qwix
+        return qwix.dequantize(v).astype(dt)
+    return v if jnp.issubdtype(v.dtype, jnp.integer) else v.astype(dt)
+
+
+def _proj(eq: str, x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Array:
+    """einsum(x, p[name]), plus the LoRA path when the layer carries an adapter for `name` (raredx_jax/lora.py)."""
+    y = jnp.einsum(eq, x, p[name])
+    if name + "_lora_a" in p:
+        from raredx_jax.lora import lora_delta
+        y = y + lora_delta(eq, x, p, name).astype(y.dtype)
+    return y
+
+
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: jax.Array, mask: jax.Array,
            segment_ids: jax.Array | None, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array, Any] | None,
            index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One decoder layer on activations x [B, T, E]; with a cache, writes this step's k/v into it."""
     dt = x.dtype
-    p = {k: v.astype(dt) for k, v in p.items()}
+    p = {k: _weight(v, dt) for k, v in p.items()}
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, p["q_proj"])
-    k = jnp.einsum("bte,ekd->btkd", h, p["k_proj"])
-    v = jnp.einsum("bte,ekd->btkd", h, p["v_proj"])
+    q = _proj("bte,ehd->bthd", h, p, "q_proj")
+    k = _proj("bte,ekd->btkd", h, p, "k_proj")
+    v = _proj("bte,ekd->btkd", h, p, "v_proj")
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
@@ -145,12 +163,12 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: j
         k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
     attn = attend(cfg.attention, q, k, v, mask, segment_ids)
-    x = x + jnp.einsum("bthd,hde->bte", attn, p["o_proj"])
+    x = x + _proj("bthd,hde->bte", attn, p, "o_proj")
     x = constrain(x, ("batch", "length", "act_embed"))
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("bte,em->btm", h, p["gate_proj"])
-    up = jnp.einsum("bte,em->btm", h, p["up_proj"])
-    x = x + jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["down_proj"])
+    gate = _proj("bte,em->btm", h, p, "gate_proj")
+    up = _proj("bte,em->btm", h, p, "up_proj")
+    x = x + _proj("btm,me->bte", jax.nn.silu(gate) * up, p, "down_proj")
     return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 

@@ -1,0 +1,378 @@
+"""LoRA and QLoRA: low-rank adapters on chosen projections of a frozen (optionally nf4/int8-quantised) base.
+
+Why not `qwix.apply_lora_to_model` itself
+-----------------------------------------
+qwix's `LoraProvider` intercepts `jnp.einsum` / `lax.dot_general` inside a module's `__call__`, matches a rule
+by module path and op name, then asks `flax_util.find_param(rhs)` which parameter of *the current module* the
+weight operand is (by object identity, by walking unary ops back to the parameter, or by a unique shape), and
+creates `<name>_lora_a/_b` beside it. Our decoder keeps every layer's weights stacked on a leading `layers` axis
+(`DecoderLayers`, no `__call__` of its own) and applies them inside `lax.scan` from `Transformer.__call__`, so at
+the einsum the weight is a per-layer scan slice: its identity and shape no longer match any parameter, and all
+seven projections share one module path. Tried on the tiny model (qwix 0.1.8): with `scan_layers=True`
+qwix raises `TraceContextError` (it tries to create variables inside the scan); unrolled, it adapts only
+`embed_tokens` and `lm_head` and never one projection. Making qwix see projections would mean one module per
+projection per layer: a different parameter layout, another HF mapping, and no scan.
+
+So the adapters are ours, in the model's own layout, and qwix does what it is for here, the quantisation:
+* each targeted projection `W [L, in..., out...]` gets `W_lora_a [L, in..., r]` (qwix's default init:
+  `LoraRule.lora_a_initializer`, he-uniform over the fan-in) and `W_lora_b [L, r, out...]` (zeros), stored as
+  `nnx.LoRAParam` on `DecoderLayers`; being `nnx.Param` subclasses they are scanned with the weights (no change
+  to the KV cache or the scan), and `nnx.LoRAParam` is the filter of what trains (`TRAINABLE`);
+* the layer computes `einsum(x, W) + (alpha / r) * einsum(einsum(dropout(x), A), B)` (the low-rank path never
+  forms `A @ B`: no weight-sized gradient), in `models/transformer.py::_proj`, the only hook in the model;
+* QLoRA: the base projections are stored as qwix `QArray`s (`qwix.quantize`: `nf4` in blocks of
+  `lora.block_size` along the input axis, or `int8` per output channel), with the layer axis kept per-channel
+  so the scan slices them like any weight; each layer dequantises its own slice (`qwix.dequantize`) just
+  before use, so one layer's weights exist in the compute dtype at a time.
+
+The frozen base doubles as GRPO's reference model (the same arrays without the adapter entries: `base_only`),
+checkpoints hold the adapters only, and export writes the merged model (`merged_params`) and the adapter in
+PEFT's format (`write_peft_adapter`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# einsum of each projection in models/transformer.py::_block (activations, per-layer weight)
+EQUATIONS = {"q_proj": "bte,ehd->bthd", "k_proj": "bte,ekd->btkd", "v_proj": "bte,ekd->btkd",
+             "o_proj": "bthd,hde->bte", "gate_proj": "bte,em->btm", "up_proj": "bte,em->btm",
+             "down_proj": "btm,me->bte"}
+# the module names transformers / PEFT use for each projection
+HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"}
+QUANTIZE = ("none", "int8", "nf4")
+SUFFIXES = ("_lora_a", "_lora_b")
+TRAINABLE = nnx.LoRAParam  # the nnx filter of what a LoRA run trains (everything else is frozen)
+_RANK = "r"  # the rank's einsum letter (unused by EQUATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """The `lora` config section (configs/base.py), validated."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    quantize: str = "none"
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ValueError(f"lora.{field}: {why} (got {getattr(self, field)!r})")
+
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            bad("rank", "must be a positive integer")
+        if not self.alpha > 0:
+            bad("alpha", "must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) != len(
+                self.targets):
+            bad("targets", f"a non-empty comma-separated subset of {','.join(TARGETS)} without repeats")
+        if self.quantize not in QUANTIZE:
+            bad("quantize", f"expected one of {QUANTIZE}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            bad("block_size", "must be a positive integer")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.rank)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LoraSettings | None":
+        """The settings of `config.lora`, or None when LoRA is off (or the config has no lora section)."""
+        c = config.get("lora", None) if hasattr(config, "get") else None
+        if c is None or not bool(c.get("enabled", False)):
+            return None
+        targets = c.get("targets", ",".join(TARGETS))
+        if isinstance(targets, str):
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        return cls(rank=int(c.get("rank", 8)), alpha=float(c.get("alpha", 16.0)), dropout=float(c.get("dropout", 0.0)),
+                   targets=tuple(targets), quantize=str(c.get("quantize", "none")),
+                   block_size=int(c.get("block_size", 64)))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+class LoraConst(nnx.Param):
+    """A frozen per-layer constant the decoder block reads with its weights (adapter scale; dropout rate and key
+    while training). A `Param` so that `DecoderLayers.stacked()` scans it; never trained (not a LoRAParam)."""
+
+
+def _split_eq(eq: str) -> tuple[str, str, str, str, str]:
+    """(x letters, w letters, out letters, contracted letters, weight output letters) of a projection."""
+    ins, out = eq.split("->")
+    x, w = ins.split(",")
+    contract = "".join(c for c in w if c in x)
+    wout = "".join(c for c in w if c not in x)
+    return x, w, out, contract, wout
+
+
+def lora_delta(eq: str, x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Array:
+    """(alpha / r) * ((dropout(x) @ A) @ B) for projection `name` of one layer (p: that layer's weights)."""
+    xs, _, out, contract, wout = _split_eq(eq)
+    a, b = p[name + "_lora_a"], p[name + "_lora_b"]
+    if "lora_dropout" in p:  # training: rate and key set per step by `combine(..., rng=...)`
+        rate = p["lora_dropout"].astype(jnp.float32)
+        key = jax.random.fold_in(jax.random.wrap_key_data(p["lora_key"]), TARGETS.index(name))
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+    low = "".join(c for c in xs if c not in contract) + _RANK
+    h = jnp.einsum(f"{xs},{contract}{_RANK}->{low}", x, a)
+    d = jnp.einsum(f"{low},{_RANK}{wout}->{out}", h, b)
+    return d * p["lora_scale"].astype(d.dtype)
+
+
+def _weight_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+    return tuple(var.get_metadata().get("axes") or (None,) * var.get_value().ndim)
+
+
+def adapter_shapes(model_cfg: Any, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """`{"<proj>_lora_a": shape, "<proj>_lora_b": shape}` of the stacked adapters (layers axis first)."""
+    L, E, H, K, D, M = (model_cfg.num_layers, model_cfg.hidden_size, model_cfg.num_heads, model_cfg.num_kv_heads,
+                        model_cfg.head_dim, model_cfg.intermediate_size)
+    ins = {"q_proj": (E,), "k_proj": (E,), "v_proj": (E,), "o_proj": (H, D), "gate_proj": (E,), "up_proj": (E,),
+           "down_proj": (M,)}
+    outs = {"q_proj": (H, D), "k_proj": (K, D), "v_proj": (K, D), "o_proj": (E,), "gate_proj": (M,),
+            "up_proj": (M,), "down_proj": (E,)}
+    r = settings.rank
+    shapes = {}
+    for t in settings.targets:
+        shapes[t + "_lora_a"] = (L, *ins[t], r)
+        shapes[t + "_lora_b"] = (L, r, *outs[t])
+    return shapes
+
+
+def _quantize(w: jax.Array, n_in: int, settings: LoraSettings) -> Any:
+    """qwix QArray of a stacked projection [L, in..., out...] (n_in input axes after the layer axis)."""
+    import qwix
+
+    out_axes = tuple(range(1 + n_in, w.ndim))
+    if settings.quantize == "int8":  # per output channel (and per layer)
+        return qwix.quantize(w, jnp.int8, channelwise_axes=(0, *out_axes))
+    # nf4: blocks of block_size along the last input axis, every other input axis per channel
+    last_in = n_in
+    size = w.shape[last_in]
+    block = settings.block_size if size % settings.block_size == 0 else size
+    chan = tuple(a for a in range(w.ndim) if a != last_in)
+    return qwix.quantize(w, "nf4", channelwise_axes=chan, tiled_axes={last_in: block})
+
+
+def apply_lora(model: Any, settings: LoraSettings, seed: int = 0) -> Any:
+    """Add adapters to `model` (a Transformer) in place and return it; QLoRA also quantises the base projections.
+
+    A is drawn from qwix's default LoRA initialiser per layer (key = seed), B is zero, so the adapted model
+    computes exactly the base model's function until it trains.
+    """
+    import qwix
+
+    layers = model.layers
+    cfg = model.config
+    rule = qwix.LoraRule(module_path=".*", rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout)
+    shapes = adapter_shapes(cfg, settings)
+    key = jax.random.key(seed)
+    L = cfg.num_layers
+    for i, t in enumerate(settings.targets):
+        base = getattr(layers, t)
+        w = base.get_value()
+        axes = _weight_axes(base)
+        n_in = len(_split_eq(EQUATIONS[t])[3])
+        a_shape, b_shape = shapes[t + "_lora_a"], shapes[t + "_lora_b"]
+        fan_in = int(np.prod(a_shape[1:-1]))
+        keys = jax.random.split(jax.random.fold_in(key, i), L)
+        a = jax.vmap(lambda k: rule.lora_a_initializer(k, (fan_in, settings.rank), jnp.float32))(keys)
+        a = a.reshape(a_shape).astype(w.dtype)
+        b = rule.lora_b_initializer(jax.random.key(0), b_shape, w.dtype)
+        setattr(layers, t + "_lora_a", nnx.LoRAParam(a, axes=(axes[0], *axes[1:1 + n_in], None)))
+        setattr(layers, t + "_lora_b", nnx.LoRAParam(b, axes=(axes[0], None, *axes[1 + n_in:])))
+    layers.lora_scale = LoraConst(jnp.full((L,), settings.scale, jnp.float32), axes=("layers",))
+    if settings.dropout > 0:
+        layers.lora_dropout = LoraConst(jnp.zeros((L,), jnp.float32), axes=("layers",))  # 0 outside training
+        layers.lora_key = LoraConst(jnp.zeros((L, 2), jnp.uint32), axes=("layers", None))
+    if settings.quantize != "none":
+        for t in TARGETS:
+            var = getattr(layers, t)
+            n_in = len(_split_eq(EQUATIONS[t])[3])
+            setattr(layers, t, nnx.Param(_quantize(var.get_value(), n_in, settings), **var.get_metadata()))
+    return model
+
+
+def is_adapter_path(path: tuple[Any, ...]) -> bool:
+    last = path[-1]
+    name = str(getattr(last, "key", last))
+    return name.endswith(SUFFIXES)
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(frozen base, adapters) of a LoRA model's pure parameter dict; no array is copied."""
+    layers = dict(params["layers"])
+    adapters = {k: layers.pop(k) for k in list(layers) if k.endswith(SUFFIXES)}
+    base = dict(params)
+    base["layers"] = layers
+    return base, {"layers": adapters}
+
+
+def combine(base: dict[str, Any], adapters: dict[str, Any], rng: jax.Array | None = None,
+            dropout: float = 0.0) -> dict[str, Any]:
+    """The full parameter dict (`nnx.merge`-able with the LoRA graphdef). With `rng` and `dropout` > 0 the
+    adapters' input dropout is switched on with a fresh key per layer (training); without, it is off."""
+    layers = dict(base["layers"])
+    layers.update(adapters["layers"])
+    if rng is not None and dropout > 0 and "lora_key" in layers:
+        n = layers["lora_key"].shape[0]
+        layers["lora_key"] = jax.random.key_data(jax.random.split(rng, n))
+        layers["lora_dropout"] = jnp.full((n,), dropout, jnp.float32)
+    out = dict(base)
+    out["layers"] = layers
+    return out
+
+
+def base_only(base: dict[str, Any]) -> dict[str, Any]:
+    """The frozen base as a plain model's parameter dict (the reference model: adapters disabled); for QLoRA
+    the projections stay quantised and need `base_graphdef`."""
+    out = dict(base)
+    out["layers"] = {k: v for k, v in base["layers"].items() if not k.startswith("lora_")}
+    return out
+
+
+def abstract_lora_model(model_cfg: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, rules: Any = None
+                        ) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, abstract pure params, their NamedShardings) of the adapted model; nothing is allocated."""
+    from raredx_jax.models.transformer import Transformer
+    from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
+
+    rules = rules or DEFAULT_RULES
+    abstract = nnx.eval_shape(lambda: apply_lora(Transformer(model_cfg, rngs=nnx.Rngs(0)), settings))
+    graphdef, state = nnx.split(abstract)
+
+    def one(var: Any) -> Any:
+        axes = var.get_metadata().get("axes")
+        value = var.get_value()
+        sh = lambda shape: jax.sharding.NamedSharding(  # noqa: E731
+            mesh, logical_to_spec(axes, shape, mesh, rules) if axes else jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh(x.shape)), value)
+
+    tree = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    shardings = jax.tree.map(lambda s: s.sharding, tree)
+    return graphdef, tree, shardings
+
+
+def trainable_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The trainable pytree of a LoRA model's pure params (or their ShapeDtypeStructs): the adapters only.
+    With `abstract_lora_model` this is what a memory plan sizes gradients and optimiser state on."""
+    return split_params(params)[1]
+
+
+def count(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays / ShapeDtypeStructs."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def nbytes(tree: Any) -> int:
+    return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, seed: int = 0
+                    ) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any], Any]:
+    """Adapt a loaded base model: (graphdef, base, adapters, full shardings), every array in its shards."""
+    graphdef, _, shardings = abstract_lora_model(model.config, settings, mesh)
+    apply_lora(model, settings, seed)
+    _, state = nnx.split(model)
+    params = jax.device_put(state.to_pure_dict(), shardings)
+    base, adapters = split_params(params)
+    return graphdef, base, adapters, shardings
+
+
+# --- merge and export --------------------------------------------------------------------------------------------
+def _dense(w: Any) -> jax.Array:
+    if hasattr(w, "qvalue"):
+        import qwix
+
+        return qwix.dequantize(w)
+    return w
+
+
+def merged_params(base: dict[str, Any], adapters: dict[str, Any], settings: LoraSettings,
+                  dtype: Any = jnp.float32) -> dict[str, Any]:
+    """A plain model's pure params with `W + (alpha / r) A @ B` folded in (QLoRA: dequantised base first)."""
+    layers = {k: _dense(v).astype(dtype) for k, v in base["layers"].items() if not k.startswith("lora_")}
+    for t in settings.targets:
+        a = adapters["layers"][t + "_lora_a"].astype(jnp.float32)
+        b = adapters["layers"][t + "_lora_b"].astype(jnp.float32)
+        _, _, _, contract, wout = _split_eq(EQUATIONS[t])
+        delta = jnp.einsum(f"l{contract}{_RANK},l{_RANK}{wout}->l{contract}{wout}", a, b,
+                           precision=jax.lax.Precision.HIGHEST)
+        layers[t] = (layers[t].astype(jnp.float32) + settings.scale * delta).astype(dtype)
+    out = {k: (v.astype(dtype) if k != "layers" else v) for k, v in base.items()}
+    out["layers"] = layers
+    return out
+
+
+def merged_model(model_cfg: Any, base: dict[str, Any], adapters: dict[str, Any], settings: LoraSettings) -> Any:
+    """A plain Transformer (no adapters) holding the merged weights in `model_cfg.param_dtype`."""
+    from raredx_jax.models.transformer import Transformer
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, merged_params(base, adapters, settings, jnp.dtype(model_cfg.param_dtype)))
+
+
+def peft_tensors(model_cfg: Any, adapters: dict[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """The adapter under PEFT's names and layouts: `lora_A.weight [r, in]`, `lora_B.weight [out, r]` per module,
+    `in`/`out` flattened in the order the HF weight flattens them (checkpoints/hf_io.py)."""
+    out = {}
+    for key, value in adapters["layers"].items():
+        t, which = key[: -len("_lora_a")], key[-1]
+        arr = np.asarray(jax.device_get(value), np.float32)
+        for i in range(model_cfg.num_layers):
+            w = arr[i]
+            if which == "a":  # [in..., r] -> [r, in]
+                mat = w.reshape(-1, w.shape[-1]).T
+                name = "lora_A"
+            else:  # [r, out...] -> [out, r]
+                mat = w.reshape(w.shape[0], -1).T
+                name = "lora_B"
+            out[f"base_model.model.model.layers.{i}.{HF_MODULES[t]}.{name}.weight"] = np.ascontiguousarray(
+                mat.astype(dtype))
+    return out
+
+
+def write_peft_adapter(out_dir: str, model_cfg: Any, adapters: dict[str, Any], settings: LoraSettings,
+                       base_model: str = "", dtype: str = "float32") -> str:
+    """`adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads onto the
+    transformers model of the base; written as a unit (`fileio.atomic_directory`)."""
+    from safetensors.numpy import save_file
+
+    from raredx_jax import fileio
+
+    np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
+    if np_dtype is None:
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+        "target_modules": sorted(settings.targets), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None,
+    }
+    tensors = peft_tensors(model_cfg, adapters, np_dtype)
+    with fileio.atomic_directory(out_dir) as tmp:
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    return out_dir
