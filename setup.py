@@ -17,6 +17,9 @@ CORE = [
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
     "hpo3==1.5.1",
+    # GA4GH Phenopacket v2 schema (protobuf classes): the importers parse phenopackets with it; it needs protobuf<7
+    "phenopackets==2.0.2.post5",
+    "protobuf==6.33.6",
     "safetensors==0.8.0",
     "transformers==5.23.0",
     "tensorboardX==2.6.5",

@@ -99,6 +99,7 @@ MALFORMED = {
     "excluded_not_bool.json": (_mutate(lambda p: p["phenotypicFeatures"][4].__setitem__("excluded", "yes")),
                                "phenotypicFeatures[4].excluded"),
     "sex_is_number.json": (_mutate(lambda p: p["subject"].__setitem__("sex", 2)), "subject.sex"),
+    "sex_is_list.json": (_mutate(lambda p: p["subject"].__setitem__("sex", ["MALE"])), "subject.sex"),
     "sex_unknown_value.json": (_mutate(lambda p: p["subject"].__setitem__("sex", "F")), "subject.sex"),
     "bad_age.json": (_mutate(lambda p: p["subject"]["timeAtLastEncounter"]["age"].__setitem__(
         "iso8601duration", "six years")), "subject.timeAtLastEncounter.age.iso8601duration"),
@@ -366,8 +367,12 @@ def test_time_elements(ontology):
     assert importers.phenopacket_to_case(p, ontology).age == "infantile"
     p["subject"]["timeAtLastEncounter"] = {"timestamp": "2020-01-01T00:00:00Z"}
     assert importers.phenopacket_to_case(p, ontology).age == ""
-    p["subject"]["timeAtLastEncounter"] = {"when": "yesterday"}
+    p["subject"]["timeAtLastEncounter"] = {"when": "yesterday"}  # the schema names the unknown field
     with pytest.raises(ValueError, match="TimeElement") as exc:
+        importers.phenopacket_to_case(p, ontology)
+    assert exc.value.field == "subject.timeAtLastEncounter.when"
+    p["subject"]["timeAtLastEncounter"] = {}
+    with pytest.raises(ValueError, match="empty TimeElement") as exc:
         importers.phenopacket_to_case(p, ontology)
     assert exc.value.field == "subject.timeAtLastEncounter"
 

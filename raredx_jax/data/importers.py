@@ -37,7 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from phenopackets import Phenopacket, Sex, TimeElement, VitalStatus
+
 from raredx_jax.data.case import Case
+from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket, phenopacket_to_json
 from raredx_jax.data.hpo import Disease, Ontology
 from raredx_jax.data.linking import DiseaseLinker, parse_disease_id
 from raredx_jax.data import simulate
@@ -316,34 +319,35 @@ def _no_warn(field: str, message: str) -> None:
     pass
 
 
-def _parse_time(te: Any, path: str, ontology: Ontology, warn: Warn = _no_warn) -> _Time | None:
+def _parse_time(te: TimeElement, path: str, ontology: Ontology, warn: Warn = _no_warn) -> _Time | None:
     """A Phenopacket TimeElement -> years + text; None for forms that carry no age (timestamp, interval), and for
-    an onset class this HPO release does not know (with a warning: the age is left out, the case kept)."""
-    if not isinstance(te, dict):
-        raise _RecordError(path, f"must be an object (TimeElement), got {_type_name(te)}")
-    if "age" in te:
-        age = _get(te, "age", dict, f"{path}.age", required=True)
-        dur = _get(age, "iso8601duration", str, f"{path}.age.iso8601duration", required=True)
+    an onset class this HPO release does not know (with a warning: the age is left out, the case kept). The schema
+    has already checked the types; what is checked here is what the schema leaves open (values, HPO ids)."""
+    kind = te.WhichOneof("element")
+    if kind == "age":
+        dur = te.age.iso8601duration
+        if not dur:
+            raise _RecordError(f"{path}.age.iso8601duration", "missing")
         try:
             years = parse_iso8601_age(dur)
         except ValueError as e:
             raise _RecordError(f"{path}.age.iso8601duration", str(e)) from None
         return _Time(years, simulate.age_text(years) if years > 0 else "newborn")
-    if "ageRange" in te:
-        rng = _get(te, "ageRange", dict, f"{path}.ageRange", required=True)
-        start = _get(rng, "start", dict, f"{path}.ageRange.start", required=True)
-        inner = _parse_time(start, f"{path}.ageRange.start", ontology, warn)
-        return inner
-    if "gestationalAge" in te:
-        ga = _get(te, "gestationalAge", dict, f"{path}.gestationalAge", required=True)
-        weeks = _get(ga, "weeks", int, f"{path}.gestationalAge.weeks", required=True)
-        days = _get(ga, "days", int, f"{path}.gestationalAge.days") or 0
+    if kind == "age_range":
+        if not te.age_range.HasField("start"):
+            raise _RecordError(f"{path}.ageRange.start", "missing")
+        return _parse_time(TimeElement(age=te.age_range.start), f"{path}.ageRange.start", ontology, warn)
+    if kind == "gestational_age":
+        weeks, days = te.gestational_age.weeks, te.gestational_age.days
+        if not weeks:
+            raise _RecordError(f"{path}.gestationalAge.weeks", "missing")
         if not 0 < weeks < 45 or not 0 <= days < 7:
             raise _RecordError(f"{path}.gestationalAge", f"implausible gestational age {weeks}w{days}d")
         return _Time(-((40 - weeks) * 7 - days) / 365.25, f"fetus at {weeks} weeks {days} days of gestation")
-    if "ontologyClass" in te:
-        oc = _get(te, "ontologyClass", dict, f"{path}.ontologyClass", required=True)
-        hid = _get(oc, "id", str, f"{path}.ontologyClass.id", required=True)
+    if kind == "ontology_class":
+        hid = te.ontology_class.id
+        if not hid:
+            raise _RecordError(f"{path}.ontologyClass.id", "missing")
         if not _HPO_RE.fullmatch(hid):
             raise _RecordError(f"{path}.ontologyClass.id", f"{hid!r} is not an HPO id (HP:NNNNNNN)")
         current, why = ontology.resolve_term(hid)
@@ -358,9 +362,10 @@ def _parse_time(te: Any, path: str, ontology: Ontology, warn: Warn = _no_warn) -
         if ontology.is_onset(hid):
             return _Time(_onset_years_of_class(hid, ontology), text, hid)
         return _Time(None, text)
-    if "timestamp" in te or "interval" in te:
+    if kind in ("timestamp", "interval"):
         return None  # a date, not an age: nothing to say without the birth date
-    raise _RecordError(path, f"unrecognised TimeElement (keys {sorted(te)})")
+    raise _RecordError(path, "empty TimeElement (none of age, ageRange, gestationalAge, ontologyClass, timestamp, "
+                             "interval is set)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,33 +373,22 @@ def _parse_time(te: Any, path: str, ontology: Ontology, warn: Warn = _no_warn) -
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _leak_strings(packet: dict, location: Sequence[str]) -> list[str]:
+def _leak_strings(packet: Phenopacket, location: Sequence[str]) -> list[str]:
     """Everything that would give the answer away besides the disease itself: gene symbols and ids, variant
     ids/labels/expressions (HGVS) from genomicInterpretations, PMIDs, and the cohort/file names of the location."""
     out: list[str] = []
 
-    def strings(node: Any, *keys: str) -> list[str]:
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
-        return [node] if isinstance(node, str) and len(node) >= 2 else []
+    def keep(*values: str) -> list[str]:
+        return [v for v in values if len(v) >= 2]
 
-    for interp in packet.get("interpretations") or []:
-        diag = interp.get("diagnosis") if isinstance(interp, dict) else None
-        gis = diag.get("genomicInterpretations") if isinstance(diag, dict) else None
-        for gi in gis if isinstance(gis, list) else []:
-            if not isinstance(gi, dict):
-                continue
-            out += strings(gi, "gene", "symbol") + strings(gi, "gene", "valueId")
-            vd = (gi.get("variantInterpretation") or {}).get("variationDescriptor") if isinstance(
-                gi.get("variantInterpretation"), dict) else None
-            if isinstance(vd, dict):
-                out += strings(vd, "geneContext", "symbol") + strings(vd, "geneContext", "valueId")
-                out += strings(vd, "id") + strings(vd, "label")
-                for e in vd.get("expressions") or []:
-                    out += strings(e, "value")
-    for ref in (packet.get("metaData") or {}).get("externalReferences") or [] if isinstance(
-            packet.get("metaData"), dict) else []:
-        for pm in strings(ref, "id"):
+    for interp in packet.interpretations:
+        for gi in interp.diagnosis.genomic_interpretations:
+            out += keep(gi.gene.symbol, gi.gene.value_id)
+            vd = gi.variant_interpretation.variation_descriptor
+            out += keep(vd.gene_context.symbol, vd.gene_context.value_id, vd.id, vd.label)
+            out += keep(*(e.value for e in vd.expressions))
+    for ref in packet.meta_data.external_references:
+        for pm in keep(ref.id):
             out += [pm] + re.findall(r"\d{5,}", pm)
     for part in location:
         stem = re.sub(r"\.json$", "", part, flags=re.I)
@@ -419,61 +413,80 @@ def _secret_hits(text: str, secrets: Sequence[str]) -> list[str]:
     return hits
 
 
-def phenopacket_case_id(packet: dict) -> str:
+_CASE_ID = re.compile(r"pp-[0-9a-f]{16}")
+
+
+def phenopacket_case_id(packet: dict | Phenopacket) -> str:
     """'pp-' + 16 hex of sha256(packet id) (of the canonical JSON when it has none): stable across runs and
-    copies, and free of cohort, gene and PMID, which packet ids and file names may carry."""
-    pid = packet.get("id")
-    key = pid if isinstance(pid, str) and pid else json.dumps(packet, sort_keys=True)
+    copies, and free of cohort, gene and PMID, which packet ids and file names may carry. A packet id that already
+    has this form (a phenopacket exported from a Case by `phenopackets.case_to_phenopacket`) is the case id itself,
+    so Case -> Phenopacket -> Case keeps the id and, with it, the note's rendering seed."""
+    if isinstance(packet, Phenopacket):
+        pid: Any = packet.id
+        canonical = lambda: json.dumps(phenopacket_to_json(packet), sort_keys=True)  # noqa: E731
+    else:
+        pid = packet.get("id")
+        canonical = lambda: json.dumps(packet, sort_keys=True)  # noqa: E731
+    if isinstance(pid, str) and _CASE_ID.fullmatch(pid):
+        return pid
+    key = pid if isinstance(pid, str) and pid else canonical()
     return f"pp-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]}"
 
 
 def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Disease] | None = None,
                         location: Sequence[str] = (), warn: Warn = _no_warn) -> Case:
-    """One Phenopacket v2 dict -> Case; a ValueError (with ``.field``, the JSON path) on bad input.
+    """One Phenopacket v2 (its JSON value, or a ``Phenopacket`` message) -> Case; a ValueError (with ``.field``,
+    the field path) on bad input.
 
+    A JSON value is first read by the official schema (`phenopackets.parse_phenopacket`: a schema error names the
+    schema's field path); what the schema leaves open (HPO and disease ids known to this release, a diagnosis and
+    an observed finding present, plausible ages) and the leak-safe rendering are checked here.
     ``location`` = path parts (cohort folder, file name) whose words must not appear in the note. ``warn(field,
     message)`` hears of each HPO term mapped (obsolete -> its replacement) or dropped (unknown to this release).
     """
-    if not isinstance(packet, dict):
-        raise _RecordError("<root>", f"a phenopacket must be a JSON object, got {_type_name(packet)}")
+    if isinstance(packet, Phenopacket):
+        msg = packet
+    else:
+        if not isinstance(packet, dict):
+            raise _RecordError("<root>", f"a phenopacket must be a JSON object, got {_type_name(packet)}")
+        try:
+            msg = parse_phenopacket(packet)
+        except PhenopacketSchemaError as e:
+            raise _RecordError(e.field, e.message) from None
     diseases = diseases if diseases is not None else {d.id: d for d in ontology.diseases()}
-    _get(packet, "id", str, "id")  # optional, but a non-string id is an error
 
     # --- subject: sex, age -------------------------------------------------------------------------------------
-    subject = _get(packet, "subject", dict, "subject") or {}
-    raw_sex = _get(subject, "sex", str, "subject.sex")
-    if raw_sex is not None and raw_sex not in _SEX:
-        raise _RecordError("subject.sex", f"unknown value {raw_sex!r} (expected one of {', '.join(_SEX)})")
-    sex = _SEX.get(raw_sex or "UNKNOWN_SEX", "unknown")
+    subject = msg.subject
+    sex = _SEX.get(Sex.Name(subject.sex), "unknown")
     age = None
-    if subject.get("timeAtLastEncounter") is not None:
-        age = _parse_time(subject["timeAtLastEncounter"], "subject.timeAtLastEncounter", ontology, warn)
-    deceased = isinstance(subject.get("vitalStatus"), dict) and subject["vitalStatus"].get("status") == "DECEASED"
+    if subject.HasField("time_at_last_encounter"):
+        age = _parse_time(subject.time_at_last_encounter, "subject.timeAtLastEncounter", ontology, warn)
+    deceased = subject.vital_status.status == VitalStatus.DECEASED
 
     # --- diagnosis ---------------------------------------------------------------------------------------------
     dx: list[str] = []
     dx_field: dict[str, str] = {}
-    interps = _get(packet, "interpretations", list, "interpretations") or []
-    for i, interp in enumerate(interps):
+    for i, interp in enumerate(msg.interpretations):
         p = f"interpretations[{i}]"
-        if not isinstance(interp, dict):
-            raise _RecordError(p, f"must be an object, got {_type_name(interp)}")
-        diag = _get(interp, "diagnosis", dict, f"{p}.diagnosis")
-        if diag is None:
+        if not interp.HasField("diagnosis"):
             continue
-        disease = _get(diag, "disease", dict, f"{p}.diagnosis.disease", required=True)
-        did = _get(disease, "id", str, f"{p}.diagnosis.disease.id", required=True)
+        if not interp.diagnosis.HasField("disease"):
+            raise _RecordError(f"{p}.diagnosis.disease", "missing")
+        did = interp.diagnosis.disease.id
+        if not did:
+            raise _RecordError(f"{p}.diagnosis.disease.id", "missing")
         dx_field.setdefault(did, f"{p}.diagnosis.disease.id")
         dx.append(did)
     if not dx:  # fall back to the diseases block (not excluded ones)
-        for i, item in enumerate(_get(packet, "diseases", list, "diseases") or []):
+        for i, item in enumerate(msg.diseases):
             p = f"diseases[{i}]"
-            if not isinstance(item, dict):
-                raise _RecordError(p, f"must be an object, got {_type_name(item)}")
-            if _get(item, "excluded", bool, f"{p}.excluded"):
+            if item.excluded:
                 continue
-            term = _get(item, "term", dict, f"{p}.term", required=True)
-            did = _get(term, "id", str, f"{p}.term.id", required=True)
+            if not item.HasField("term"):
+                raise _RecordError(f"{p}.term", "missing")
+            did = item.term.id
+            if not did:
+                raise _RecordError(f"{p}.term.id", "missing")
             dx_field.setdefault(did, f"{p}.term.id")
             dx.append(did)
     if not dx:
@@ -488,21 +501,22 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
         gold.append(canon)
 
     # --- phenotypic features -----------------------------------------------------------------------------------
-    feats = _get(packet, "phenotypicFeatures", list, "phenotypicFeatures", required=True)
+    if not msg.phenotypic_features:
+        raise _RecordError("phenotypicFeatures", "missing (no phenotypic feature given)")
     present: list[str] = []
     absent: list[str] = []
     feature_onsets: list[_Time] = []
     dropped: list[str] = []
-    for i, f in enumerate(feats):
+    for i, f in enumerate(msg.phenotypic_features):
         p = f"phenotypicFeatures[{i}]"
-        if not isinstance(f, dict):
-            raise _RecordError(p, f"must be an object, got {_type_name(f)}")
-        t = _get(f, "type", dict, f"{p}.type", required=True)
-        hid = _get(t, "id", str, f"{p}.type.id", required=True)
+        if not f.HasField("type"):
+            raise _RecordError(f"{p}.type", "missing")
+        hid = f.type.id
+        if not hid:
+            raise _RecordError(f"{p}.type.id", "missing")
         if not _HPO_RE.fullmatch(hid):
             raise _RecordError(f"{p}.type.id", f"{hid!r} is not an HPO id (HP:NNNNNNN)")
-        _get(t, "label", str, f"{p}.type.label")
-        excluded = _get(f, "excluded", bool, f"{p}.excluded") or False
+        excluded = f.excluded
         current, why = ontology.resolve_term(hid)
         if current is None:  # newer than, or withdrawn from, the shipped release: the rest of the case still counts
             warn(f"{p}.type.id", f"{why}: term dropped, case kept")
@@ -511,8 +525,8 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
         if why:
             warn(f"{p}.type.id", f"{why}: mapped, case kept")
         hid = current
-        if f.get("onset") is not None:
-            ft = _parse_time(f["onset"], f"{p}.onset", ontology, warn)
+        if f.HasField("onset"):
+            ft = _parse_time(f.onset, f"{p}.onset", ontology, warn)
             if ft is not None and ft.years is not None and not excluded:
                 feature_onsets.append(ft)
         (absent if excluded else present).append(hid)
@@ -521,9 +535,9 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
 
     # --- onset: the disease's, else the earliest feature's -----------------------------------------------------
     onset: _Time | None = None
-    for i, item in enumerate(packet.get("diseases") or []):
-        if isinstance(item, dict) and item.get("onset") is not None:
-            onset = _parse_time(item["onset"], f"diseases[{i}].onset", ontology, warn)
+    for i, item in enumerate(msg.diseases):
+        if item.HasField("onset"):
+            onset = _parse_time(item.onset, f"diseases[{i}].onset", ontology, warn)
             if onset is not None and onset.years is not None:
                 break
             onset = None
@@ -534,7 +548,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     gold_diseases = [diseases[g] for g in gold]
     names = [s for d in gold_diseases for s in (d.name, *d.synonyms)]
     distinct = [w for d in gold_diseases for w in simulate.distinctive_words(d, ontology)]
-    secrets = _leak_strings(packet, location)
+    secrets = _leak_strings(msg, location)
     # wordings are filtered against the short strings a phenotype label could contain (names, genes, cohort);
     # variant descriptors/HGVS/PMIDs cannot be HPO wording, so they are only checked in the finished note
     forbidden = (*names, *distinct, *(s for s in secrets if not re.search(r"[.:>]|\d{5,}", s)))
@@ -565,8 +579,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     if leaks:
         raise _RecordError("phenotypicFeatures", "every rendering of the note would reveal the answer ("
                            + "; ".join(leaks[:3]) + ")")
-    pmids = [r["id"] for r in ((packet.get("metaData") or {}).get("externalReferences") or [])
-             if isinstance(r, dict) and isinstance(r.get("id"), str) and r["id"].upper().startswith("PMID")]
+    pmids = [r.id for r in msg.meta_data.external_references if r.id.upper().startswith("PMID")]
     meta: dict[str, Any] = {"pmid": pmids, "style": style, "onset": onset.text if onset else "",
                             "onset_hpo": onset.onset_hpo or "" if onset else "", "deceased": deceased,
                             "withheld_hpo": withheld}
