@@ -1,9 +1,11 @@
 """Evaluate a checkpoint on held-out cases beside the classic HPO baseline.
 
   python -m raredx_jax.evaluate --checkpoint=DIR --cases=simulated:test,/path/phenopackets.tar.gz [--out=DIR]
-      [--tokenizer=DIR]
+      [--tokenizer=DIR] [--format=json|pheval]
 
-Writes eval.json (per case), eval.md and PNG plots (top-k curves, per-difficulty bars). As a stage
+Writes eval.json (per case), eval.md and PNG plots (top-k curves, per-difficulty bars); `--format=pheval` also
+writes each case as a Phenopacket and PhEval disease result files for the LLM and the baseline under `pheval/`
+(`raredx_jax/evaluation/pheval_results.py`). As a stage
 (`config.stage=evaluate`) it reads `config.eval.checkpoint`, `config.eval.cases`, `config.eval.out_dir`.
 The candidate diseases (for the linker and the baseline) are the run's disease subset (`config.data.diseases`)
 or all annotated diseases with `--config.eval.candidates=all`.
@@ -17,6 +19,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+FORMATS = ("json", "pheval")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "evaluate.py")
 
 
@@ -31,9 +34,13 @@ def candidate_diseases(config: Any, ontology: Any) -> list:
 
 
 def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out_dir: str,
-                        title: str = "Evaluation", progress: bool = True, tokenizer_dir: str = "") -> dict[str, Any]:
+                        title: str = "Evaluation", progress: bool = True, tokenizer_dir: str = "",
+                        fmt: str = "json") -> dict[str, Any]:
     """Load the policy, score it and the baseline on each case set, write the report; returns the report.
-    `tokenizer_dir` overrides the tokenizer found beside the checkpoint (as diagnose's --tokenizer)."""
+    `tokenizer_dir` overrides the tokenizer found beside the checkpoint (as diagnose's --tokenizer); `fmt` "pheval"
+    adds PhEval's per-case disease result files."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     from raredx_jax.data.hpo import load_ontology
     from raredx_jax.data.linking import DiseaseLinker
     from raredx_jax.evaluation.cases import load_case_set
@@ -67,6 +74,13 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
     if jax.process_index() == 0:
         paths = write_report(report, out_dir, title)
         print(f"[eval] wrote {paths['markdown']}", flush=True)
+        if fmt == "pheval":
+            from raredx_jax.evaluation.pheval_results import write_pheval_results
+            from raredx_jax.evaluation.runner import Baseline
+
+            folders = write_pheval_results(report, sets, Baseline(ontology, candidates), out_dir, ontology)
+            print(f"[eval] wrote PhEval disease results under {os.path.join(out_dir, 'pheval')} "
+                  f"({len(folders)} case sets)", flush=True)
     return report
 
 
@@ -85,6 +99,8 @@ def _define_flags() -> Any:
     flags.DEFINE_string("cases", "simulated:test", "Comma-separated case specs.")
     flags.DEFINE_string("out", "", "Output directory (default <run_dir>/eval).")
     flags.DEFINE_string("tokenizer", "", "Tokenizer directory if not the one stored with the checkpoint's run.")
+    flags.DEFINE_enum("format", "json", list(FORMATS), "json: eval.json/eval.md/plots; pheval: those plus PhEval "
+                      "disease result files per case (LLM and baseline) and the cases as phenopackets.")
     return config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (data subset, sampling, mesh).")
 
 
@@ -98,7 +114,7 @@ def main(argv: list[str], config_flag: Any = None) -> None:
     out = F.out or os.path.join(config.run_dir, "eval")
     try:
         evaluate_checkpoint(config, F.checkpoint, [s for s in F.cases.split(",") if s], out,
-                            tokenizer_dir=F.tokenizer)
+                            tokenizer_dir=F.tokenizer, fmt=F.format)
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one line, exit 2 (README, Troubleshooting)
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
