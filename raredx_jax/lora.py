@@ -376,3 +376,98 @@ def write_peft_adapter(out_dir: str, model_cfg: Any, adapters: dict[str, Any], s
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     return out_dir
+
+
+# --- the frozen base of a run, and adapter checkpoints -----------------------------------------------------------
+def _numerics(config: Any) -> dict[str, Any]:
+    m = config.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
+                scan_layers=bool(m.scan_layers))
+
+
+def base_source(config: Any) -> dict[str, Any]:
+    """Where a LoRA run's frozen base comes from (recorded in every checkpoint: the adapters mean nothing
+    without it): an earlier stage's checkpoint, an HF directory, or a fresh preset init with its seed."""
+    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
+
+    if config.model.init_from:
+        return {"kind": "orbax", "path": resolve_model_checkpoint(config.model.init_from)}
+    if config.model.hf_path:
+        return {"kind": "hf", "path": os.path.abspath(config.model.hf_path)}
+    return {"kind": "fresh", "preset": str(config.model.preset), "seed": int(config.seed)}
+
+
+def checkpoint_meta(config: Any, settings: LoraSettings) -> dict[str, Any]:
+    return {"settings": settings.to_json(), "base": base_source(config)}
+
+
+def load_base_model(source: dict[str, Any], mesh: jax.sharding.Mesh, model_cfg: Any, **numerics: Any) -> Any:
+    """The base model named by `base_source` (a plain Transformer, in its shards)."""
+    from raredx_jax.checkpoints import hf_io
+    from raredx_jax.checkpoints import orbax as orbax_io
+
+    if source["kind"] == "orbax":
+        return orbax_io.load_model(source["path"], mesh, **numerics)
+    if source["kind"] == "hf":
+        return hf_io.load_hf_model(source["path"], mesh, cfg=model_cfg, progress=False)
+    return hf_io.init_model(model_cfg, mesh, seed=int(source["seed"]))
+
+
+def check_run_mode(step_dir: str | None, settings: LoraSettings | None) -> None:
+    """Before a resume: refuse to mix a LoRA checkpoint (adapters only) with a full fine-tune, either way, or
+    with other LoRA settings (restoring would fail on the shapes and quarantine a good checkpoint)."""
+    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
+
+    if step_dir is None:
+        return
+    saved = read_checkpoint_meta(step_dir).get("lora")
+    if saved is None and settings is not None:
+        raise ValueError(f"{step_dir}: this run was trained without LoRA (full parameters) but lora.enabled=True; "
+                         "use a new run_dir, or set lora.enabled=False to resume it")
+    if saved is not None and settings is None:
+        raise ValueError(f"{step_dir}: this run trains LoRA adapters ({saved['settings']}) but lora.enabled=False; "
+                         "set --config.lora.enabled=True (and the same lora settings) to resume it")
+    if saved is not None and saved["settings"] != settings.to_json():
+        diff = sorted(k for k in saved["settings"] if saved["settings"][k] != settings.to_json().get(k))
+        raise ValueError(f"{step_dir}: lora.{', lora.'.join(diff)} differ from the checkpoint's "
+                         f"({saved['settings']}); resume with the same lora settings or use a new run_dir")
+
+
+def resume_base(config: Any, meta: dict[str, Any], step_dir: str, mesh: jax.sharding.Mesh, model_cfg: Any,
+                settings: LoraSettings) -> dict[str, Any]:
+    """The frozen base of a resumed LoRA run, rebuilt from the source its checkpoint records (and refused when
+    the config now names another base: the saved adapters were trained on that one)."""
+    saved = meta.get("lora") or {}
+    source = saved.get("base")
+    if source is None:
+        raise ValueError(f"{step_dir}: checkpoint holds no LoRA base record (meta 'lora'); cannot resume adapters")
+    now = base_source(config)
+    if now != source:
+        raise ValueError(f"{step_dir}: the adapters were trained on base {source} but the config now names {now} "
+                         "(model.init_from / model.hf_path / seed); use the same base or a new run_dir")
+    model = load_base_model(source, mesh, model_cfg, **_numerics(config))
+    _, base, _, _ = init_lora_model(model, settings, mesh)
+    return base
+
+
+def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, **numerics: Any
+                            ) -> tuple[Any, LoraSettings, dict[str, Any], dict[str, Any]]:
+    """(model_cfg, settings, frozen base, adapters) of a LoRA trainer step directory."""
+    import orbax.checkpoint as ocp
+
+    from raredx_jax.checkpoints.orbax import PARAMS_ITEM, read_checkpoint_meta, read_model_config
+
+    meta = read_checkpoint_meta(step_dir).get("lora")
+    if meta is None:
+        raise ValueError(f"{step_dir}: not a LoRA checkpoint (its meta has no 'lora' record)")
+    s = dict(meta["settings"])
+    settings = LoraSettings(**{**s, "targets": tuple(s["targets"])})
+    model_cfg = read_model_config(step_dir, **numerics)
+    _, full_abs, shardings = abstract_lora_model(model_cfg, settings, mesh)
+    target = trainable_params(full_abs)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(step_dir, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+    adapters = restored[PARAMS_ITEM]
+    model = load_base_model(meta["base"], mesh, model_cfg, **numerics)
+    _, base, _, _ = init_lora_model(model, settings, mesh)
+    return model_cfg, settings, base, adapters

@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from raredx_jax import lora
 from raredx_jax.checkpoints import orbax as orbax_io
 from raredx_jax.checkpoints.manager import TrainCheckpointManager
 from raredx_jax.models.config import ModelConfig, model_config_from
@@ -117,28 +118,33 @@ def check_batch(mesh: jax.sharding.Mesh, batch_size: int, grad_accum: int) -> No
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     shardings: TrainState, mesh: jax.sharding.Mesh, batch_shape: tuple[int, int], *,
-                    grad_accum: int = 1, nan_at_step: int = -1
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    grad_accum: int = 1, nan_at_step: int = -1, frozen_sh: Any = None, lora_dropout: float = 0.0
+                    ) -> Callable[..., tuple[TrainState, dict]]:
     """The jitted SFT train step `(state, batch) -> (state, metrics)`; the state is donated.
 
     metrics (replicated scalars): loss (mean NLL over target tokens), targets, tokens (non-padding),
     grad_norm (before clipping), lr, ok (loss and grad norm finite; when False the update was not applied).
     `nan_at_step` (>= 0) poisons that step's loss, to exercise the guard in tests.
+    LoRA (`frozen_sh` = the frozen base's shardings): the step is `(state, batch, base)`, `state.params` holds the
+    adapters only and the model is `lora.combine(base, adapters)`; only the adapters get gradients.
     """
     b_sh = batch_sharding(mesh, *batch_shape)
     micro_sh = NamedSharding(mesh, PartitionSpec(None, *b_sh.spec))
     rep = replicated(mesh)
 
-    def loss_fn(params, mb, denom):
+    def loss_fn(params, mb, denom, base=None, rng=None):
+        if base is not None:
+            params = lora.combine(base, params, rng, lora_dropout)
         logits = forward(graphdef, params, mb)
         s, n = lm_loss_sums(logits, mb)
         return s / denom, {"targets": n}
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], base: Any = None):
         denom = jnp.maximum(jnp.sum(target_weights(batch)), 1.0)
         constrain = lambda mb: jax.lax.with_sharding_constraint(mb, micro_sh)  # noqa: E731
-        loss, aux, grads = accumulate_gradients(functools.partial(loss_fn, denom=denom), state.params, batch,
-                                                grad_accum, constrain)
+        rng = None if base is None else jax.random.fold_in(state.key(), state.step)
+        loss, aux, grads = accumulate_gradients(functools.partial(loss_fn, denom=denom, base=base, rng=rng),
+                                                state.params, batch, grad_accum, constrain)
         if nan_at_step >= 0:
             loss = jnp.where(state.step == nan_at_step, jnp.nan, loss)
         gnorm = optax.global_norm(grads)
@@ -152,6 +158,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
                    "grad_norm": gnorm, "lr": schedule(state.step), "ok": ok}
         return new_state, metrics
 
+    if frozen_sh is not None:
+        return jax.jit(step, in_shardings=(shardings, b_sh, frozen_sh), out_shardings=(shardings, rep),
+                       donate_argnums=(0,))
     return jax.jit(step, in_shardings=(shardings, b_sh), out_shardings=(shardings, rep), donate_argnums=(0,))
 
 
@@ -486,9 +495,19 @@ def run_sft(config: Any) -> dict[str, Any]:
                     model_cfg.max_position_embeddings)
 
     tx, schedule = make_optimizer(tc, total)
-    graphdef, params_abs, param_sh = abstract_params(model_cfg, mesh)
-    shardings = train_state_shardings(tx, params_abs, param_sh, mesh)
+    lora_cfg = lora.LoraSettings.from_config(config)
+    if lora_cfg is None:
+        graphdef, params_abs, param_sh = abstract_params(model_cfg, mesh)
+        train_sh = param_sh
+    else:  # the train state holds the adapters only; the frozen base is a separate argument of the step
+        graphdef, full_abs, param_sh = lora.abstract_lora_model(model_cfg, lora_cfg, mesh)
+        base_sh, train_sh = lora.split_params(param_sh)
+        params_abs = lora.trainable_params(full_abs)
+    base = None
+    shardings = train_state_shardings(tx, params_abs, train_sh, mesh)
 
+    if lora_cfg is not None or ckpt.steps():
+        lora.check_run_mode(ckpt.step_dir(ckpt.latest_step()) if ckpt.steps() else None, lora_cfg)
     try:
         with jax.set_mesh(mesh):
             restored = ckpt.restore(abstract_train_state(tx, params_abs, shardings)) if ckpt.steps() else None
@@ -502,14 +521,19 @@ def run_sft(config: Any) -> dict[str, Any]:
                           f"(saved {saved_fp}, now {_data_fingerprint(config)}); the data order will not continue "
                           "exactly", flush=True)
                 orbax_io.check_tokenizer(restored.path, tokenizer)
+                if lora_cfg is not None:
+                    base = lora.resume_base(config, restored.meta, restored.path, mesh, model_cfg, lora_cfg)
                 print(f"[{stage}] resumed from {restored.path} (step {start}/{total})", flush=True)
             else:
                 if config.model.init_from:
                     orbax_io.check_tokenizer(resolve_init_checkpoint(config.model.init_from), tokenizer)
                 model = load_initial_model(config, mesh, model_cfg)
-                graphdef, params = split_model(model)
+                if lora_cfg is None:
+                    graphdef, params = split_model(model)
+                else:
+                    graphdef, base, params, _ = lora.init_lora_model(model, lora_cfg, mesh, int(config.seed))
                 del model
-                params = cast_params(params, param_sh, model_cfg.param_dtype)
+                params = cast_params(params, train_sh, model_cfg.param_dtype)
                 state = create_train_state(params, tx, int(config.seed), shardings)
                 start, data_state = 0, None
 
@@ -559,7 +583,13 @@ def run_sft(config: Any) -> dict[str, Any]:
 
             b_sh = batch_sharding(mesh, batch_size, seq_len)
             train_step = make_train_step(graphdef, tx, schedule, shardings, mesh, (batch_size, seq_len),
-                                         grad_accum=accum, nan_at_step=int(tc.get("debug_nan_at_step", -1)))
+                                         grad_accum=accum, nan_at_step=int(tc.get("debug_nan_at_step", -1)),
+                                         **({} if lora_cfg is None else dict(frozen_sh=base_sh,
+                                                                             lora_dropout=lora_cfg.dropout)))
+            step_extra = () if lora_cfg is None else (base,)
+
+            def model_params():  # what eval and the probe run: the whole model (LoRA: base + adapters)
+                return state.params if lora_cfg is None else lora.combine(base, state.params)
             eval_step = (make_eval_step(graphdef, param_sh, mesh, (batch_size, seq_len))
                          if eval_src is not None else None)
 
@@ -577,6 +607,11 @@ def run_sft(config: Any) -> dict[str, Any]:
             log_every = max(1, int(tc.get("log_every", 10)))
             ckpt_every = int(tc.get("checkpoint_every", 0))
             meta_base = {"stage": stage, "data": _data_fingerprint(config), "tokenizer_digest": tokenizer.digest()}
+            if lora_cfg is not None:
+                meta_base["lora"] = lora.checkpoint_meta(config, lora_cfg)
+                if primary:
+                    print(f"[{stage}] LoRA {lora_cfg.to_json()}: {lora.count(params_abs) / 1e6:.3f}M trainable "
+                          f"parameters", flush=True)
             pending: list[tuple[int, dict]] = []
             first_loss = last_loss = None
             eval_losses: list[tuple[int, float]] = []
@@ -620,7 +655,7 @@ def run_sft(config: Any) -> dict[str, Any]:
                 return rec
 
             if start == 0 and eval_step is not None and eval_every > 0 and bool(tc.get("eval_at_start", True)):
-                el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
+                el = _eval_loss(eval_step, model_params(), make_eval_iter, eval_batches, b_sh)
                 if el is not None:
                     eval_losses.append((0, el))
                     logger.write(0, {"loss": el}, kind="eval")
@@ -630,7 +665,7 @@ def run_sft(config: Any) -> dict[str, Any]:
                 for step in range(start, total):
                     batch, dstate = next_batch
                     t0 = time.time()
-                    state, m = train_step(state, batch)
+                    state, m = train_step(state, batch, *step_extra)
                     if compile_s is None:
                         compile_s = time.time() - t0
                         t_interval = time.time()  # the first interval measures steps, not compilation
@@ -645,7 +680,7 @@ def run_sft(config: Any) -> dict[str, Any]:
                     if s % log_every == 0 or s == total or do_eval or do_ckpt:
                         rec = flush(s)
                         if do_eval:
-                            el = _eval_loss(eval_step, state.params, make_eval_iter, eval_batches, b_sh)
+                            el = _eval_loss(eval_step, model_params(), make_eval_iter, eval_batches, b_sh)
                             if el is not None:
                                 eval_losses.append((s, el))
                                 logger.write(s, {"loss": el}, kind="eval")
@@ -670,11 +705,12 @@ def run_sft(config: Any) -> dict[str, Any]:
                 "eval_loss": [{"step": s, "loss": v} for s, v in eval_losses],
                 "checkpoint": ckpt.step_dir(last_saved) if last_saved is not None else None,
                 "params": model_cfg.num_params(), "seconds": round(time.time() - t_start, 1),
+                **({} if lora_cfg is None else {"trainable_params": lora.count(params_abs)}),
                 "compile_seconds": round(compile_s, 1) if compile_s is not None else None,
             }
             probe_cfg = config.get("probe", None)
             if stage == "knowledge_sft" or (probe_cfg is not None and bool(probe_cfg.get("always", False))):
-                probe = knowledge_probe_score(config, graphdef, state.params, param_sh, mesh, tokenizer)
+                probe = knowledge_probe_score(config, graphdef, model_params(), param_sh, mesh, tokenizer)
                 if probe is not None:
                     summary["probe"] = probe
                     if primary:

@@ -1,0 +1,227 @@
+"""LoRA / QLoRA (raredx_jax/lora.py): adapters train and resume exactly in SFT and GRPO, the merged export equals
+transformers + peft's merged model, the PEFT adapter loads in peft, and the trainable state shrinks as it should."""
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_data_config
+from flax import nnx
+
+from raredx_jax import lora
+from raredx_jax.models.config import ModelConfig
+from raredx_jax.models.transformer import Transformer
+
+CFG = ModelConfig(family="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, attention_bias=True, tie_word_embeddings=False)
+
+
+def _tokens(n: int = 20, b: int = 2, vocab: int = 96):
+    rng = np.random.default_rng(0)
+    tok = rng.integers(3, vocab, size=(b, n)).astype(np.int32)
+    return tok, np.broadcast_to(np.arange(n, dtype=np.int32), (b, n))
+
+
+def _random_adapters(adapters, seed: int = 1, scale: float = 0.2):
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+# --- the model hook ----------------------------------------------------------------------------------------------
+def test_zero_b_is_the_base_model_and_merge_equals_the_adapter_path():
+    tok, pos = _tokens()
+    base_model = Transformer(CFG, rngs=nnx.Rngs(0))
+    ref = np.asarray(base_model(jnp.asarray(tok), jnp.asarray(pos))[0])
+    settings = lora.LoraSettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
+    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings, seed=3)
+    # B starts at zero: the adapted model is exactly the base model
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(tok), jnp.asarray(pos))[0]), ref)
+    graphdef, state = nnx.split(model)
+    base, adapters = lora.split_params(state.to_pure_dict())
+    assert sorted(adapters["layers"]) == sorted(f"{t}{s}" for t in settings.targets for s in lora.SUFFIXES)
+    adapters = _random_adapters(adapters)
+    adapted = np.asarray(nnx.merge(graphdef, lora.combine(base, adapters))(jnp.asarray(tok), jnp.asarray(pos))[0])
+    merged = lora.merged_model(CFG, base, adapters, settings)
+    assert float(np.abs(adapted - ref).max()) > 1e-2  # the adapters do change the function
+    # the same function computed as x W + s (x A) B and as x (W + s A B): fp32 reassociation only
+    np.testing.assert_allclose(np.asarray(merged(jnp.asarray(tok), jnp.asarray(pos))[0]), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize,tol", [("int8", 0.02), ("nf4", 0.25)])
+def test_qlora_base_is_quantised_with_qwix_and_close_to_the_base(quantize, tol):
+    """QLoRA stores the base projections as qwix QArrays (int8 / nf4 codes + scales) and dequantises one layer at a
+    time; logits stay within the quantisation error of the fp32 base (relative to the logit range)."""
+    import qwix
+
+    tok, pos = _tokens()
+    ref = np.asarray(Transformer(CFG, rngs=nnx.Rngs(0))(jnp.asarray(tok), jnp.asarray(pos))[0])
+    settings = lora.LoraSettings(rank=4, alpha=8.0, quantize=quantize, block_size=32)
+    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings)
+    for t in lora.TARGETS:
+        q = getattr(model.layers, t).get_value()
+        assert isinstance(q, qwix.QArray) and q.qtype == (jnp.int8 if quantize == "int8" else "nf4")
+        assert jnp.dtype(q.qvalue.dtype).itemsize == 1 and q.qvalue.shape == getattr(
+            Transformer(CFG, rngs=nnx.Rngs(0)).layers, t).get_value().shape
+    out = np.asarray(model(jnp.asarray(tok), jnp.asarray(pos))[0])
+    err = float(np.abs(out - ref).max()) / float(np.abs(ref).max())
+    assert 0 < err < tol
+
+
+def test_trainable_parameters_and_optimiser_state_shrink_as_expected():
+    """Trainable = r * (in + out) per adapted projection and layer; AdamW's two moments follow the trainable tree
+    only, so optimiser memory falls by the same ratio (what the memory plan uses: lora.trainable_params)."""
+    from raredx_jax.training.optim import make_optimizer
+    from raredx_jax.training.state import abstract_params
+
+    cfg = dataclasses.replace(CFG, num_layers=3)
+    mesh = jax.make_mesh((1,), ("data",))
+    settings = lora.LoraSettings(rank=8, alpha=16.0)
+    _, full_abs, _ = lora.abstract_lora_model(cfg, settings, mesh)
+    trainable = lora.trainable_params(full_abs)
+    E, H, K, D, M, L, r = 64, 4, 2, 16, 128, 3, 8
+    per_layer = r * ((E + H * D) * 2 + (E + K * D) * 2 + (E + M) * 2 + (M + E))
+    assert lora.count(trainable) == L * per_layer
+    _, plain_abs, _ = abstract_params(cfg, mesh)
+    assert lora.count(plain_abs) == cfg.num_params()
+    from ml_collections import config_dict
+
+    tx, _ = make_optimizer(config_dict.ConfigDict(dict(lr=1e-3, steps=10, weight_decay=0.01, grad_clip=1.0)))
+    opt_full = lora.nbytes(jax.eval_shape(tx.init, plain_abs))
+    opt_lora = lora.nbytes(jax.eval_shape(tx.init, trainable))
+    moments = 2 * 4  # AdamW mu + nu in fp32
+    assert opt_full - moments * cfg.num_params() < 64 and opt_lora - moments * lora.count(trainable) < 64
+    assert opt_lora / opt_full < 0.25
+
+
+# --- export: merged HF model and PEFT adapter vs transformers + peft ---------------------------------------------
+def test_merged_export_and_peft_adapter_match_transformers_peft(tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    from raredx_jax.checkpoints import hf_io
+
+    mesh = jax.make_mesh((1,), ("data",))
+    settings = lora.LoraSettings(rank=4, alpha=12.0, targets=("q_proj", "k_proj", "o_proj", "gate_proj",
+                                                              "down_proj"))
+    base_model = Transformer(CFG, rngs=nnx.Rngs(0))
+    base_dir = hf_io.save_hf_model(base_model, str(tmp_path / "base"))
+    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings, seed=2)
+    graphdef, state = nnx.split(model)
+    base, adapters = lora.split_params(state.to_pure_dict())
+    adapters = _random_adapters(adapters, seed=4)
+    merged_dir = hf_io.save_hf_model(lora.merged_model(CFG, base, adapters, settings), str(tmp_path / "merged"))
+    adapter_dir = lora.write_peft_adapter(str(tmp_path / "adapter"), CFG, adapters, settings, base_model=base_dir)
+    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    tok, pos = _tokens()
+    with jax.set_mesh(mesh):
+        ours = np.asarray(nnx.merge(graphdef, lora.combine(base, adapters))(jnp.asarray(tok), jnp.asarray(pos))[0])
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()
+    loaded = peft_model.peft_config["default"]
+    assert loaded.r == 4 and loaded.lora_alpha == 12.0 and set(loaded.target_modules) == set(settings.targets)
+    ids = torch.as_tensor(tok, dtype=torch.long)
+    with torch.no_grad():
+        with_adapter = peft_model(input_ids=ids).logits.numpy()
+        peft_merged = peft_model.merge_and_unload().eval()
+        peft_merged_logits = peft_merged(input_ids=ids).logits.numpy()
+        ours_merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        export_logits = ours_merged(input_ids=ids).logits.numpy()
+    # fp32 throughout: the differences are reassociation of sums of ~E terms of size <= 1 (eps 1.2e-7 each)
+    np.testing.assert_allclose(export_logits, peft_merged_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, with_adapter, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, peft_merged_logits, atol=1e-4, rtol=0)
+    # and the merged weights themselves are peft's
+    sd = peft_merged.state_dict()
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        np.testing.assert_allclose(ours_merged.state_dict()[name].numpy(), sd[name].numpy(), atol=1e-6, rtol=0)
+
+
+# --- LoRA SFT on the embedded default: learns, checkpoints adapters only, resumes exactly ------------------------
+def _sft_config(data_dir: str, run_dir: str, **lora_fields):
+    from configs.knowledge_sft import get_config
+
+    c = get_config("cpu")
+    src = tiny_data_config(data_dir)
+    c.data = src.data
+    c.tokenizer = src.tokenizer
+    c.run_dir = run_dir
+    c.train.update(dict(steps=6, batch_size=8, seq_len=64, checkpoint_every=2, keep_checkpoints=3, log_every=1,
+                        eval_every=0, warmup_steps=1, lr=2e-2, async_checkpointing=False, build_data=False))
+    c.probe.n = 4
+    c.probe.batch_size = 16
+    c.lora.enabled = True
+    c.lora.update({**dict(rank=4, alpha=8.0, dropout=0.1), **lora_fields})
+    return c
+
+
+@pytest.fixture(scope="module")
+def lora_sft_run(data_dir, tmp_path_factory):
+    from raredx_jax.training import sft
+
+    run_dir = str(tmp_path_factory.mktemp("lora") / "ksft")
+    return run_dir, sft.run_sft(_sft_config(data_dir, run_dir))
+
+
+def _step_params(step_dir: str):
+    mesh = jax.make_mesh((1,), ("data",))
+    return lora.load_adapter_checkpoint(step_dir, mesh)
+
+
+def test_lora_sft_learns_and_checkpoints_hold_adapters_only(lora_sft_run):
+    from raredx_jax.training.metrics import read_metrics
+
+    run_dir, summary = lora_sft_run
+    train = read_metrics(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.05
+    assert 0 < summary["trainable_params"] < 0.2 * summary["params"]
+    step_dir = os.path.join(run_dir, "checkpoints", "6")
+    model_cfg, settings, base, adapters = _step_params(step_dir)
+    assert settings.rank == 4 and settings.dropout == 0.1
+    names = set(adapters["layers"])
+    assert names == {f"{t}{s}" for t in lora.TARGETS for s in lora.SUFFIXES}
+    # the params item on disk holds the adapters only: its bytes are those of the adapters, not the model
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(step_dir, "params"))
+                  for f in fs)
+    assert on_disk < 0.1 * 4 * model_cfg.num_params()  # fp32 full params would be 4 bytes each
+    b = np.asarray(adapters["layers"]["q_proj_lora_b"])
+    assert np.abs(b).max() > 0  # B left zero would mean nothing trained
+
+
+def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
+    from raredx_jax.training import sft
+
+    run_dir, _ = lora_sft_run
+    resumed = str(tmp_path / "ksft")
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    os.remove(os.path.join(resumed, "summary.json"))
+    summary = sft.run_sft(_sft_config(data_dir, resumed))
+    assert summary["resumed_from"] == 4
+    _, _, _, want = _step_params(os.path.join(run_dir, "checkpoints", "6"))
+    _, _, _, got = _step_params(os.path.join(resumed, "checkpoints", "6"))
+    for k in want["layers"]:
+        np.testing.assert_array_equal(np.asarray(got["layers"][k]), np.asarray(want["layers"][k]), err_msg=k)
+
+
+def test_lora_settings_and_mode_are_checked_on_resume(lora_sft_run, data_dir, tmp_path):
+    from raredx_jax.training import sft
+
+    run_dir, _ = lora_sft_run
+    other = str(tmp_path / "ksft")
+    shutil.copytree(run_dir, other)
+    os.remove(os.path.join(other, "summary.json"))
+    with pytest.raises(ValueError, match=r"lora\.rank differ"):
+        sft.run_sft(_sft_config(data_dir, other, rank=8))
+    c = _sft_config(data_dir, other)
+    c.lora.enabled = False
+    with pytest.raises(ValueError, match="lora.enabled=False"):
+        sft.run_sft(c)
+    with pytest.raises(ValueError, match="lora.targets"):
+        lora.LoraSettings(targets=("q_proj", "qkv"))
