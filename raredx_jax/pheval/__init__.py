@@ -1,0 +1,5 @@
+"""PhEval runner plugin for raredx-jax (`pip install -e ".[pheval]"`, then `pheval run -r raredxrunner ...`).
+
+`steps` holds the prepare / run / post-process work and needs no PhEval; `runner` is the `PhEvalRunner` subclass
+PhEval loads through its ``pheval.plugins`` entry point (it imports PhEval).
+"""
