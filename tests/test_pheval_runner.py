@@ -25,7 +25,8 @@ def ontology():
 
 
 def _corpus(root: Path) -> Path:
-    """PhEval's corpus layout: <corpus>/phenopackets/*.json; three good packets and one the importer refuses."""
+    """PhEval's corpus layout: <corpus>/phenopackets/*.json; three good packets, one the schema refuses and one
+    valid packet the importer refuses (nothing observed to describe)."""
     d = root / "corpus" / "phenopackets"
     d.mkdir(parents=True)
     for k in range(3):
@@ -35,6 +36,10 @@ def _corpus(root: Path) -> Path:
     bad = good_packet(pid="PMID_1_P9")
     bad["subject"]["sex"] = "F"
     (d / "PMID_1_P9.json").write_text(json.dumps(bad))
+    empty = good_packet(pid="PMID_1_P8")
+    for f in empty["phenotypicFeatures"]:
+        f["excluded"] = True
+    (d / "PMID_1_P8.json").write_text(json.dumps(empty))
     return d.parent
 
 
@@ -42,9 +47,10 @@ def test_three_steps_offline_on_a_phenopacket_folder(ontology, tmp_path):
     corpus = _corpus(tmp_path)
     tool_in, raw, out = tmp_path / "out" / "tool_input_commands", tmp_path / "out" / "raw_results", tmp_path / "out"
     counts = steps.prepare(corpus, tool_in, ontology)
-    assert counts == {"n_phenopackets": 4, "n_cases": 3, "n_skipped": 1}
+    assert counts == {"n_phenopackets": 5, "n_cases": 3, "n_skipped": 2}
     report = json.loads((tool_in / steps.REPORT_FILE).read_text())
-    assert [(s["record"], s["field"]) for s in report["skipped"]] == [("PMID_1_P9.json", "subject.sex")]
+    assert [(s["record"], s["field"]) for s in report["skipped"]] == [("PMID_1_P8.json", "phenotypicFeatures"),
+                                                                      ("PMID_1_P9.json", "subject.sex")]
     prepared = steps.read_prepared(tool_in)
     assert [s for s, _ in prepared] == ["PMID_1_P0", "PMID_1_P1", "PMID_1_P2"]
     assert all("FBN1" not in c.text and "Marfan" not in c.text for _, c in prepared)  # leak-safe notes
@@ -56,8 +62,13 @@ def test_three_steps_offline_on_a_phenopacket_folder(ontology, tmp_path):
 
     assert steps.post_process(raw, out, corpus, tool_in, use_pheval=False) == 3
     files = sorted((out / "pheval_disease_results").iterdir())
-    assert [f.name for f in files] == [pr.disease_result_file(f"PMID_1_P{k}") for k in range(3)]  # PhEval's naming
-    for f in files:
+    # PhEval's naming; as PhEval does, a valid packet without a result is its gold at rank 0 (a counted miss); the
+    # packet the schema refuses has no truth to write (PhEval itself could not read it)
+    assert [f.name for f in files] == [pr.disease_result_file(f"PMID_1_P{k}") for k in (0, 1, 2, 8)]
+    missed = pq.read_table(files[-1]).to_pydict()
+    assert missed["rank"] == [0] and missed["disease_identifier"] == ["OMIM:154700"]
+    assert missed["true_positive"] == [True]
+    for f in files[:3]:
         table = pq.read_table(f)
         assert [(x.name, str(x.type)) for x in table.schema] == list(pr.DISEASE_RESULT_COLUMNS)
         data = table.to_pydict()
@@ -79,7 +90,7 @@ def test_options_and_raw_results_errors_are_one_line(tmp_path):
 def test_registered_under_phevals_plugin_entry_point():
     """setup.py's entry point, as installed (CI installs the package with pip -e), names the runner class."""
     eps = {e.name: e.value for e in entry_points(group="pheval.plugins")}
-    assert eps.get("raredxrunner") == "raredx_jax.pheval.runner:RaredxPhEvalRunner"
+    assert eps.get("raredxphevalrunner") == "raredx_jax.pheval.runner:RaredxPhEvalRunner"
     # the class is there and implements PhEval's three abstract steps (imported by PhEval, which CI lacks)
     tree = ast.parse(Path(steps.__file__).with_name("runner.py").read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RaredxPhEvalRunner"]

@@ -12,13 +12,17 @@ The format is that of **pheval 0.7.14** (pinned; read from its source, files nam
   -> ``_rank_results`` -> ``PhenopacketTruthSet.merge_disease_results`` -> ``_write_disease_result``):
   ``pheval_disease_results/<phenopacket stem>-disease_result.parquet`` (zstd), columns ``rank`` (Int64),
   ``score`` (Float64), ``disease_identifier`` (String), ``mondo_identifier`` (String), ``true_positive``
-  (Boolean); rank = PhEval's ``score.rank(method="max", descending=True)`` (tied scores share the worse rank);
-  every gold disease the tool did not return is appended with rank 0 and score 0 (a miss PhEval can count).
+  (Boolean), i.e. Arrow int64, double, large_string, large_string, bool; rank = PhEval's
+  ``score.rank(method="max", descending=True)`` (tied scores share the worse rank); every
+  gold disease the tool did not return is appended with rank 0 and score 0 (a miss PhEval can count).
 
 What differs from PhEval's own post-processing: ``mondo_identifier`` is the disease id itself. PhEval maps ids to
 MONDO with the SSSOM table it ships (12 MB); for an id it cannot map it keeps the id, exactly as here. Gold and
-predictions are both OMIM/ORPHA ids of one ontology release, so a hit is the same id; only an OMIM prediction for
-an ORPHA gold (or the reverse) of one MONDO disease would count differently. The PhEval runner
+predictions are both OMIM/ORPHA ids of one ontology release, so a hit is the same id, as in eval.json; but an ORPHA
+prediction for an OMIM gold of the same MONDO disease (or the reverse) is a hit for PhEval and not here. With all
+annotated diseases as candidates (OMIM and ORPHA entries of one disease both ranked) that changes real cases: 6 of
+the 20 real phenopackets of the check README records (same Arrow schema and file names on all 20; the same rows on
+all 20 once ids were MONDO-mapped as PhEval maps them). The PhEval runner
 (`raredx_jax.pheval`) hands its scores to PhEval's own ``generate_disease_result`` instead, MONDO mapping included.
 
 The LLM gives a ranked list, not scores: the score of the entry at position k is 1/k (PhEval's ranks from it are
@@ -36,8 +40,9 @@ from typing import Any, Sequence
 
 PHEVAL_VERSION = "0.7.14"
 # (column, Arrow type) of the file PhEval benchmarks, in its order (post_processing.py, _write_disease_result)
-DISEASE_RESULT_COLUMNS = (("rank", "int64"), ("score", "double"), ("disease_identifier", "string"),
-                          ("mondo_identifier", "string"), ("true_positive", "bool"))
+# (polars writes its String as Arrow large_string: the type PhEval's own files carry, checked against PhEval 0.7.14)
+DISEASE_RESULT_COLUMNS = (("rank", "int64"), ("score", "double"), ("disease_identifier", "large_string"),
+                          ("mondo_identifier", "large_string"), ("true_positive", "bool"))
 # what a runner passes to pheval's generate_disease_result (validate_result_format.py, DISEASE_RESULT_SCHEMA)
 RUNNER_RESULT_COLUMNS = (("disease_identifier", "string"), ("score", "double"))
 RESULTS_DIR = "pheval_disease_results"
@@ -103,7 +108,7 @@ def write_disease_result(cols: dict[str, list], path: str | Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrow = {"int64": pa.int64(), "double": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
+    arrow = {"int64": pa.int64(), "double": pa.float64(), "large_string": pa.large_string(), "bool": pa.bool_()}
     schema = pa.schema([(name, arrow[t]) for name, t in DISEASE_RESULT_COLUMNS])
     table = pa.Table.from_pydict({name: cols[name] for name, _ in DISEASE_RESULT_COLUMNS}, schema=schema)
     path = Path(path)

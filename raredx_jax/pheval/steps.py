@@ -1,7 +1,7 @@
 """The PhEval runner's three steps, as plain functions that need no PhEval (so they are tested without it).
 
-`pheval run -r raredxrunner -i <input dir> -t <corpus> -o <out>` calls `RaredxPhEvalRunner` (`runner.py`), which
-calls these:
+`pheval run -r raredxphevalrunner -i <input dir> -t <corpus> -o <out>` calls `RaredxPhEvalRunner` (`runner.py`),
+which calls these:
 
 * `prepare`: every phenopacket of the corpus (``<corpus>/phenopackets/*.json``, or the corpus folder itself) ->
   a Case with a leak-safe note, by raredx-jax's importer (schema-checked by the official `phenopackets` package);
@@ -166,6 +166,13 @@ def post_process(raw_results_dir: str | Path, output_dir: str | Path, testdata_d
         use_pheval = importlib.util.find_spec("pheval") is not None
     gold = {stem: case.diagnosis for stem, case in read_prepared(tool_input_dir)}
     raw = sorted(Path(raw_results_dir).glob("*.tsv"))
+    if not use_pheval:  # as PhEval's create_empty_pheval_result: a packet with no result is its gold at rank 0
+        have = {p.stem for p in raw}
+        for packet in sorted(phenopacket_dir(testdata_dir).glob("*.json")):
+            dx = _packet_gold(packet) if packet.stem not in have else ()
+            if dx:
+                pr.write_disease_result(pr.disease_result_rows([], dx),
+                                        Path(output_dir) / pr.RESULTS_DIR / pr.disease_result_file(packet.stem))
     for path in raw:
         rows = read_raw_result(path)
         if use_pheval:
@@ -180,6 +187,19 @@ def post_process(raw_results_dir: str | Path, output_dir: str | Path, testdata_d
             pr.write_disease_result(pr.disease_result_rows(rows, gold.get(path.stem, ())),
                                     Path(output_dir) / pr.RESULTS_DIR / pr.disease_result_file(path.stem))
     return len(raw)
+
+
+def _packet_gold(path: Path) -> tuple[str, ...]:
+    """The diagnosed disease ids of a phenopacket the importer refused (PhEval's truth set: interpretations'
+    diagnoses); () when even the schema refuses it."""
+    from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket
+
+    try:
+        packet = parse_phenopacket(json.loads(path.read_text(encoding="utf-8-sig")))
+    except (ValueError, PhenopacketSchemaError, OSError, RecursionError):
+        return ()
+    ids = [i.diagnosis.disease.id for i in packet.interpretations if i.diagnosis.disease.id]
+    return tuple(dict.fromkeys(ids))
 
 
 def _atomic_text(path: Path, text: str) -> None:
