@@ -471,3 +471,11 @@ def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, **numerics: 
     model = load_base_model(meta["base"], mesh, model_cfg, **numerics)
     _, base, _, _ = init_lora_model(model, settings, mesh)
     return model_cfg, settings, base, adapters
+
+
+def update_key(state: Any) -> jax.Array:
+    """A dropout key unique to one optimiser update: the state's key folded with optax's update count (several
+    GRPO mini-batch updates share one `state.step`)."""
+    counts = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+              if "count" in jax.tree_util.keystr(path)]
+    return jax.random.fold_in(jax.random.fold_in(state.key(), state.step), counts[0] if counts else 0)

@@ -68,6 +68,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from raredx_jax import lora
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 from raredx_jax.sampling.sampler import Sampler, SamplingParams
@@ -273,11 +274,12 @@ def _policy_logprobs(graphdef: nnx.GraphDef, params: Any, mb: dict[str, jax.Arra
 def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state_sh: TrainState,
                    mesh: jax.sharding.Mesh, layout: MiniBatchLayout, prompt_len: int, comp_len: int, *,
                    loss_name: str, loss_cfg: rlo.LossConfig, temperature: float, with_ref: bool,
-                   entropy: bool = True) -> Callable:
+                   entropy: bool = True, frozen_sh: Any = None, lora_dropout: float = 0.0) -> Callable:
     """Jitted ``(state, minibatch, inc) -> (state, metrics)``: one optimiser step; the state is donated.
 
     ``inc`` (int32 scalar) is added to ``state.step`` (1 on the last mini-batch of a global step, else 0), so
     ``state.step`` counts global RL steps (= checkpoint numbers) while optax counts optimiser steps.
+    LoRA (``frozen_sh``): ``(state, minibatch, inc, base)``, the state holding the adapters only.
     """
     seq = prompt_len + comp_len
     keys = (*_SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if with_ref else ())
@@ -287,7 +289,9 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sta
     token_mean = loss_name in TOKEN_MEAN_LOSSES
     weighted = ("clip_fraction", "clip_high_fraction", "clip_low_fraction", "approx_kl", "ratio_mean", "kl")
 
-    def loss_fn(params, mb, rows_total, tokens_total):
+    def loss_fn(params, mb, rows_total, tokens_total, base=None, rng=None):
+        if base is not None:
+            params = lora.combine(base, params, rng, lora_dropout)
         lp, lg = _policy_logprobs(graphdef, params, mb, prompt_len, comp_len, temperature)
         loss, m = rlo.policy_loss(loss_name, lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                   mb.get("ref_logprobs"), cfg=loss_cfg)
@@ -304,14 +308,15 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sta
             aux["entropy"] = (ent * mask).sum() / jnp.maximum(tok, 1.0) * w
         return loss * scale, aux
 
-    def step(state: TrainState, mb: dict[str, jax.Array], inc: jax.Array):
+    def step(state: TrainState, mb: dict[str, jax.Array], inc: jax.Array, base: Any = None):
         mask = mb["mask"].astype(jnp.float32)
         tokens_total = jnp.maximum(mask.sum(), 1.0)
         rows_total = jnp.maximum((mask.sum(axis=1) > 0).sum().astype(jnp.float32), 1.0)
         constrain = lambda x: jax.lax.with_sharding_constraint(x, {k: micro_sh[k] for k in x})  # noqa: E731
         loss, aux, grads = accumulate_gradients(
-            functools.partial(loss_fn, rows_total=rows_total, tokens_total=tokens_total), state.params, mb,
-            layout.accum, constrain)
+            functools.partial(loss_fn, rows_total=rows_total, tokens_total=tokens_total, base=base,
+                              rng=None if base is None else lora.update_key(state)),
+            state.params, mb, layout.accum, constrain)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -322,6 +327,9 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sta
         metrics = {"loss": loss, "grad_norm": gnorm, "ok": ok, "tokens": mask.sum(), "rows": rows_total, **aux}
         return new_state, metrics
 
+    if frozen_sh is not None:
+        return jax.jit(step, in_shardings=(state_sh, b_sh, rep, frozen_sh), out_shardings=(state_sh, rep),
+                       donate_argnums=(0,))
     return jax.jit(step, in_shardings=(state_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
@@ -365,7 +373,8 @@ class RLLearner:
     """
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any, reward_fn: RewardFunction, settings: GRPOSettings,
-                 sampling: SamplingParams, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=DEFAULT_RULES):
+                 sampling: SamplingParams, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=DEFAULT_RULES,
+                 lora_settings: lora.LoraSettings | None = None):
         if sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0 for GRPO rollouts (greedy groups are identical)")
         self.cfg = model_cfg
@@ -382,8 +391,19 @@ class RLLearner:
         opt_cfg = {"lr": s.lr, "warmup_steps": s.warmup_steps, "schedule": s.schedule, "min_lr_ratio": s.min_lr_ratio,
                    "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "b1": s.b1, "b2": s.b2}
         self.tx, self.schedule = make_optimizer(opt_cfg, total_steps=s.steps * self.updates_per_step, lr=s.lr)
-        self.graphdef, self.params_abs, self.param_sh = abstract_params(model_cfg, mesh, rules)
-        self.state_sh = train_state_shardings(self.tx, self.params_abs, self.param_sh, mesh)
+        # LoRA: the state holds the adapters; `self.base` (frozen) is also the reference model (adapters off)
+        self.lora = lora_settings
+        self.base: Any = None
+        if lora_settings is None:
+            self.graphdef, self.params_abs, self.param_sh = abstract_params(model_cfg, mesh, rules)
+            train_sh = self.param_sh
+        else:
+            self.graphdef, full_abs, self.param_sh = lora.abstract_lora_model(model_cfg, lora_settings, mesh, rules)
+            self.base_sh, train_sh = lora.split_params(self.param_sh)
+            self.params_abs = lora.trainable_params(full_abs)
+            self.plain_graphdef, _, plain_sh = abstract_params(model_cfg, mesh, rules)
+            self.ref_sh = lora.base_only(self.base_sh)
+        self.state_sh = train_state_shardings(self.tx, self.params_abs, train_sh, mesh)
         self.loss_cfg = rlo.LossConfig.from_config(dataclasses.asdict(s), max_len=s.max_len or sampling.max_new_tokens)
         self.recompute_old = s.old_logprobs == "recompute" or (
             s.old_logprobs == "auto" and jnp.dtype(model_cfg.dtype) != jnp.float32)
@@ -394,6 +414,7 @@ class RLLearner:
         self.counters = {"reference_forward": 0, "old_logprob_forward": 0, "updates": 0}
         self.optimizer_steps = 0  # optimiser steps taken (the lr schedule's count); set from the state on restore
         self._fns: dict[tuple[int, int], tuple[Callable, Callable]] = {}
+        self._ref_fns: dict[tuple[int, int], Callable] = {}
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -409,7 +430,7 @@ class RLLearner:
         return abstract_train_state(self.tx, self.params_abs, self.state_sh)
 
     def _adopt(self, model: Any) -> None:
-        nnx.update(model, self.state.params)  # the model now holds the train state's arrays (no copy)
+        nnx.update(model, self.policy_params())  # the model now holds the train state's arrays (no copy)
         self.model = model
         self.sampler = Sampler(model, None)
 
@@ -417,6 +438,11 @@ class RLLearner:
         """Fresh state around ``model``'s parameters (which the state takes over: the model keeps working, on the
         state's arrays)."""
         with jax.set_mesh(self.mesh):
+            if self.lora is not None:  # the base stays frozen and is the reference: no copy is made
+                _, self.base, params, _ = lora.init_lora_model(model, self.lora, self.mesh, self.seed)
+                self.state = create_train_state(params, self.tx, self.seed, self.state_sh)
+                self._adopt(model)
+                return
             _, params = split_model(model)
             params = jax.device_put(params, self.param_sh)  # no-op when already placed (e.g. orbax.load_model)
             params = cast_params(params, self.param_sh, self.cfg.param_dtype)
@@ -426,9 +452,14 @@ class RLLearner:
             self.state = create_train_state(params, self.tx, self.seed, self.state_sh)
             self._adopt(model)
 
-    def set_state(self, state: TrainState, reference: Callable[[], Any] | None = None) -> None:
-        """Continue from a restored TrainState (the policy model is rebuilt around its parameters)."""
+    def set_state(self, state: TrainState, reference: Callable[[], Any] | None = None, base: Any = None) -> None:
+        """Continue from a restored TrainState (the policy model is rebuilt around its parameters); LoRA: `base`
+        is the frozen base (`lora.resume_base`)."""
         with jax.set_mesh(self.mesh):
+            if self.lora is not None:
+                self.base, self.state = base, state
+                self._adopt(nnx.eval_shape(lambda: lora.apply_lora(_make_transformer(self.cfg), self.lora)))
+                return
             abstract = nnx.eval_shape(lambda: _make_transformer(self.cfg))
             self.state = state
             self._adopt(abstract)
@@ -441,6 +472,14 @@ class RLLearner:
         params = jax.device_put(reference(), self.param_sh)
         return cast_params(params, self.param_sh, self.cfg.param_dtype)
 
+    def policy_params(self) -> Any:
+        """The policy's whole parameter dict (LoRA: base + adapters; no copy)."""
+        return self.state.params if self.lora is None else lora.combine(self.base, self.state.params)
+
+    def reference_params(self) -> Any:
+        """The reference model's parameters: the frozen snapshot, or with LoRA the base itself (adapters off)."""
+        return self.ref_params if self.lora is None else lora.base_only(self.base)
+
     # --- keys / shapes -----------------------------------------------------------------------------------------
     def sampler_key(self, step: int) -> jax.Array:
         base = jax.random.fold_in(jax.random.wrap_key_data(jax.device_get(self.state.rng)), SAMPLER_STREAM)
@@ -452,9 +491,14 @@ class RLLearner:
             s = self.settings
             upd = make_update_fn(self.graphdef, self.tx, self.state_sh, self.mesh, self.layout, prompt_len, comp_len,
                                  loss_name=s.loss, loss_cfg=self.loss_cfg, temperature=self.sampling.temperature,
-                                 with_ref=s.beta > 0)
+                                 with_ref=s.beta > 0, **({} if self.lora is None else dict(
+                                     frozen_sh=self.base_sh, lora_dropout=self.lora.dropout)))
             lpf = make_logprob_fn(self.graphdef, self.param_sh, self.mesh, self.layout, prompt_len, comp_len,
                                   self.sampling.temperature)
+            if self.lora is not None:  # the reference forward: the plain model on the base (adapters off)
+                ref_fn = make_logprob_fn(self.plain_graphdef, self.ref_sh, self.mesh, self.layout, prompt_len,
+                                         comp_len, self.sampling.temperature)
+                self._ref_fns[key] = ref_fn
             self._fns[key] = (upd, lpf)
         return self._fns[key]
 
@@ -510,14 +554,15 @@ class RLLearner:
             # the forwards below serve only the update: rows of groups the filter dropped are not run through them
             kept = kept_rows(batch, s.filter_groups)
             if self.recompute_old and kept.size:
-                old = self._logprobs(self.state.params, batch, lp_fn, kept)
+                old = self._logprobs(self.policy_params(), batch, lp_fn, kept)
                 self.counters["old_logprob_forward"] += 1
                 n_tok = max(float(batch.mask[kept].sum()), 1.0)
                 metrics["logprob_mismatch"] = float(np.abs(old[kept] - batch.old_logprobs[kept]).sum() / n_tok)
                 batch.old_logprobs[kept] = old[kept]
             ref = None
             if s.beta > 0 and kept.size:
-                ref = self._logprobs(self.ref_params, batch, lp_fn, kept)
+                ref = self._logprobs(self.reference_params(), batch, self._ref_fns.get(
+                    (batch.prompt_len, batch.completion_len), lp_fn), kept)
                 self.counters["reference_forward"] += 1
             seq = batch.tokens.shape[1]
             keys = (*_SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if ref is not None else ())
@@ -537,7 +582,8 @@ class RLLearner:
                         arr["ref_logprobs"][:rows.size] = ref[rows]
                     n_upd += 1
                     inc = jax.device_put(np.int32(1 if n_upd == total_upd else 0), rep)
-                    self.state, m = update(self.state, _put(arr, sh), inc)
+                    self.state, m = update(self.state, _put(arr, sh), inc,
+                                           *(() if self.lora is None else (self.base,)))
                     outs.append(m)
             if not n_upd:  # every group filtered out: no update, but the global step still counts
                 self.state = self.state.replace(step=jax.device_put(self.state.step + 1, self.state_sh.step))
@@ -832,7 +878,10 @@ def run_grpo(config: Any) -> dict[str, Any]:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{model_cfg.vocab_size} (tokenizer.path / model.init_from mismatch)")
-    learner = RLLearner(model_cfg, tokenizer, diagnosis_reward(reward), st, sampling, mesh, seed=seed)
+    lora_cfg = lora.LoraSettings.from_config(config)
+    lora.check_run_mode(ckpt.step_dir(ckpt.latest_step()) if resuming else None, lora_cfg)
+    learner = RLLearner(model_cfg, tokenizer, diagnosis_reward(reward), st, sampling, mesh, seed=seed,
+                        lora_settings=lora_cfg)
 
     def reference():
         print(f"[{stage}] loading the frozen reference (beta={st.beta}) from {init_path}", flush=True)
@@ -843,7 +892,11 @@ def run_grpo(config: Any) -> dict[str, Any]:
         restored = ckpt.restore(learner.abstract_state()) if resuming else None
         if restored is not None:
             orbax_io.check_tokenizer(restored.path, tokenizer)
-            learner.set_state(restored.state, reference if st.beta > 0 else None)
+            if lora_cfg is None:
+                learner.set_state(restored.state, reference if st.beta > 0 else None)
+            else:
+                learner.set_state(restored.state, base=lora.resume_base(config, restored.meta, restored.path, mesh,
+                                                                        model_cfg, lora_cfg))
             start = restored.step
             if CURRICULUM_ITEM in restored.extras:
                 curriculum.load_state_dict(restored.extras[CURRICULUM_ITEM])
@@ -859,7 +912,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
             orbax_io.check_tokenizer(init_path, tokenizer)
             print(f"[{stage}] starting from checkpoint {init_path}", flush=True)
             model = orbax_io.load_model(init_path, mesh, **_numerics(config))
-            learner.init_from_model(model, reference if st.beta > 0 else None)
+            learner.init_from_model(model, reference if st.beta > 0 and lora_cfg is None else None)
             start = 0
 
     summary_path = os.path.join(run_dir, "summary.json")
@@ -875,7 +928,7 @@ def run_grpo(config: Any) -> dict[str, Any]:
               f"{st.group_size} samples/step, {learner.layout.num} mini-batch(es) of {learner.layout.rows} rows "
               f"(padded {learner.layout.padded}, {learner.layout.accum} micro) x {st.epochs_per_step} epoch(s); "
               f"loss {st.loss}, advantage {st.advantage}, beta {st.beta} "
-              f"({'reference loaded' if learner.ref_params is not None else 'no reference model'}); old logprobs: "
+              f"({'reference loaded' if learner.ref_params is not None else 'LoRA: the frozen base (adapters off)' if lora_cfg is not None and st.beta > 0 else 'no reference model'}); old logprobs: "
               f"{'recomputed' if learner.recompute_old else 'sampler'}; {len(train_cases)} train cases, "
               f"{len(eval_cases)} held-out ({seeded} case pass rates from the RERS journal); lessons "
               f"{[x.name for x in curriculum.lessons]}; filter {st.filter_groups}; steps {start}->{total}; "
@@ -927,7 +980,9 @@ def run_grpo(config: Any) -> dict[str, Any]:
             logger.progress(s, {k: m[k2] for k, k2 in (("loss", "loss"), ("lr", "lr"), ("tokens_per_s",
                                 "train_tokens_per_s"), ("mfu", "mfu")) if k2 in m})
             if (st.checkpoint_every and s % st.checkpoint_every == 0) or s == total:
-                ckpt.save(s, learner.state, model_cfg, meta={"stage": stage, "tokenizer_digest": tokenizer.digest()},
+                ckpt.save(s, learner.state, model_cfg, meta={"stage": stage, "tokenizer_digest": tokenizer.digest(),
+                                                             **({} if lora_cfg is None else
+                                                                {"lora": lora.checkpoint_meta(config, lora_cfg)})},
                           extras={CURRICULUM_ITEM: curriculum.state_dict(),
                                   RL_ITEM: {"step": s, "settings": st.digest(), "seed": seed,
                                             "optimizer_steps": learner.optimizer_steps,
