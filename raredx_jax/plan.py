@@ -110,7 +110,8 @@ class Phase:
     extra_persistent: int  # persistent buffers alive during this phase but not its arguments
     flops: float | None = None  # per device, per call
     bytes_accessed: float | None = None
-    time_s: float | None = None  # roofline time of one call
+    time_s: float | None = None  # roofline time of one call (compute bound for compiled training programs)
+    time_upper_s: float | None = None  # with the bytes XLA:CPU counts (it fuses less than XLA:GPU/TPU): upper bound
     tokens: int = 0  # tokens of one call (per device), for the MFU
     model_flops: float | None = None  # 6N + 12LHDT per token x tokens (per device), training phases only
     note: str = ""
@@ -162,6 +163,13 @@ class Plan:
     def knob(self) -> str:
         return suggest_knob(self)
 
+    def mfu(self, phase: Phase, upper: bool = False) -> float | None:
+        """Model FLOPs utilisation the roofline time of `phase` would mean (upper=True: the bytes-bound time)."""
+        t = phase.time_upper_s if upper else phase.time_s
+        if not (self.accelerator and phase.model_flops and t):
+            return None
+        return phase.model_flops / (t * float(self.accelerator["peak_flops"]))
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(total=self.total, activations=self.activations, fits=self.fits, peak_phase=self.peak_phase.name)
@@ -200,8 +208,10 @@ def format_plan(plan: Plan) -> str:
     lines.append("  phases (per device, one call):")
     for p in plan.phases:
         t = f"{p.time_s * 1e3:.1f} ms" if p.time_s is not None else "n/a"
-        mfu = (f", MFU {p.model_flops / (p.time_s * acc['peak_flops']):.0%}"
-               if acc and p.model_flops and p.time_s else "")
+        mfu = f", MFU {plan.mfu(p):.0%}" if plan.mfu(p) is not None else ""
+        if p.time_upper_s is not None and p.time_upper_s > p.time_s:
+            mfu += f"; with XLA:CPU's byte count {p.time_upper_s * 1e3:.1f} ms"
+            mfu += f", MFU {plan.mfu(p, upper=True):.0%}" if plan.mfu(p, upper=True) is not None else ""
         fl = f"{p.flops / 1e12:.2f} TFLOP" if p.flops is not None else "n/a"
         by = _gib(p.bytes_accessed) if p.bytes_accessed is not None else "n/a"
         lines.append(f"    {p.name:<16} peak {_gib(p.peak)} (args {_gib(p.argument)}, temps {_gib(p.temp)}); "
@@ -285,9 +295,12 @@ def _layer_extrapolated_cost(build: Callable[[Any], Any], model_cfg: Any) -> tup
 
 
 def _roofline(phase: Phase, acc: dict[str, Any] | None) -> None:
+    """Compute-bound time from XLA's FLOPs; the bytes XLA:CPU counts give an upper bound (CPU fusion is weaker
+    than GPU/TPU fusion, so its byte count overstates the traffic of the target's program)."""
     if acc is None or phase.flops is None or phase.bytes_accessed is None:
         return
-    phase.time_s = max(phase.flops / float(acc["peak_flops"]), phase.bytes_accessed / float(acc["hbm_bandwidth"]))
+    phase.time_s = phase.flops / float(acc["peak_flops"])
+    phase.time_upper_s = max(phase.time_s, phase.bytes_accessed / float(acc["hbm_bandwidth"]))
 
 
 def _scores_bytes(cfg: Any, rows_per_device: int, q_len: int, k_len: int) -> int:
