@@ -236,8 +236,9 @@ def test_sharded_generate_equals_single_device(qwen3, tmp_path):
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
     (cache,) = sampler._caches.values()  # kept for the next call, sharded rows over data*fsdp, kv heads over tensor
-    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor"))
-    assert cache.k.sharding.is_equivalent_to(want, 5), cache.k.sharding
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), "tensor"))
+    for layer in (*cache.k, *cache.v):  # [B, K, S, D] per layer
+        assert layer.sharding.is_equivalent_to(want, 4), layer.sharding
     again = sampler.generate(tokens, mask, 0, params, n=2, eos_ids=(EOS,), pad_id=PAD)  # donated cache reused
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(ref.tokens))
     # Sampled too: per-row keys make the draws independent of how rows are split over devices.

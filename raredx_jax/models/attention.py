@@ -68,6 +68,48 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
+def xla_attention_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                         prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+    """The reference math on a cache laid out [B, K, S, D]: the dots read keys and values as stored.
+
+    prefix: optional (keys [G, K, P, D], values [G, K, P, D], valid [G, P]) shared by the B / G consecutive rows
+    of each group and visible to every query (a prompt before its samples' tokens). Its scores are joined with
+    the rows' own before one softmax, so the result is the attention over [prefix slots, own slots]."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    if prefix is not None:
+        pk, pv, pvalid = prefix
+        groups = pk.shape[0]
+        qp = qg.reshape(groups, b // groups, t, kv, g, d)
+        ps = jnp.einsum("bntkgd,bkpd->bnkgtp", qp, pk, preferred_element_type=jnp.float32) * (d ** -0.5)
+        ps = jnp.where(pvalid[:, None, None, None, None, :], ps, _NEG).reshape(b, kv, g, t, -1)
+        probs = jax.nn.softmax(jnp.concatenate([ps, scores], axis=-1), axis=-1).astype(v.dtype)
+        p_pre, probs = probs[..., :pk.shape[2]], probs[..., pk.shape[2]:]
+        out_pre = jnp.einsum("bnkgtp,bkpd->bntkgd", p_pre.reshape(groups, b // groups, kv, g, t, -1), pv,
+                             preferred_element_type=jnp.float32).reshape(b, t, kv, g, d)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out_pre = 0.0
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32) + out_pre
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def attend_cache(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                 prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Attention over a KV cache (k, v: [B, K, S, D]; mask [B, T, S]; optional shared prefix, see above).
+
+    One-token decode steps and shared-prefix calls use the einsum form: it reads the cache in place, and a
+    fused kernel gains nothing at T = 1. A prefill (T > 1, no prefix) with a kernel implementation hands it the
+    [B, S, K, D] view it expects (one transpose per prefill, not per step)."""
+    if impl == "xla" or q.shape[1] == 1 or prefix is not None:
+        return xla_attention_cached(q, k, v, mask, prefix)
+    return attend(impl, q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, None)
+
+
 def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            segment_ids: jax.Array | None = None) -> jax.Array:
     if impl == "xla":

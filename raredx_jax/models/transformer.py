@@ -14,32 +14,85 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from raredx_jax.models.attention import attend
+from raredx_jax.models.attention import attend, attend_cache
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.parallel.sharding import constrain
 
 _INIT_STD = 0.02
 
 
+CACHE_AXES = ("batch", "kv_heads", "cache_len", "head_dim")  # one layer's keys or values
+VALID_AXES = ("batch", "cache_len")
+
+
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated per-layer keys/values. New tokens go to slots [index, index+T)."""
+    """Preallocated keys/values, one [B, K, S, D] array per layer. Row b's new tokens go to slots
+    [index[b], index[b] + T). Optionally a shared read-only prefix: G prompts' keys/values ([G, K, P, D] per
+    layer, `prefix_valid` [G, P]) that every row of group g = b // (B / G) attends to before its own slots.
 
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    Why this layout: a decode step is bound by reading the cache, so (1) keys/values are stored as the attention
+    dot reads them (kv heads before slots: no transposing copy); (2) one buffer per layer (written in place and
+    read where it lies; a stacked [L, ...] array would be sliced, i.e. copied, per layer and step); (3) the n
+    samples of one prompt share its prompt's keys/values instead of each reading a copy (n times fewer bytes for
+    the prompt part of every step); (4) `index` is per row, so continuous batching can refill some rows while
+    the others decode on.
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, K, S, D]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, D]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
-    index: jax.Array  # [] int32: next slot to write
+    index: jax.Array  # [B] int32: next slot to write, per row
+    prefix_k: tuple[jax.Array, ...] | None = None  # L x [G, K, P, D], G divides B
+    prefix_v: tuple[jax.Array, ...] | None = None
+    prefix_valid: jax.Array | None = None  # [G, P] bool
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,), jnp.int32))
+
+    @classmethod
+    def shardings(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh) -> "KVCache":
+        """NamedShardings of a cache of this shape on `mesh` (rows over data*fsdp, kv heads over tensor)."""
+        from raredx_jax.parallel.sharding import logical_to_spec
+        named = lambda axes, shape: jax.sharding.NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+        kv = named(CACHE_AXES, (batch, cfg.num_kv_heads, max_len, cfg.head_dim))
+        return cls(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers,
+                   valid=named(VALID_AXES, (batch, max_len)), index=named(("batch",), (batch,)))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+
+def write_rows(buf: jax.Array, update: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """buf with `update` written at per-row offsets `index` [B] along `axis` (rows = axis 0), in place.
+
+    A scalar-offset dynamic_update_slice when every row shares one offset would be cheaper, but rows of a
+    continuously batched decode sit at different offsets; vmapped dynamic_update_slice lowers to one scatter."""
+    def one(b: jax.Array, u: jax.Array, i: jax.Array) -> jax.Array:
+        start = [0] * b.ndim
+        start[axis - 1] = i
+        return jax.lax.dynamic_update_slice(b, u, tuple(start))
+    return jax.vmap(one)(buf, update.astype(buf.dtype), index)
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of the [V, E] table for tokens [B, T], sharded as activations (batch over data*fsdp).
+
+    The table's embed axis is fsdp-sharded like every weight; gathering from it directly asks SPMD to turn an
+    embed-sharded result into a batch-sharded one, which it can only do by replicating the whole table
+    ("involuntary full rematerialization"). Gathering the fsdp shards of the table first (what FSDP does for
+    every weight before use) makes the lookup a local gather on each vocab shard."""
+    table = constrain(table, ("vocab", None))
+    return jnp.take(table, tokens, axis=0)
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -114,6 +167,13 @@ class DecoderLayers(nnx.Module):
     def stacked(self) -> dict[str, jax.Array]:
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
+    def per_layer(self) -> tuple[dict[str, jax.Array], ...]:
+        """Each layer's weights as its own arrays. A decode loop takes these once, before it starts: slicing the
+        stacked arrays inside the loop copies every weight on every step (XLA does not hoist those slices)."""
+        stacked = self.stacked()
+        return tuple({n: a[i] for n, a in stacked.items()} for i in range(next(iter(stacked.values())).shape[0]))
+
+
 
 def _weight(v: Any, dt: Any) -> jax.Array:
     """A layer's weight in the compute dtype. QLoRA's quantised base projections (qwix QArrays, raredx_jax/lora.py)
@@ -134,9 +194,12 @@ def _proj(eq: str, x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Arra
 
 
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: jax.Array, mask: jax.Array,
-           segment_ids: jax.Array | None, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array, Any] | None,
-           index: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One decoder layer on activations x [B, T, E]; with a cache, writes this step's k/v into it."""
+           segment_ids: jax.Array | None, inv_freq: jax.Array, kv: tuple[jax.Array, ...] | None,
+           index: jax.Array | None, prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One decoder layer on activations x [B, T, E]; with a cache (this layer's [B, K, S, D] keys and values),
+    writes this step's keys/values into it at each row's `index` and attends over it (after the shared
+    `prefix` = (keys, values, valid) when given)."""
     dt = x.dtype
     p = {k: _weight(v, dt) for k, v in p.items()}
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
@@ -152,17 +215,15 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], positions: j
     k = apply_rope(k, positions, inv_freq)
     q = constrain(q, ("batch", "length", "act_heads", None))
     new_kv = None
-    if kv is not None:
-        # kv = (k_all, v_all, layer): the stacked cache travels as loop state and only this step's T slots
-        # of this layer are written, in place (no per-layer cache copies in and out of the layer loop).
-        k_all, v_all, layer = kv
-        start = (layer, 0, index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-        new_kv = (k_all, v_all)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-    attn = attend(cfg.attention, q, k, v, mask, segment_ids)
+    if kv is None:
+        attn = attend(cfg.attention, q, k, v, mask, segment_ids)
+    else:
+        k_cache = write_rows(kv[0], jnp.swapaxes(k, 1, 2), index, axis=2)
+        v_cache = write_rows(kv[1], jnp.swapaxes(v, 1, 2), index, axis=2)
+        new_kv = (constrain(k_cache, CACHE_AXES), constrain(v_cache, CACHE_AXES))
+        if prefix is not None:
+            prefix = (prefix[0].astype(dt), prefix[1].astype(dt), prefix[2])
+        attn = attend_cache(cfg.attention, q, k_cache.astype(dt), v_cache.astype(dt), mask, prefix)
     x = x + _proj("bthd,hde->bte", attn, p, "o_proj")
     x = constrain(x, ("batch", "length", "act_embed"))
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
@@ -188,54 +249,59 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] in fp32 (or [B, 1, V] for the last position only: a prefill needs no more)."""
+                 cache: KVCache | None = None, last_only: bool = False,
+                 layer_params: tuple[dict[str, jax.Array], ...] | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] in fp32 (or [B, 1, V] for the last position only: a prefill needs no more).
+
+        layer_params: `self.layers.per_layer()` taken once outside a decode loop (cache calls only)."""
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+        x = embed_lookup(self.embed_tokens[...], tokens).astype(dt)
         x = constrain(x, ("batch", "length", "act_embed"))
         inv_freq = rope_frequencies(cfg)
-        if cache is None:
+        if cache is not None:
+            # Decode / prefill into a cache: layers unrolled, so each reads and writes its own cache buffer in
+            # place and its weight slices are static (hoisted out of a decode loop, not copied per step).
+            index = cache.index
+            valid = write_rows(cache.valid, segment_ids != 0, index, axis=1)
+            q_slots = index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+            mask = valid[:, None, :] & (jnp.arange(cache.max_len)[None, None, :] <= q_slots[:, :, None])
+            ks, vs = [], []
+            per_layer = layer_params if layer_params is not None else self.layers.per_layer()
+            for i, p_i in enumerate(per_layer):
+                prefix = None if cache.prefix_k is None else (cache.prefix_k[i], cache.prefix_v[i], cache.prefix_valid)
+                x, (k_i, v_i) = _block(cfg, x, p_i, positions, mask, None, inv_freq, (cache.k[i], cache.v[i]), index,
+                                       prefix)
+                ks.append(k_i)
+                vs.append(v_i)
+            new_cache = cache.replace(k=tuple(ks), v=tuple(vs), valid=valid, index=index + t)
+        else:
+            params = self.layers.stacked()
             idx = jnp.arange(t)
             mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
                     & (idx[None, :, None] >= idx[None, None, :]))
-            index, valid = None, None
-        else:
-            index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, index))
-            slots = jnp.arange(cache.max_len)
-            q_slots = index + jnp.arange(t)
-            mask = valid[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
-        params = self.layers.stacked()
-        seg_for_kernel = segment_ids if cache is None else None
+            new_cache = None
 
-        def body(carry, layer):
-            x, kvs = carry
-            p, i = layer
-            x, kvs = _block(cfg, x, p, positions, mask, seg_for_kernel, inv_freq,
-                            None if kvs is None else (*kvs, i), index)
-            return (x, kvs), None
+            def body(x, layer):
+                p, _ = layer
+                return _block(cfg, x, p, positions, mask, segment_ids, inv_freq, None, None)[0], None
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        kvs = None if cache is None else (cache.k, cache.v)
-        if cfg.scan_layers:
-            (x, kvs), _ = jax.lax.scan(body, (x, kvs), (params, jnp.arange(cfg.num_layers)))
-        else:
-            for i in range(cfg.num_layers):
-                (x, kvs), _ = body((x, kvs), (jax.tree.map(lambda a: a[i], params), i))
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+            if cfg.scan_layers:
+                x, _ = jax.lax.scan(body, x, (params, jnp.arange(cfg.num_layers)))
+            else:
+                for i in range(cfg.num_layers):
+                    x, _ = body(x, (jax.tree.map(lambda a: a[i], params), i))
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=kvs[0], v=kvs[1], valid=valid, index=index + t)
         return logits, new_cache
 
 

@@ -2,9 +2,11 @@
 
 Layout of one call (everything below runs inside a single compiled program):
 
-1. **Prefill** the B left-padded prompts once into a prompt-sized KV cache ([L, B, P, K, D]).
-2. **Broadcast** that cache to the B*n sample rows by writing `repeat(prompt_cache, n)` into slots [0, P) of the
-   preallocated, *donated* decode cache ([L, B*n, P + max_new, K, D]); row `b*n + j` is sample j of prompt b.
+1. **Prefill** the B left-padded prompts once into a prompt-sized KV cache ([B, K, P, D] per layer).
+2. **Share** that cache, unchanged, as the read-only prefix of the B*n sample rows (row `b*n + j` is sample j of
+   prompt b): each row's own keys/values go to the preallocated, *donated* decode cache ([B*n, K, max_new, D]
+   per layer), and attention joins the prompt's slots with the row's own. A decode step is bound by reading the
+   cache, and the n samples of a prompt now read its prompt keys/values once instead of n copies.
 3. **Decode** in `lax.while_loop`: sample a token from the last logits, record it and its logprob, check EOS ids
    and stop sequences (on the tail of the generated tokens), feed it back; the loop exits when every row is done
    or `max_new_tokens` is reached.
@@ -42,11 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from raredx_jax.models.transformer import KVCache, Transformer, positions_from_mask
+from raredx_jax.models.transformer import CACHE_AXES, VALID_AXES, KVCache, Transformer, positions_from_mask
 from raredx_jax.parallel.sharding import constrain, logical_to_spec
 
-CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
-VALID_AXES = ("batch", "cache_len")
 ROW_AXES = ("batch", None)
 
 
@@ -251,18 +251,19 @@ def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax
     tokens = constrain(tokens, ROW_AXES)
     seg = constrain(seg, ROW_AXES)
     positions = positions_from_mask(seg)
-    small = KVCache.init(cfg, b, p, cache.k.dtype)
-    small = small.replace(k=constrain(small.k, CACHE_AXES), v=constrain(small.v, CACHE_AXES))
-    logits, small = model(tokens, positions, seg, small, last_only=True)
+    small = KVCache.init(cfg, b, p, cache.k[0].dtype)
+    small = small.replace(k=tuple(constrain(a, CACHE_AXES) for a in small.k),
+                          v=tuple(constrain(a, CACHE_AXES) for a in small.v))
+    layer_params = model.layers.per_layer()  # once per call, outside the decode loop
+    logits, small = model(tokens, positions, seg, small, last_only=True, layer_params=layer_params)
     last = logits[:, -1, :]  # left padded: the last slot holds each prompt's last real token
 
-    # 2. broadcast to the n samples per prompt, into the donated decode cache.
+    # 2. the n samples of each prompt share its prompt keys/values as the cache's read-only prefix; the donated
+    # decode cache holds only each row's generated tokens.
     rep = (lambda x, axis: x) if n == 1 else (lambda x, axis: jnp.repeat(x, n, axis=axis))
-    k_all = jax.lax.dynamic_update_slice(cache.k, rep(small.k, 1), (0, 0, 0, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache.v, rep(small.v, 1), (0, 0, 0, 0, 0))
-    valid = jax.lax.dynamic_update_slice(jnp.zeros((rows, s_len), bool), rep(small.valid, 0), (0, 0))
-    cache = KVCache(k=constrain(k_all, CACHE_AXES), v=constrain(v_all, CACHE_AXES),
-                    valid=constrain(valid, VALID_AXES), index=jnp.asarray(p, jnp.int32))
+    cache = KVCache(k=cache.k, v=cache.v, valid=constrain(jnp.zeros((rows, s_len), bool), VALID_AXES),
+                    index=jnp.zeros((rows,), jnp.int32), prefix_k=small.k, prefix_v=small.v,
+                    prefix_valid=small.valid)
     last = constrain(rep(last, 0), ("batch", "vocab"))
     prompt_len = rep(seg.sum(axis=1).astype(jnp.int32), 0)
     done0 = ~rep(active, 0)
@@ -311,15 +312,15 @@ def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax
     def body(c: dict) -> dict:
         step = c["step"]
         pos = (prompt_len + step - 1)[:, None]
-        logits, new_cache = model(c["tok"][:, None], pos, jnp.ones((rows, 1), jnp.int32), c["cache"])
-        new_cache = new_cache.replace(k=constrain(new_cache.k, CACHE_AXES), v=constrain(new_cache.v, CACHE_AXES))
+        logits, new_cache = model(c["tok"][:, None], pos, jnp.ones((rows, 1), jnp.int32), c["cache"],
+                                  layer_params=layer_params)
         tok, lp = select(logits[:, 0, :], step)
         return record(dict(c, cache=new_cache), tok, lp, step)
 
     carry = jax.lax.while_loop(cond, body, carry)
     out = GenerateOutput(tokens=carry["tokens"], logprobs=carry["logprobs"], lengths=carry["lengths"],
                          done=carry["done"] & rep(active, 0))
-    return out, carry["cache"]
+    return out, carry["cache"].replace(prefix_k=None, prefix_v=None, prefix_valid=None)
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
@@ -375,11 +376,7 @@ class Sampler:
         make = functools.partial(KVCache.init, cfg, rows, max_len, cfg.dtype)
         if mesh is None:
             return jax.jit(make)()
-        shape = (cfg.num_layers, rows, max_len, cfg.num_kv_heads, cfg.head_dim)
-        kv = jax.sharding.NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
-        valid = jax.sharding.NamedSharding(mesh, logical_to_spec(VALID_AXES, (rows, max_len), mesh))
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return jax.jit(make, out_shardings=KVCache(k=kv, v=kv, valid=valid, index=rep))()
+        return jax.jit(make, out_shardings=KVCache.shardings(cfg, rows, max_len, mesh))()
 
     def generate(self, prompt_tokens: Any, prompt_mask: Any, key: Any, params: SamplingParams, *, n: int = 1,
                  eos_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
@@ -416,7 +413,7 @@ class Sampler:
                      top_k=int(params.top_k), top_p=float(params.top_p), pad_id=int(pad_id))
         graphdef, state = nnx.split(self.model)
         mesh = self._mesh(state)
-        cache = self._cache(rows, p + spec.max_new, mesh)
+        cache = self._cache(rows, spec.max_new, mesh)
         args = (_put(tokens, ROW_AXES, mesh), _put(mask, ROW_AXES, mesh), _put(active, ("batch",), mesh),
                 _put(jax.random.key_data(keys), ROW_AXES, mesh), _put(eos, (None,), mesh),
                 _put(_stop_matrix(stops), (None, None), mesh))
@@ -426,7 +423,7 @@ class Sampler:
             with jax.set_mesh(mesh):
                 out, cache = _generate_jit(graphdef, state, cache, *args, spec=spec)
         if self.keep_cache:
-            self._caches[(rows, p + spec.max_new)] = cache
+            self._caches[(rows, spec.max_new)] = cache
         return out
 
 
