@@ -594,6 +594,30 @@ STAGE_PLANS: dict[str, Callable[..., Plan]] = {
 }
 
 
+class Namespace(dict):
+    """A nested dict read like a ConfigDict (`c.train.lr`, `c["mesh"]`, `.get`): what `build_plan` reads, for
+    callers without ml_collections (the accelerator image has none; benchmarks/accelerator_check.py)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def sft_config(preset: str, batch: int, seq: int, *, remat: str, attention: str, dtype: str = "bfloat16",
+               hardware: str = "gpu1", vocab_size: int = 0) -> Namespace:
+    """The fields of a knowledge-SFT config that the SFT plan reads, with the trainers' optimiser defaults (the
+    optimiser's hyper-parameters do not change its memory)."""
+    ns = lambda **kw: Namespace(kw)  # noqa: E731
+    return ns(stage="knowledge_sft", hardware=hardware,
+              model=ns(preset=preset, hf_path="", init_from="", dtype=dtype, param_dtype="float32", remat=remat,
+                       scan_layers=True, attention=attention, vocab_size=vocab_size, max_seq_len=seq),
+              mesh=ns(data=1, fsdp=-1, tensor=1), tokenizer=ns(vocab_size=vocab_size or 2048),
+              train=ns(batch_size=batch, seq_len=seq, grad_accum=1, steps=1000, lr=1e-4, warmup_steps=10,
+                       schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
