@@ -30,6 +30,7 @@ CORE = [
     "qwix==0.1.8",  # QLoRA base quantisation (nf4 / int8), raredx_jax/lora.py
 ]
 TORCH = ["torch==2.13.0"]
+HPOCR = ["fasthpocr==0.1.4", "pronto==2.7.4"]
 
 setup(
     name="raredx-jax",
