@@ -9,6 +9,11 @@ gene symbols, variant strings, cohort or file-name parts. A finding whose label 
 the disease name, a distinctive word of it, by the simulator's policy, or a gene symbol) is withheld and
 listed in ``meta["withheld_hpo"]``. Case ids are hashes (no cohort, no PMID); the PMID is kept in `meta` only.
 
+Schema: a phenopacket is first read by the official GA4GH schema (the `phenopackets` package's protobuf classes,
+`data/phenopackets.py`): a schema error (unknown field, wrong type, bad enum value, two forms of one TimeElement)
+names the schema's field path, e.g. ``phenotypicFeatures[2].type.id``; the walk below reads the parsed message and
+checks what the schema leaves open (ids known to the HPO release, a diagnosis, an observed finding, plausible ages).
+
 Validation: every bad record becomes one `ImportIssue(file, record, field, message)`. With
 ``on_error="raise"`` the first one raises a ValueError naming file, record and field; with ``"skip"`` they are
 collected (`write_report` lists each skipped record and why) and ``n_seen == len(cases) + len(issues)``
