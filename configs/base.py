@@ -124,6 +124,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated projections
     c.lora.quantize = "none"  # QLoRA base weights: none | int8 | nf4 (qwix; nf4 in blocks of lora.block_size)
     c.lora.block_size = 64  # nf4 block along each projection's input axis
+    c.lora.adapter_dir = ""  # export of a LoRA run: the PEFT adapter's directory ("" = <export.hf_dir>_peft)
 
     # --- sampling ------------------------------------------------------------------------------
     c.sampling = config_dict.ConfigDict()
@@ -132,7 +133,8 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 160
     c.sampling.max_prompt_len = 768  # longer notes are reported (eval scores them as misses)
-    c.sampling.batch_size = 32  # prompts per generate call
+    c.sampling.batch_size = 32  # prompts per generate call (continuous: prompts decoding at once)
+    c.sampling.continuous = True  # many-prompt jobs refill a prompt's decode slots as soon as it stops
 
     # --- RERS ----------------------------------------------------------------------------------
     c.rers = config_dict.ConfigDict()

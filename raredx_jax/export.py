@@ -3,7 +3,9 @@
   python -m raredx_jax.train --config=configs/export.py --config.model.init_from=runs/grpo
 
 Writes config.json, generation_config.json, sharded safetensors (+ index), the tokenizer files, and, when
-PyTorch is installed and `export.verify` is set, checks that transformers reproduces our logits.
+PyTorch is installed and `export.verify` is set, checks that transformers reproduces our logits. A LoRA run
+exports its base with the adapters merged in, and the adapter alone in PEFT's format beside it
+(`lora.adapter_dir`, default `<hf_dir>_peft`: adapter_config.json + adapter_model.safetensors).
 
 The HF directory is written as a unit (`raredx_jax.fileio`: a temporary sibling renamed into place), so a
 re-export leaves no shard or index of the earlier one. It replaces `export.hf_dir` when that is empty, new, or an
@@ -69,6 +71,13 @@ def run_export(config: Any) -> dict[str, Any]:
                         generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True,
                         overwrite=overwrite, extra=extra, **dest)
     summary: dict[str, Any] = {"hf_dir": out, "checkpoint": ckpt, "params": model.config.num_params()}
+    from raredx_jax import lora
+
+    if lora.is_lora_checkpoint(ckpt):  # `out` holds the merged model; the adapter goes beside it in PEFT's format
+        lora_cfg = config.get("lora", None)
+        adapter_dir = (lora_cfg.get("adapter_dir", "") if lora_cfg is not None else "") or out.rstrip("/") + "_peft"
+        summary["peft_adapter_dir"] = lora.export_adapter(ckpt, adapter_dir, mesh,
+                                                             overwrite=bool(config.export.get("overwrite", False)))
     if config.export.get("verify", True) and jax.process_index() == 0:
         try:
             summary["max_logit_diff_vs_transformers"] = verify_with_transformers(model, out)

@@ -14,8 +14,8 @@ qwix raises `TraceContextError` (it tries to create variables inside the scan); 
 projection per layer: a different parameter layout, another HF mapping, and no scan.
 
 So the adapters are ours, in the model's own layout, and qwix does what it is for here, the quantisation:
-* each targeted projection `W [L, in..., out...]` gets `W_lora_a [L, in..., r]` (qwix's default init:
-  `LoraRule.lora_a_initializer`, he-uniform over the fan-in) and `W_lora_b [L, r, out...]` (zeros), stored as
+* each targeted projection `W [L, in..., out...]` gets `W_lora_a [L, in..., r]` (qwix `LoraRule`'s default
+  initialiser, he-uniform over the fan-in, per layer) and `W_lora_b [L, r, out...]` (zeros), stored as
   `nnx.LoRAParam` on `DecoderLayers`; being `nnx.Param` subclasses they are scanned with the weights (no change
   to the KV cache or the scan), and `nnx.LoRAParam` is the filter of what trains (`TRAINABLE`);
 * the layer computes `einsum(x, W) + (alpha / r) * einsum(einsum(dropout(x), A), B)` (the low-rank path never
@@ -52,8 +52,11 @@ HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_pro
               "down_proj": "mlp.down_proj"}
 QUANTIZE = ("none", "int8", "nf4")
 SUFFIXES = ("_lora_a", "_lora_b")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAINABLE = nnx.LoRAParam  # the nnx filter of what a LoRA run trains (everything else is frozen)
 _RANK = "r"  # the rank's einsum letter (unused by EQUATIONS)
+# qwix.LoraRule's default `lora_a_initializer` (he_uniform) applied to each layer of a stacked [L, fan_in, r]
+_A_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,17 +175,15 @@ def _quantize(w: jax.Array, n_in: int, settings: LoraSettings) -> Any:
     return qwix.quantize(w, "nf4", channelwise_axes=chan, tiled_axes={last_in: block})
 
 
-def apply_lora(model: Any, settings: LoraSettings, seed: int = 0) -> Any:
+def apply_lora(model: Any, settings: LoraSettings, seed: int = 0, init_adapters: bool = True) -> Any:
     """Add adapters to `model` (a Transformer) in place and return it; QLoRA also quantises the base projections.
 
     A is drawn from qwix's default LoRA initialiser per layer (key = seed), B is zero, so the adapted model
-    computes exactly the base model's function until it trains.
+    computes exactly the base model's function until it trains. `init_adapters=False` leaves A at zero too (the
+    base of a resumed run or an export, whose adapters come from the checkpoint: no initialiser to run).
     """
-    import qwix
-
     layers = model.layers
     cfg = model.config
-    rule = qwix.LoraRule(module_path=".*", rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout)
     shapes = adapter_shapes(cfg, settings)
     key = jax.random.key(seed)
     L = cfg.num_layers
@@ -193,10 +194,12 @@ def apply_lora(model: Any, settings: LoraSettings, seed: int = 0) -> Any:
         n_in = len(_split_eq(EQUATIONS[t])[3])
         a_shape, b_shape = shapes[t + "_lora_a"], shapes[t + "_lora_b"]
         fan_in = int(np.prod(a_shape[1:-1]))
-        keys = jax.random.split(jax.random.fold_in(key, i), L)
-        a = jax.vmap(lambda k: rule.lora_a_initializer(k, (fan_in, settings.rank), jnp.float32))(keys)
-        a = a.reshape(a_shape).astype(w.dtype)
-        b = rule.lora_b_initializer(jax.random.key(0), b_shape, w.dtype)
+        if init_adapters:  # qwix's default A initialiser (he-uniform over the fan-in), per layer
+            a = _A_INIT(jax.random.fold_in(key, i), (L, fan_in, settings.rank), jnp.float32)
+            a = a.reshape(a_shape).astype(w.dtype)
+        else:
+            a = jnp.zeros(a_shape, w.dtype)
+        b = jnp.zeros(b_shape, w.dtype)  # qwix's default B initialiser
         setattr(layers, t + "_lora_a", nnx.LoRAParam(a, axes=(axes[0], *axes[1:1 + n_in], None)))
         setattr(layers, t + "_lora_b", nnx.LoRAParam(b, axes=(axes[0], None, *axes[1 + n_in:])))
     layers.lora_scale = LoraConst(jnp.full((L,), settings.scale, jnp.float32), axes=("layers",))
@@ -286,11 +289,11 @@ def nbytes(tree: Any) -> int:
     return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, seed: int = 0
-                    ) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any], Any]:
+def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, seed: int = 0,
+                    init_adapters: bool = True) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any], Any]:
     """Adapt a loaded base model: (graphdef, base, adapters, full shardings), every array in its shards."""
     graphdef, _, shardings = abstract_lora_model(model.config, settings, mesh)
-    apply_lora(model, settings, seed)
+    apply_lora(model, settings, seed, init_adapters)
     _, state = nnx.split(model)
     params = jax.device_put(state.to_pure_dict(), shardings)
     base, adapters = split_params(params)
@@ -333,10 +336,12 @@ def merged_model(model_cfg: Any, base: dict[str, Any], adapters: dict[str, Any],
 def peft_tensors(model_cfg: Any, adapters: dict[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The adapter under PEFT's names and layouts: `lora_A.weight [r, in]`, `lora_B.weight [out, r]` per module,
     `in`/`out` flattened in the order the HF weight flattens them (checkpoints/hf_io.py)."""
+    from raredx_jax.checkpoints.hf_io import _to_host  # gathers across processes when sharded over hosts
+
     out = {}
     for key, value in adapters["layers"].items():
         t, which = key[: -len("_lora_a")], key[-1]
-        arr = np.asarray(jax.device_get(value), np.float32)
+        arr = np.asarray(_to_host(value), np.float32)
         for i in range(model_cfg.num_layers):
             w = arr[i]
             if which == "a":  # [in..., r] -> [r, in]
@@ -351,7 +356,7 @@ def peft_tensors(model_cfg: Any, adapters: dict[str, Any], dtype: Any = np.float
 
 
 def write_peft_adapter(out_dir: str, model_cfg: Any, adapters: dict[str, Any], settings: LoraSettings,
-                       base_model: str = "", dtype: str = "float32") -> str:
+                       base_model: str = "", dtype: str = "float32", overwrite: bool = False) -> str:
     """`adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads onto the
     transformers model of the base; written as a unit (`fileio.atomic_directory`)."""
     from safetensors.numpy import save_file
@@ -371,7 +376,9 @@ def write_peft_adapter(out_dir: str, model_cfg: Any, adapters: dict[str, Any], s
         "modules_to_save": None,
     }
     tensors = peft_tensors(model_cfg, adapters, np_dtype)
-    with fileio.atomic_directory(out_dir) as tmp:
+    if jax.process_index() != 0:
+        return out_dir
+    with fileio.atomic_directory(out_dir, overwrite, what="PEFT adapter directory") as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -446,13 +453,13 @@ def resume_base(config: Any, meta: dict[str, Any], step_dir: str, mesh: jax.shar
         raise ValueError(f"{step_dir}: the adapters were trained on base {source} but the config now names {now} "
                          "(model.init_from / model.hf_path / seed); use the same base or a new run_dir")
     model = load_base_model(source, mesh, model_cfg, **_numerics(config))
-    _, base, _, _ = init_lora_model(model, settings, mesh)
+    _, base, _, _ = init_lora_model(model, settings, mesh, init_adapters=False)
     return base
 
 
-def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, **numerics: Any
-                            ) -> tuple[Any, LoraSettings, dict[str, Any], dict[str, Any]]:
-    """(model_cfg, settings, frozen base, adapters) of a LoRA trainer step directory."""
+def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, with_base: bool = True, **numerics: Any
+                            ) -> tuple[Any, LoraSettings, dict[str, Any] | None, dict[str, Any]]:
+    """(model_cfg, settings, frozen base (None unless `with_base`), adapters) of a LoRA trainer step directory."""
     import orbax.checkpoint as ocp
 
     from raredx_jax.checkpoints.orbax import PARAMS_ITEM, read_checkpoint_meta, read_model_config
@@ -468,8 +475,10 @@ def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, **numerics: 
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(step_dir, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
     adapters = restored[PARAMS_ITEM]
+    if not with_base:
+        return model_cfg, settings, None, adapters
     model = load_base_model(meta["base"], mesh, model_cfg, **numerics)
-    _, base, _, _ = init_lora_model(model, settings, mesh)
+    _, base, _, _ = init_lora_model(model, settings, mesh, init_adapters=False)
     return model_cfg, settings, base, adapters
 
 
@@ -479,3 +488,44 @@ def update_key(state: Any) -> jax.Array:
     counts = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
               if "count" in jax.tree_util.keystr(path)]
     return jax.random.fold_in(jax.random.fold_in(state.key(), state.step), counts[0] if counts else 0)
+
+
+def load_merged_model(step_dir: str, mesh: jax.sharding.Mesh, **numerics: Any) -> Any:
+    """A LoRA step directory as a plain model with the adapters merged into its base (what `orbax.load_model`
+    returns for one, so RERS, evaluation, diagnosis, export and the next stage's `init_from` take LoRA runs)."""
+    model_cfg, settings, base, adapters = load_adapter_checkpoint(step_dir, mesh, **numerics)
+    model = merged_model(model_cfg, base, adapters, settings)
+    from raredx_jax.checkpoints.hf_io import abstract_model
+
+    _, _, shardings = abstract_model(model_cfg, mesh)
+    nnx.update(model, jax.device_put(nnx.state(model).to_pure_dict(), shardings.to_pure_dict()))
+    return model
+
+
+def is_lora_checkpoint(step_dir: str) -> bool:
+    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
+
+    return "lora" in read_checkpoint_meta(step_dir)
+
+
+def export_adapter(step_dir: str, out_dir: str, mesh: jax.sharding.Mesh, *, overwrite: bool = False) -> str:
+    """Write a LoRA step's adapter in PEFT's format; `base_model_name_or_path` names the base it was trained on
+    (an HF directory, or our checkpoint of it: export that too for `PeftModel.from_pretrained`). A QLoRA adapter was
+    trained on the quantised base: on the full-precision base it is close, not identical."""
+    from raredx_jax import fileio
+
+    meta = read_meta(step_dir)
+    src = meta["base"]
+    # an earlier adapter export (these two files and nothing else) is replaced without being told to
+    overwrite = overwrite or (os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= set(PEFT_FILES))
+    fileio.check_destination(step_dir, out_dir, overwrite, what="lora.adapter_dir",
+                             overwrite_hint="set export.overwrite=True to replace it")
+    model_cfg, settings, _, adapters = load_adapter_checkpoint(step_dir, mesh, with_base=False)
+    base_name = src.get("path") or f"{src.get('preset')} (fresh init, seed {src.get('seed')})"
+    return write_peft_adapter(out_dir, model_cfg, adapters, settings, base_model=base_name, overwrite=True)
+
+
+def read_meta(step_dir: str) -> dict[str, Any]:
+    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
+
+    return read_checkpoint_meta(step_dir)["lora"]

@@ -1,6 +1,7 @@
 """LoRA / QLoRA (raredx_jax/lora.py): adapters train and resume exactly in SFT and GRPO, the merged export equals
 transformers + peft's merged model, the PEFT adapter loads in peft, and the trainable state shrinks as it should."""
 import dataclasses
+import functools
 import os
 import shutil
 
@@ -19,10 +20,30 @@ CFG = ModelConfig(family="qwen2", vocab_size=96, hidden_size=64, intermediate_si
                   num_kv_heads=2, head_dim=16, attention_bias=True, tie_word_embeddings=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _base_split():
+    return nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+
+
+def _base_model():
+    """A fresh Transformer(CFG, seed 0) around shared immutable arrays (its eager init runs once per module)."""
+    return nnx.merge(*_base_split())
+
+
 def _tokens(n: int = 20, b: int = 2, vocab: int = 96):
     rng = np.random.default_rng(0)
     tok = rng.integers(3, vocab, size=(b, n)).astype(np.int32)
     return tok, np.broadcast_to(np.arange(n, dtype=np.int32), (b, n))
+
+
+def _logits(model_or_graphdef, params=None, tok=None, pos=None) -> np.ndarray:
+    """Jitted forward (eager ops each compile on their own: slower than one program on the forced CPU devices)."""
+    if params is None:
+        model_or_graphdef, params = nnx.split(model_or_graphdef)
+        params = params.to_pure_dict()
+    graphdef = model_or_graphdef
+    fwd = jax.jit(lambda p, t, q: nnx.merge(graphdef, p)(t, q)[0])
+    return np.asarray(fwd(params, jnp.asarray(tok), jnp.asarray(pos)))
 
 
 def _random_adapters(adapters, seed: int = 1, scale: float = 0.2):
@@ -34,21 +55,21 @@ def _random_adapters(adapters, seed: int = 1, scale: float = 0.2):
 # --- the model hook ----------------------------------------------------------------------------------------------
 def test_zero_b_is_the_base_model_and_merge_equals_the_adapter_path():
     tok, pos = _tokens()
-    base_model = Transformer(CFG, rngs=nnx.Rngs(0))
-    ref = np.asarray(base_model(jnp.asarray(tok), jnp.asarray(pos))[0])
+    base_model = _base_model()
+    ref = _logits(base_model, tok=tok, pos=pos)
     settings = lora.LoraSettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
-    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings, seed=3)
+    model = lora.apply_lora(_base_model(), settings, seed=3)
     # B starts at zero: the adapted model is exactly the base model
-    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(tok), jnp.asarray(pos))[0]), ref)
+    np.testing.assert_array_equal(_logits(model, tok=tok, pos=pos), ref)
     graphdef, state = nnx.split(model)
     base, adapters = lora.split_params(state.to_pure_dict())
     assert sorted(adapters["layers"]) == sorted(f"{t}{s}" for t in settings.targets for s in lora.SUFFIXES)
     adapters = _random_adapters(adapters)
-    adapted = np.asarray(nnx.merge(graphdef, lora.combine(base, adapters))(jnp.asarray(tok), jnp.asarray(pos))[0])
+    adapted = _logits(graphdef, lora.combine(base, adapters), tok, pos)
     merged = lora.merged_model(CFG, base, adapters, settings)
     assert float(np.abs(adapted - ref).max()) > 1e-2  # the adapters do change the function
     # the same function computed as x W + s (x A) B and as x (W + s A B): fp32 reassociation only
-    np.testing.assert_allclose(np.asarray(merged(jnp.asarray(tok), jnp.asarray(pos))[0]), adapted, atol=1e-5)
+    np.testing.assert_allclose(_logits(merged, tok=tok, pos=pos), adapted, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize,tol", [("int8", 0.02), ("nf4", 0.25)])
@@ -58,15 +79,15 @@ def test_qlora_base_is_quantised_with_qwix_and_close_to_the_base(quantize, tol):
     import qwix
 
     tok, pos = _tokens()
-    ref = np.asarray(Transformer(CFG, rngs=nnx.Rngs(0))(jnp.asarray(tok), jnp.asarray(pos))[0])
+    ref = _logits(_base_model(), tok=tok, pos=pos)
     settings = lora.LoraSettings(rank=4, alpha=8.0, quantize=quantize, block_size=32)
-    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings)
+    model = lora.apply_lora(_base_model(), settings)
     for t in lora.TARGETS:
         q = getattr(model.layers, t).get_value()
         assert isinstance(q, qwix.QArray) and q.qtype == (jnp.int8 if quantize == "int8" else "nf4")
         assert jnp.dtype(q.qvalue.dtype).itemsize == 1 and q.qvalue.shape == getattr(
-            Transformer(CFG, rngs=nnx.Rngs(0)).layers, t).get_value().shape
-    out = np.asarray(model(jnp.asarray(tok), jnp.asarray(pos))[0])
+            _base_model().layers, t).get_value().shape
+    out = _logits(model, tok=tok, pos=pos)
     err = float(np.abs(out - ref).max()) / float(np.abs(ref).max())
     assert 0 < err < tol
 
@@ -108,9 +129,9 @@ def test_merged_export_and_peft_adapter_match_transformers_peft(tmp_path):
     mesh = jax.make_mesh((1,), ("data",))
     settings = lora.LoraSettings(rank=4, alpha=12.0, targets=("q_proj", "k_proj", "o_proj", "gate_proj",
                                                               "down_proj"))
-    base_model = Transformer(CFG, rngs=nnx.Rngs(0))
+    base_model = _base_model()
     base_dir = hf_io.save_hf_model(base_model, str(tmp_path / "base"))
-    model = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), settings, seed=2)
+    model = lora.apply_lora(_base_model(), settings, seed=2)
     graphdef, state = nnx.split(model)
     base, adapters = lora.split_params(state.to_pure_dict())
     adapters = _random_adapters(adapters, seed=4)
@@ -120,7 +141,7 @@ def test_merged_export_and_peft_adapter_match_transformers_peft(tmp_path):
 
     tok, pos = _tokens()
     with jax.set_mesh(mesh):
-        ours = np.asarray(nnx.merge(graphdef, lora.combine(base, adapters))(jnp.asarray(tok), jnp.asarray(pos))[0])
+        ours = _logits(graphdef, lora.combine(base, adapters), tok, pos)
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     peft_model = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()
     loaded = peft_model.peft_config["default"]
@@ -170,7 +191,7 @@ def lora_sft_run(data_dir, tmp_path_factory):
 
 def _step_params(step_dir: str):
     mesh = jax.make_mesh((1,), ("data",))
-    return lora.load_adapter_checkpoint(step_dir, mesh)
+    return lora.load_adapter_checkpoint(step_dir, mesh, with_base=False)
 
 
 def test_lora_sft_learns_and_checkpoints_hold_adapters_only(lora_sft_run):
@@ -266,17 +287,18 @@ def test_lora_grpo_reward_rises_with_the_base_as_reference(fsdp_mesh):
     assert learner.ref_params is None  # no second copy of the model
     ref = learner.reference_params()
     assert all(ref["layers"][k] is learner.base["layers"][k] for k in ref["layers"])
+    assert ref["embed_tokens"] is learner.base["embed_tokens"]
     assert set(learner.state.params["layers"]) == {f"{t}{s}" for t in lora.TARGETS for s in lora.SUFFIXES}
     base0 = _host(learner.base)
     rewards, kls = [], []
-    for s in range(1, 11):
+    for s in range(1, 9):
         _, m = learner.step(PROMPTS, list(range(4)), s)
         rewards.append(m["reward/total_mean"])
         kls.append(m["kl"])
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
-    assert last > first + 0.2, rewards  # measured: 0.07 -> 0.58
+    assert last > first + 0.2, rewards  # measured: 0.07 -> 0.47
     assert min(kls) >= 0.0 and kls[-1] > kls[0]
-    assert learner.counters["reference_forward"] == 10
+    assert learner.counters["reference_forward"] == 8
     for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(_host(learner.base))):
         np.testing.assert_array_equal(a, b)  # frozen
     # the sampler's model holds base + the current adapters (the same arrays as the train state)
@@ -313,7 +335,7 @@ def test_lora_grpo_resumes_exactly_from_an_adapter_checkpoint(fsdp_mesh, tmp_pat
         restored = ckpt.restore(fresh.abstract_state())
         # what the checkpoint holds: adapters and their optimiser state, nothing of the base
         assert set(restored.state.params["layers"]) == {f"{t}{s}" for t in settings.targets for s in lora.SUFFIXES}
-        _, base, _, _ = lora.init_lora_model(_model(), settings, fsdp_mesh)  # run_grpo: lora.resume_base
+        _, base, _, _ = lora.init_lora_model(_model(), settings, fsdp_mesh, init_adapters=False)  # as resume_base
     ckpt.close()
     fresh.set_state(restored.state, base=base)
     fresh.optimizer_steps = int(restored.extras[RL_ITEM]["optimizer_steps"])
@@ -321,3 +343,38 @@ def test_lora_grpo_resumes_exactly_from_an_adapter_checkpoint(fsdp_mesh, tmp_pat
     assert got == m3, {k: (got.get(k), m3.get(k)) for k in set(got) | set(m3) if got.get(k) != m3.get(k)}
     for a, b in zip(jax.tree.leaves(after3), jax.tree.leaves(_host(fresh.state))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_of_a_lora_run_writes_the_merged_model_and_a_peft_adapter(lora_sft_run, tmp_path):
+    """What the export stage does with a LoRA run's step (run_export: load_model, save_hf_model, export_adapter):
+    `orbax.load_model` merges the adapters into the recorded base, the HF directory holds that merged model, and
+    the PEFT adapter beside it loads in peft onto the base's transformers model and merges to the same logits.
+    (Called piecewise: run_export also writes the SentencePiece tokenizer, which is not LoRA's concern.)"""
+    import peft
+    import torch
+    import transformers
+
+    from raredx_jax.checkpoints import hf_io, orbax
+
+    run_dir, _ = lora_sft_run
+    mesh = jax.make_mesh((1,), ("data",))
+    step_dir = orbax.resolve_model_checkpoint(run_dir)
+    assert lora.is_lora_checkpoint(step_dir)
+    merged = orbax.load_model(step_dir, mesh)  # what export, RERS, evaluation and init_from load
+    assert not any(k.endswith(lora.SUFFIXES) for k in nnx.state(merged).to_pure_dict()["layers"])
+    merged_dir = hf_io.save_hf_model(merged, str(tmp_path / "hf"))
+    adapter_dir = lora.export_adapter(step_dir, str(tmp_path / "hf_peft"), mesh)
+    assert sorted(os.listdir(adapter_dir)) == list(lora.PEFT_FILES)
+    assert lora.export_adapter(step_dir, adapter_dir, mesh) == adapter_dir  # a rerun replaces its own export
+
+    meta = lora.read_meta(step_dir)
+    assert meta["base"]["kind"] == "fresh"
+    base_dir = hf_io.save_hf_model(lora.load_base_model(meta["base"], mesh, merged.config), str(tmp_path / "base"))
+    tok, _ = _tokens(n=24, vocab=merged.config.vocab_size)
+    ids = torch.as_tensor(tok, dtype=torch.long)
+    with torch.no_grad():
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        want = peft.PeftModel.from_pretrained(hf_base, adapter_dir).merge_and_unload().eval()(input_ids=ids).logits
+        exported = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        got = exported(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)

@@ -97,6 +97,9 @@ def load_model(path: str, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, **overri
     from raredx_jax.checkpoints.hf_io import abstract_model
 
     path = os.path.abspath(path)
+    if "lora" in read_checkpoint_meta(path):  # a LoRA run's step: its base with the adapters merged in
+        from raredx_jax.lora import load_merged_model
+        return load_merged_model(path, mesh, **overrides)
     cfg = read_model_config(path, **overrides)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
