@@ -43,7 +43,6 @@ def _batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndar
 def bench_jax(shape: dict, batch: int, seq: int, dtype: str, remat: str, attention: str, steps: int,
               warmup: int) -> dict:
     import jax
-    from ml_collections import config_dict
 
     from raredx_jax.checkpoints.hf_io import init_model
     from raredx_jax.models.config import ModelConfig
@@ -54,10 +53,11 @@ def bench_jax(shape: dict, batch: int, seq: int, dtype: str, remat: str, attenti
 
     cfg = ModelConfig(**shape, dtype=dtype, param_dtype="float32", remat=remat, attention=attention,
                       scan_layers=True)
-    mesh = make_mesh(config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
-    train = config_dict.ConfigDict(dict(lr=1e-4, steps=1000, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1,
-                                        weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0))
-    tx, schedule = make_optimizer(train)
+    # plain dicts, not ml_collections: the accelerator image has no ml-collections (benchmarks/accelerator_check.py)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    train = dict(lr=1e-4, steps=1000, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01,
+                 b1=0.9, b2=0.95, grad_clip=1.0)
+    tx, schedule = make_optimizer(train, total_steps=1000, lr=1e-4)
     with jax.set_mesh(mesh):
         graphdef, params = split_model(init_model(cfg, mesh, seed=0))
         _, p_abs, p_sh = abstract_params(cfg, mesh)

@@ -54,9 +54,13 @@ _DEVICES_ENV = "RAREDX_PLAN_DEVICES"
 
 @dataclasses.dataclass
 class TrainSetup:
-    """What a trainer trains: the model's graphdef and abstract parameters (all weights, with shardings), the
-    optimiser, the abstract TrainState (with shardings) and how many parameters are trainable. Built from
-    abstract shapes only. `frozen_bytes_per_device` counts weights held outside the TrainState (a LoRA base)."""
+    """What a trainer trains, from abstract shapes only: the model's graphdef, the trainable parameters (the
+    TrainState's, with shardings), the optimiser, the abstract TrainState and how many parameters are trainable.
+
+    A parameter-efficient set (LoRA) also gives the frozen weights the step takes as its extra argument
+    (`frozen_abs` / `frozen_sh`, as `sft.make_train_step(frozen_sh=...)` and `grpo.make_update_fn(frozen_sh=...)`
+    expect; they double as GRPO's reference, so no reference copy is planned) and `model_params_abs`, the full
+    parameter tree the sampler and the logprob forward run (default: the trainable parameters)."""
 
     name: str
     graphdef: Any
@@ -67,10 +71,30 @@ class TrainSetup:
     state_sh: Any
     state_abs: Any
     trainable_params: int
-    frozen_bytes_per_device: int = 0
+    frozen_abs: Any = None
+    frozen_sh: Any = None
+    lora_dropout: float = 0.0
+    model_params_abs: Any = None
+
+    @property
+    def frozen_bytes_per_device(self) -> int:
+        return 0 if self.frozen_abs is None else _per_device_bytes(self.frozen_abs)
+
+    @property
+    def step_kwargs(self) -> dict[str, Any]:
+        return {} if self.frozen_sh is None else {"frozen_sh": self.frozen_sh, "lora_dropout": self.lora_dropout}
+
+    @property
+    def extra_args(self) -> tuple[Any, ...]:
+        return () if self.frozen_abs is None else (self.frozen_abs,)
+
+    @property
+    def full_params_abs(self) -> Any:
+        return self.params_abs if self.model_params_abs is None else self.model_params_abs
 
 
-def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr: float | None = None) -> TrainSetup:
+def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr: float | None = None, *,
+                  config: Any = None) -> TrainSetup:
     """Every parameter trained (the trainers' default): AdamW moments for all of them."""
     from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import abstract_params, abstract_train_state, train_state_shardings
@@ -85,7 +109,8 @@ def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr:
     return TrainSetup("full", graphdef, params_abs, param_sh, tx, schedule, state_sh, state_abs, n)
 
 
-#: name -> builder(model_cfg, mesh, opt_cfg, total_steps, lr) -> TrainSetup. LoRA registers here.
+#: name -> builder(model_cfg, mesh, opt_cfg, total_steps, lr, *, config) -> TrainSetup (config: the stage config,
+#: e.g. for adapter settings). LoRA registers here (`register_trainable`).
 TRAINABLE: dict[str, Callable[..., TrainSetup]] = {"full": full_finetune}
 
 
@@ -222,32 +247,31 @@ def format_plan(plan: Plan) -> str:
 
 
 def suggest_knob(plan: Plan) -> str:
-    """The setting that most reduces the largest part of the peak, with the numbers that motivate it."""
+    """The settings that reduce the parts of the peak that do not fit, largest first, with the numbers that motivate
+    them: the train state (-> fsdp over more devices, LoRA), activations (-> remat, micro batches), the KV cache
+    (-> sampling batch, release_kv_cache)."""
     p = plan.peak_phase
     over = plan.total - plan.hbm_bytes
     state = plan.params + plan.optimizer + (plan.gradients if p.name in TRAIN_PHASES else 0)
-    acts = plan.activations
-    tips = []
-    if state >= acts and state >= plan.kv_cache:
-        fsdp = plan.mesh.get("fsdp", 1)
-        need = math.ceil(fsdp * state / max(plan.hbm_bytes - acts - plan.kv_cache, 1)) if plan.hbm_bytes > acts else 0
-        tips.append(f"parameters + optimiser + gradients take {_gib(state)} per device: shard them over more "
-                    f"devices (fsdp; --config.mesh.fsdp, a larger target{f', >= {need} devices' if need else ''})")
-        if "lora" in TRAINABLE:
-            tips.append("or train adapters only (--trainable=lora)")
-        else:
-            tips.append("or LoRA (adapters only; not implemented yet)")
-    elif plan.kv_cache > acts:
-        tips.append(f"the KV cache takes {_gib(plan.kv_cache)} per device: lower sampling.batch_size or "
-                    "sampling.max_new_tokens, or set grpo.release_kv_cache=True")
-    else:
-        if plan.stage in ("grpo",):
-            micro = "--config.grpo.micro_batch_size (fewer rows per forward/backward)"
-        else:
-            micro = "--config.train.grad_accum (micro batches)"
-        tips.append(f"activations take {_gib(acts)} per device in {p.name}: --config.model.remat=full (or dots), "
-                    f"or {micro}")
-    return f"over by {_gib(over)}; " + " ".join(tips)
+    acts, kv, hbm = plan.activations, plan.kv_cache, plan.hbm_bytes
+    parts = []
+    fsdp = plan.mesh.get("fsdp", 1)
+    need = math.ceil(fsdp * state / max(hbm - acts - kv, 1)) if hbm > acts + kv else None
+    lora = ("LoRA, adapters only (--config.lora.enabled=True)" if "lora" in TRAINABLE
+            else "LoRA (adapters only; not in the plan yet)")
+    parts.append((state, f"parameters + optimiser + gradients take {_gib(state)} per device: shard them over more "
+                         f"devices (fsdp; --config.mesh.fsdp, a larger target"
+                         f"{f', >= {need} devices' if need else ''}) or {lora}"))
+    micro = ("--config.grpo.micro_batch_size (fewer rows per forward/backward)" if plan.stage == "grpo"
+             else "--config.train.grad_accum (micro batches)")
+    parts.append((acts, f"activations take {_gib(acts)} per device in {p.name}: --config.model.remat=full (or dots), "
+                        f"or {micro}"))
+    parts.append((kv, f"the KV cache takes {_gib(kv)} per device: lower sampling.batch_size or "
+                      "sampling.max_new_tokens, or set grpo.release_kv_cache=True"))
+    parts.sort(key=lambda x: -x[0])
+    # the largest part, and every other part that alone would not fit beside the rest
+    tips = [parts[0][1]] + [t for size, t in parts[1:] if size > 0 and (size >= hbm / 2 or size >= over)]
+    return f"over by {_gib(over)}; " + "; also ".join(tips)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +362,13 @@ def build_plan(config: Any, *, num_devices: int | None = None, hbm_bytes: float 
 
     from raredx_jax import hardware
 
+    lora_cfg = config.get("lora", None)
+    if lora_cfg is not None and bool(lora_cfg.get("enabled", False)) and trainable == "full":
+        if "lora" not in TRAINABLE:
+            raise ValueError("config.lora.enabled=True but the plan has no 'lora' trainable set yet "
+                             "(raredx_jax.plan.register_trainable); plan full fine-tuning with "
+                             "--config.lora.enabled=False")
+        trainable = "lora"
     if trainable not in TRAINABLE:
         raise ValueError(f"--trainable={trainable!r}: known sets {sorted(TRAINABLE)}")
     stage = config.stage
@@ -389,14 +420,14 @@ def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, c
     batch = {k: _sds((b, t), jnp.int32, b_sh) for k in BATCH_KEYS}
 
     def build(cfg: Any) -> tuple[Any, TrainSetup]:
-        setup = TRAINABLE[trainable](cfg, mesh, tc, int(tc.steps))
+        setup = TRAINABLE[trainable](cfg, mesh, tc, int(tc.steps), config=config)
         step = make_train_step(setup.graphdef, setup.tx, setup.schedule, setup.state_sh, mesh, (b, t),
-                               grad_accum=accum)
-        return step.lower(setup.state_abs, batch).compile(), setup
+                               grad_accum=accum, **setup.step_kwargs)
+        return step.lower(setup.state_abs, batch, *setup.extra_args).compile(), setup
 
     compiled, setup = build(model_cfg)
     plan = _base_plan(config, model_cfg, mesh, acc, setup, config.stage)
-    ph = _phase("train_step", compiled, setup.frozen_bytes_per_device)
+    ph = _phase("train_step", compiled, 0)  # frozen weights (LoRA) are an argument of the step
     ph.tokens = b * t // mesh.size
     ph.model_flops = metrics_lib.model_flops_per_token(model_cfg, t) * ph.tokens
     if cost:
@@ -412,8 +443,8 @@ def _abstract_model_state(setup: TrainSetup) -> Any:
     """The nnx.State the sampler splits off the live model (the train state's parameters), as abstract values."""
     from flax import nnx
 
-    state = nnx.state(nnx.merge(setup.graphdef, setup.params_abs))
-    nnx.replace_by_pure_dict(state, setup.params_abs)
+    state = nnx.state(nnx.merge(setup.graphdef, setup.full_params_abs))
+    nnx.replace_by_pure_dict(state, setup.full_params_abs)
     return state
 
 
@@ -493,7 +524,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     recompute = s.old_logprobs == "recompute" or (s.old_logprobs == "auto" and jnp.dtype(model_cfg.dtype) != jnp.float32)
 
     def setup_for(cfg: Any) -> TrainSetup:
-        return TRAINABLE[trainable](cfg, mesh, opt_cfg, s.steps * updates, s.lr)
+        return TRAINABLE[trainable](cfg, mesh, opt_cfg, s.steps * updates, s.lr, config=config)
 
     def mb(keys: tuple[str, ...]) -> dict[str, Any]:
         sh = g._batch_shardings(mesh, layout.padded, seq, comp, keys)
@@ -512,20 +543,23 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     def build_update(cfg: Any) -> Any:
         st = setup_for(cfg)
         fn = g.make_update_fn(st.graphdef, st.tx, st.state_sh, mesh, layout, prompt_len, comp, loss_name=s.loss,
-                              loss_cfg=loss_cfg, temperature=sp.temperature, with_ref=with_ref)
+                              loss_cfg=loss_cfg, temperature=sp.temperature, with_ref=with_ref, **st.step_kwargs)
         inc = _sds((), jnp.int32, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return fn.lower(st.state_abs, mb(upd_keys), inc).compile()
+        return fn.lower(st.state_abs, mb(upd_keys), inc, *st.extra_args).compile()
 
     def build_logprob(cfg: Any) -> Any:
         st = setup_for(cfg)
-        fn = g.make_logprob_fn(st.graphdef, st.param_sh, mesh, layout, prompt_len, comp, sp.temperature)
-        return fn.lower(st.state_abs.params, mb(g._SEQ_KEYS)).compile()
+        full = st.full_params_abs
+        fn = g.make_logprob_fn(st.graphdef, jax.tree.map(lambda x: x.sharding, full), mesh, layout, prompt_len, comp,
+                               sp.temperature)
+        return fn.lower(full, mb(g._SEQ_KEYS)).compile()
 
     setup = setup_for(model_cfg)
     plan = _base_plan(config, model_cfg, mesh, acc, setup, "grpo")
     params_b, opt_b = plan.params, plan.optimizer
     other_state = _per_device_bytes(setup.state_abs) - _per_device_bytes(setup.state_abs.params) - opt_b
-    plan.reference = params_b if with_ref else 0  # a second copy of the policy weights (beta > 0)
+    # beta > 0: a second copy of the policy weights, unless the frozen base (LoRA) is the reference
+    plan.reference = params_b if with_ref and setup.frozen_abs is None else 0
 
     chunk = max(1, min(int(sp.batch_size), s.prompts_per_step))
     gen, cache = _lower_generate(model_cfg, mesh, _abstract_model_state(setup), setup.graphdef, chunk, s.group_size,
@@ -549,7 +583,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
             lp.flops, lp.bytes_accessed = _layer_extrapolated_cost(build_logprob, model_cfg)
             _roofline(lp, acc)
         plan.phases.append(lp)
-    up = _phase("update", build_update(model_cfg), plan.reference + kept + setup.frozen_bytes_per_device,
+    up = _phase("update", build_update(model_cfg), plan.reference + kept,
                 note=f"x{updates} per step" if updates > 1 else "")
     up.tokens = tokens_dev
     up.model_flops = metrics_lib.model_flops_per_token(model_cfg, seq) * tokens_dev

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from raredx_jax import plan as plan_mod
 
-    lora = "planned below" if "lora" in plan_mod.TRAINABLE else "not yet planned (LoRA not landed)"
+    lora = ("see --trainable=lora" if "lora" in plan_mod.TRAINABLE
+            else "not yet planned (no 'lora' set in plan.TRAINABLE)")
     plans, lines = [], [HEADER]
     for preset in a.presets.split(","):
         for target in a.targets.split(","):
