@@ -391,6 +391,9 @@ def build_plan(config: Any, *, num_devices: int | None = None, hbm_bytes: float 
     if acc is not None and acc["key"].startswith("h"):
         plan.notes.append("GPU: JAX preallocates 75% of HBM by default; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to "
                           "use the budget planned here")
+    if config.model.get("init_from", ""):
+        plan.notes.append(f"model.init_from={config.model.init_from!r} is not read: the plan sizes model.preset "
+                          f"{config.model.preset!r} (or model.hf_path's config.json); set it to the checkpoint's model")
     if config.model.attention != "xla":
         plan.notes.append(f"attention={config.model.attention} compiles as the XLA reference on CPU: activations "
                           "are an upper bound for the flash kernel")
@@ -675,7 +678,7 @@ def requested_devices(argv: list[str]) -> int:
     if explicit:
         return int(explicit)
     cfg = _argv_value(argv, "config") or ""
-    target = cfg.rsplit(":", 1)[1] if ":" in cfg and not cfg.endswith(".py") else "cpu"
+    target = cfg.split(".py:", 1)[1] if ".py:" in cfg else "cpu"
     try:
         return int(hardware.target_num_devices(target) or 1)
     except ValueError:
