@@ -167,6 +167,7 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.eval.candidates = "trained"  # trained (= data.diseases) | all annotated diseases
     c.eval.max_cases = 0  # 0 = all
     c.eval.max_prompt_len = 1024  # tokens; longer notes are scored as misses and counted
+    c.eval.hpo_recogniser = "dictionary"  # text -> HPO for the baseline: dictionary | fasthpocr (README's table)
     c.export = config_dict.ConfigDict()
     c.export.hf_dir = ""  # "" = <run_dir>/hf
     c.export.dtype = "float32"  # tensor dtype written: float32 | bfloat16 | float16

@@ -78,7 +78,9 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
             from raredx_jax.evaluation.pheval_results import write_pheval_results
             from raredx_jax.evaluation.runner import Baseline
 
-            folders = write_pheval_results(report, sets, Baseline(ontology, candidates), out_dir, ontology)
+            folders = write_pheval_results(
+                report, sets, Baseline(ontology, candidates, config.eval.get("hpo_recogniser", "dictionary")),
+                out_dir, ontology)
             print(f"[eval] wrote PhEval disease results under {os.path.join(out_dir, 'pheval')} "
                   f"({len(folders)} case sets)", flush=True)
     return report

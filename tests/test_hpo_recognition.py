@@ -50,6 +50,17 @@ def test_extraction_score_counts_term_polarity_pairs():
         hr.make_matcher("metamap", None, [])
 
 
+def test_evaluation_baseline_takes_the_configured_recogniser(ontology):
+    from configs.base import get_config
+    from raredx_jax.evaluation.runner import Baseline
+
+    assert get_config("cpu").eval.hpo_recogniser == "dictionary"  # the measured better one (README's table)
+    cands = [ontology.disease("OMIM:154700")]
+    assert isinstance(Baseline(ontology, cands).matcher, TermMatcher)
+    with pytest.raises(ValueError, match="unknown HPO recogniser"):
+        Baseline(ontology, cands, "metamap")
+
+
 @pytest.mark.slow
 def test_fasthpocr_index_and_match_with_negation(ontology, tmp_path):
     """A real FastHPOCR index of 7 terms (the indexer's fixed cost is ~20-40 s on 2 cores), built atomically and

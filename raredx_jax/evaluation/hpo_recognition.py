@@ -76,9 +76,13 @@ class FastHPOCRMatcher:
 
     ``hpo_ids``: index only these terms (a candidate pool; the default is the whole phenotype branch).
     The index is built into ``index_dir`` when it is not there (atomically: a half-built index is never read).
+    ``longest_match``: FastHPOCR's own option to keep only the longest of overlapping spans ("aortic root
+    aneurysm", not also "aneurysm"), as the dictionary matcher does; without it precision fell from 93.8 to 75.1
+    on README's measurement.
     """
 
-    def __init__(self, ontology: Ontology, hpo_ids: Iterable[str] | None = None, index_dir: str | Path | None = None):
+    def __init__(self, ontology: Ontology, hpo_ids: Iterable[str] | None = None, index_dir: str | Path | None = None,
+                 longest_match: bool = True):
         from FastHPOCR.HPOAnnotator import HPOAnnotator
 
         ids = sorted(set(hpo_ids)) if hpo_ids is not None else None
@@ -88,6 +92,7 @@ class FastHPOCRMatcher:
             self._build(ontology, ids)
         self._annotator = HPOAnnotator(str(index_file))
         self._ontology = ontology
+        self._longest = longest_match
 
     def _build(self, ontology: Ontology, ids: list[str] | None) -> None:
         import shutil
@@ -120,7 +125,8 @@ class FastHPOCRMatcher:
         for sentence in re.split(r"[.;\n]", text):
             if not sentence.strip():
                 continue
-            for a in sorted(self._annotator.annotate(sentence), key=lambda a: a.getStartOffset()):
+            spans = self._annotator.annotate(sentence, longestMatch=self._longest)
+            for a in sorted(spans, key=lambda a: a.getStartOffset()):
                 hid = a.getHPOUri()
                 if hid == ROOT_PHENOTYPE or not self._ontology.has_term(hid):
                     continue

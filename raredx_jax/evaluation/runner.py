@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import Disease, Ontology
-from raredx_jax.evaluation.baseline import PhenotypeRanker, TermMatcher, phenotype_pool
+from raredx_jax.evaluation.baseline import PhenotypeRanker, phenotype_pool
 from raredx_jax.evaluation.metrics import rank_of, summarize
 
 
@@ -29,9 +29,11 @@ class CaseResult:
 class Baseline:
     """Phrank ranking over the candidate set, from a case's HPO terms or from terms matched in its text."""
 
-    def __init__(self, ontology: Ontology, candidates: Sequence[Disease]):
+    def __init__(self, ontology: Ontology, candidates: Sequence[Disease], recogniser: str = "dictionary"):
+        from raredx_jax.evaluation.hpo_recognition import make_matcher
+
         self.ranker = PhenotypeRanker(ontology, candidates)
-        self.matcher = TermMatcher(ontology, phenotype_pool(ontology, candidates))
+        self.matcher = make_matcher(recogniser, ontology, phenotype_pool(ontology, candidates))
 
     def rank(self, case: Case, top: int = 10) -> tuple[int | None, str]:
         if case.present_hpo and case.source != "jsonl":
@@ -99,7 +101,7 @@ def aggregate(results: Sequence[CaseResult], ks: Sequence[int] = (1, 3, 10)) -> 
 def run_evaluation(model: Any, tokenizer: Any, case_sets: Sequence[Any], ontology: Ontology,
                    candidates: Sequence[Disease], linker: Any, config: Any, mesh: Any = None,
                    progress: bool = True) -> dict[str, Any]:
-    baseline = Baseline(ontology, candidates)
+    baseline = Baseline(ontology, candidates, config.eval.get("hpo_recogniser", "dictionary"))
     report: dict[str, Any] = {"sets": {}, "n_candidates": len(candidates)}
     for cs in case_sets:
         t0 = time.time()

@@ -16,7 +16,8 @@ which calls these:
 
 Options come from the input dir's ``config.yaml``, ``tool_specific_configuration_options``: ``checkpoint``
 ("" = baseline), ``tokenizer``, ``candidates`` ("all", the default, or a comma-separated list of disease ids),
-``hardware`` (a configs/hardware target, default "cpu"). Nothing is downloaded: the ontology is the shipped one.
+``hardware`` (a configs/hardware target, default "cpu"), ``hpo_recogniser`` (the baseline's text -> HPO step).
+Nothing is downloaded: the ontology is the shipped one.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Options:
     tokenizer: str = ""
     candidates: str = "all"
     hardware: str = "cpu"
+    hpo_recogniser: str = "dictionary"  # text -> HPO for the baseline on notes without terms (hpo_recognition.py)
 
     @classmethod
     def from_dict(cls, d: Any) -> "Options":
@@ -108,7 +110,7 @@ def run(tool_input_dir: str | Path, raw_results_dir: str | Path, ontology: Any, 
         scored = _llm_scores([c for _, c in prepared], candidates, options)
         results = [scores_from_ranking(ids) for ids in scored]
     else:
-        baseline = Baseline(ontology, candidates)
+        baseline = Baseline(ontology, candidates, options.hpo_recogniser)
         results = [baseline_scores(baseline, c) for _, c in prepared]
     out = Path(raw_results_dir)
     out.mkdir(parents=True, exist_ok=True)
