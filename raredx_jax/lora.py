@@ -254,22 +254,31 @@ def base_only(base: dict[str, Any]) -> dict[str, Any]:
 
 def abstract_lora_model(model_cfg: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, rules: Any = None
                         ) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, abstract pure params, their NamedShardings) of the adapted model; nothing is allocated."""
+    """(graphdef, abstract pure params, their NamedShardings) of the adapted model; nothing is allocated.
+
+    Shapes come from `jax.eval_shape` of the adapted model's pure dict (QLoRA: QArray nodes of codes and scales);
+    each leaf takes the logical axes of its variable (a QArray's codes and scales those of the weight), a dim the
+    mesh does not divide (e.g. nf4 block scales) replicating."""
     from raredx_jax.models.transformer import Transformer
     from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 
     rules = rules or DEFAULT_RULES
-    abstract = nnx.eval_shape(lambda: apply_lora(Transformer(model_cfg, rngs=nnx.Rngs(0)), settings))
-    graphdef, state = nnx.split(abstract)
+    # graphdef and axes metadata from the unquantised adapted model (the same variables; QLoRA changes values only)
+    plain = dataclasses.replace(settings, quantize="none")
+    graphdef, meta_state = nnx.split(nnx.eval_shape(lambda: apply_lora(Transformer(model_cfg, rngs=nnx.Rngs(0)),
+                                                                        plain)))
+    axes = jax.tree.map(lambda v: v.get_metadata().get("axes"), meta_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    shapes = jax.eval_shape(lambda: nnx.split(apply_lora(Transformer(model_cfg, rngs=nnx.Rngs(0)), settings))[1]
+                            .to_pure_dict())
 
-    def one(var: Any) -> Any:
-        axes = var.get_metadata().get("axes")
-        value = var.get_value()
-        sh = lambda shape: jax.sharding.NamedSharding(  # noqa: E731
-            mesh, logical_to_spec(axes, shape, mesh, rules) if axes else jax.sharding.PartitionSpec())
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh(x.shape)), value)
+    def with_sharding(names: Any, sub: Any) -> Any:
+        def one(x: Any) -> Any:
+            spec = logical_to_spec(names, x.shape, mesh, rules) if names else jax.sharding.PartitionSpec()
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+        return jax.tree.map(one, sub)
 
-    tree = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    tree = jax.tree.map(with_sharding, axes, shapes, is_leaf=lambda x: isinstance(x, tuple) or x is None)
     shardings = jax.tree.map(lambda s: s.sharding, tree)
     return graphdef, tree, shardings
 
@@ -289,13 +298,20 @@ def nbytes(tree: Any) -> int:
     return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+    """jax.device_put leaf by leaf: with the shardings given as a tree holding qwix QArray nodes, jax 0.10.2's
+    device_put pairs a QArray's scale with its qvalue's sharding (seen with nf4); flat lists pair correctly."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten(jax.device_put(leaves, treedef.flatten_up_to(shardings)))
+
+
 def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, seed: int = 0,
                     init_adapters: bool = True) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any], Any]:
     """Adapt a loaded base model: (graphdef, base, adapters, full shardings), every array in its shards."""
     graphdef, _, shardings = abstract_lora_model(model.config, settings, mesh)
     apply_lora(model, settings, seed, init_adapters)
     _, state = nnx.split(model)
-    params = jax.device_put(state.to_pure_dict(), shardings)
+    params = put(state.to_pure_dict(), shardings)
     base, adapters = split_params(params)
     return graphdef, base, adapters, shardings
 
