@@ -61,9 +61,8 @@ def test_evaluation_baseline_takes_the_configured_recogniser(ontology):
         Baseline(ontology, cands, "metamap")
 
 
-@pytest.mark.slow
 def test_fasthpocr_index_and_match_with_negation(ontology, tmp_path):
-    """A real FastHPOCR index of 7 terms (the indexer's fixed cost is ~20-40 s on 2 cores), built atomically and
+    """A real FastHPOCR index of 7 terms (about 7 s on 2 quiet cores, 40 s under load), built atomically and
     reused; its matches agree with the dictionary matcher on a note worded with labels, and it also finds an
     inflected wording the dictionary matcher misses."""
     index = tmp_path / "idx"
