@@ -55,6 +55,11 @@ DRY = dict(preset="tiny", logits_batch=2, logits_seq=32, attn=(2, 64, 8, 4, 32),
            grpo_prompts=2, grpo_group=2, grpo_micro=0)
 TINY_VOCAB = 512  # the tiny preset takes its vocabulary from the tokenizer; the check fixes one
 
+_CHILD_ENV: dict[str, str] | None = None  # environment of the section subprocesses (set by main)
+
+# Sections that run JAX and PyTorch on the device in one process (the rest run one framework each).
+MIXED_SECTIONS = ("logits", "sampler")
+
 # Tolerances (see the module docstring for where they come from).
 FP32_REL_TOL = 1e-4
 BF16_VS_HF_FACTOR = 2.0
@@ -360,10 +365,13 @@ def _run_section(name: str, fn: Callable[[], dict], where: str, *, isolate: bool
                  timeout: float) -> dict:
     t0 = time.time()
     if where == "cpu" or isolate:
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        base = _CHILD_ENV if _CHILD_ENV is not None else os.environ
+        env = dict(base, PYTHONPATH=ROOT + os.pathsep + base.get("PYTHONPATH", ""))
         if where == "cpu":
             env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                        RAREDX_CHECK_FOR_ACCELERATOR="0" if dry else "1")
+        elif name in MIXED_SECTIONS:  # JAX and PyTorch in one process: JAX must not take the GPU's memory up front
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         else:
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # what the plan budgets (hardware notes)
         with tempfile.TemporaryDirectory() as tmp:
@@ -477,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(res, f, default=float)
         return 0
 
+    global _CHILD_ENV
+    _CHILD_ENV = dict(os.environ)  # the sections' processes start from the caller's environment
+    # this orchestrating process only reads the device's name: it must not take the GPU's memory from the sections
+    if not a.cpu_dry:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     t0 = time.time()
