@@ -15,7 +15,8 @@ from hf_reference import FAMILIES, build_hf_model, left_padded_batch
 from raredx_jax.checkpoints import hf_io
 from raredx_jax.models.transformer import positions_from_mask
 from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
-from raredx_jax.sampling import (Completion, Sampler, SamplingParams, generate, generate_text, sample_from_logits,
+from raredx_jax.sampling import (Completion, GenerateOutput, Sampler, SamplingParams, bucket_length, continuous,
+                                 generate, generate_continuous, generate_text, left_pad, sample_from_logits,
                                  sample_keys, truncation_mask)
 
 PAD, EOS = 0, 2
@@ -248,6 +249,97 @@ def test_sharded_generate_equals_single_device(qwen3, tmp_path):
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
 
+# --- continuous batching ----------------------------------------------------------------------------------------
+
+def _static_rows(model, prompts, key, params, n, eos, prompt_ids=None):
+    """Each prompt alone through the static path (its own bucket, batch of one): the reference rows."""
+    rows = []
+    sampler = Sampler(model)
+    for i, p in enumerate(prompts):
+        tokens, mask = left_pad([p], bucket_length(len(p), params.max_prompt_len), PAD)
+        out = sampler.generate(tokens, mask, None, params, n=n, eos_ids=eos, pad_id=PAD,
+                               keys=sample_keys(key, [i if prompt_ids is None else prompt_ids[i]], n))
+        for j in range(n):
+            ln = int(out.lengths[j])
+            rows.append((np.asarray(out.tokens[j, :ln]), np.asarray(out.logprobs[j, :ln]), bool(out.done[j])))
+    return rows
+
+
+@pytest.mark.parametrize("temperature,chunk", [(0.0, 0), (1.0, 3)])
+def test_continuous_equals_static_and_teacher_forced(qwen3, temperature, chunk):
+    """Prompts of three length buckets, 5 slots' worth of groups refilled as rows stop at different steps: every
+    sample equals the static path's (same keys), and its logprobs equal the model's teacher-forced recomputation."""
+    _, model = qwen3
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 128, int(k)).tolist() for k in rng.integers(2, 40, 11)]
+    params = SamplingParams(temperature=temperature, top_k=20 if temperature else 0, max_new_tokens=12,
+                            max_prompt_len=64)
+    eos = tuple(range(3, 128, 9))  # frequent stops: rows end anywhere from the first token to the last
+    key = jax.random.key(11)
+    n = 2
+    got = generate_continuous(Sampler(model), prompts, sample_keys(key, np.arange(len(prompts)), n), params, n=n,
+                              groups=3, eos_ids=eos, pad_id=PAD, chunk=chunk)
+    want = _static_rows(model, prompts, key, params, n, eos)
+    lengths = []
+    for i, per in enumerate(got):
+        assert len(per) == n
+        for j, r in enumerate(per):
+            t, lp, stopped = want[i * n + j]
+            np.testing.assert_array_equal(r.tokens, t)
+            assert r.stopped == stopped and len(r.logprobs) == len(t)
+            np.testing.assert_allclose(r.logprobs, lp, atol=1e-5)
+            lengths.append(len(t))
+            # the learner's recomputation (one forward over prompt + completion)
+            tokens, mask = left_pad([prompts[i]], bucket_length(len(prompts[i]), 64), PAD)
+            out = GenerateOutput(tokens=jnp.asarray(np.pad(r.tokens, (0, 12 - len(t)))[None]),
+                                 logprobs=jnp.zeros((1, 12)), lengths=jnp.asarray([len(t)]),
+                                 done=jnp.asarray([r.stopped]))
+            ref, _ = teacher_forced_logprobs(model, tokens, mask, out, 1, temperature)
+            np.testing.assert_allclose(r.logprobs, ref[0, :len(t)], atol=1e-4)
+    assert min(lengths) < 6 and max(lengths) == 12  # the workload really was length-skewed
+
+
+def test_continuous_greedy_matches_transformers(tmp_path):
+    hf, model = _hf_and_ours("llama", str(tmp_path))
+    tokens, mask, _ = left_padded_batch(lengths=(12, 7, 3, 9, 5))
+    prompts = [tokens[r][mask[r] == 1].tolist() for r in range(len(tokens))]
+    got = generate_continuous(Sampler(model), prompts, sample_keys(0, np.arange(5), 1), GREEDY, groups=2,
+                              eos_ids=(EOS,), pad_id=PAD)
+    for r, p in enumerate(prompts):
+        t = np.asarray([p])
+        ref = _hf_greedy(hf, t, np.ones_like(t), 10, EOS)[0]
+        hit = np.flatnonzero(ref == EOS)
+        ref = ref[:hit[0] + 1] if len(hit) else ref
+        np.testing.assert_array_equal(got[r][0].tokens, ref)
+        assert got[r][0].stopped == bool(len(hit))
+
+
+def test_continuous_compiles_once_per_bucket(qwen3):
+    """One decode program; one refill program per (prompts-per-refill, prompt-length) bucket pair, reused by a
+    second workload of the same buckets."""
+    _, model = qwen3
+    rng = np.random.default_rng(5)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, max_prompt_len=32)
+    sampler = Sampler(model)
+    decode0, refill0 = continuous._decode_jit._cache_size(), continuous._refill_jit._cache_size()
+
+    def run(seed):
+        # lengths in buckets 16 and 32; the longest (30) sets the cache's prompt width (32) in every run
+        prompts = [rng.integers(3, 128, int(k)).tolist() for k in (30, *rng.integers(2, 30, 8))]
+        generate_continuous(sampler, prompts, sample_keys(seed, np.arange(9), 2), params, n=2, groups=4,
+                            eos_ids=tuple(range(3, 128, 7)), pad_id=PAD)
+
+    run(0)
+    decode1, refill1 = continuous._decode_jit._cache_size(), continuous._refill_jit._cache_size()
+    assert decode1 - decode0 == 1
+    # refills of 4 (the first fill) or 1 prompt (1/16 of the groups, at least 1), each at length 16 or 32
+    assert 1 <= refill1 - refill0 <= 4
+    run(1)
+    run(2)
+    assert continuous._decode_jit._cache_size() == decode1
+    assert continuous._refill_jit._cache_size() - refill0 <= 4
+
+
 # --- text API ---------------------------------------------------------------------------------------------------
 
 class CharTokenizer:
@@ -269,13 +361,15 @@ class CharTokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
-def test_generate_text_chunking_invariant_and_stop_strings(qwen3):
+@pytest.mark.parametrize("continuous", [False, True])
+def test_generate_text_chunking_invariant_and_stop_strings(qwen3, continuous):
     _, model = qwen3
     tok = CharTokenizer()
     rng = np.random.default_rng(0)
     msgs = [[{"role": "user", "content": tok.decode(rng.integers(3, 128, n).tolist())}] for n in (12, 2, 7, 10, 4)]
     # prompts of 5..15 tokens: one length bucket (16); chunks of 2, 2 and 1 prompts, then one chunk of 8 rows.
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, batch_size=2, max_prompt_len=32)
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, batch_size=2, max_prompt_len=32,
+                            continuous=continuous)
     a = generate_text(model, tok, msgs, n=2, params=params, seed=5)
     assert [len(c) for c in a] == [2] * 5
     for comps in a:
@@ -284,7 +378,9 @@ def test_generate_text_chunking_invariant_and_stop_strings(qwen3):
             assert c.finish_reason == ("stop" if c.token_ids[-1] == EOS else "length")
             assert c.text == tok.decode([t for t in c.token_ids if t != EOS])
     stop = next(c.text for c in sum(a, []) if len(c.text) >= 5)[2:4]
-    b = generate_text(model, tok, msgs, n=2, params=params.replace(batch_size=8, stop=(stop,)), seed=5)
+    # the other path (static <-> continuous), another batch size, and a stop string
+    b = generate_text(model, tok, msgs, n=2, params=params.replace(batch_size=8, stop=(stop,), continuous=not continuous),
+                      seed=5)
     for ca, cb in zip(sum(a, []), sum(b, [])):
         cut = ca.text.find(stop)
         if cut < 0:  # different chunking, padding and batch: same samples

@@ -58,7 +58,9 @@ class SamplingParams:
 
     `stop_sequences` are token-id sequences (core API); `stop` are strings that the text API encodes with the
     tokenizer and adds to them. `max_prompt_len` and `batch_size` (prompts per compiled call) are used by the
-    text API to bucket and chunk prompts.
+    text API to bucket and chunk prompts. `continuous`: the text API keeps `batch_size` prompts decoding and
+    refills a prompt's slots as soon as its samples stop (`sampling/continuous.py`); the same samples as the
+    static chunks, sooner when completion lengths differ.
     """
 
     temperature: float = 1.0
@@ -69,6 +71,7 @@ class SamplingParams:
     batch_size: int = 32
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     stop: tuple[str, ...] = ()
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
@@ -119,6 +122,10 @@ class SamplingParams:
                 v = tuple(tuple(s) for s in v)
             elif f.name in ("top_k", "max_new_tokens", "max_prompt_len", "batch_size"):
                 v = int(v)
+            elif f.name == "continuous":
+                if not isinstance(v, (bool, np.bool_)):
+                    raise ValueError(f"sampling.continuous: must be True or False (got {v!r})")
+                v = bool(v)
             else:
                 v = float(v)
             kw[f.name] = v
@@ -235,75 +242,86 @@ def _stop_matrix(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
     return m
 
 
+def prefill(model: Transformer, tokens: jax.Array, mask: jax.Array, cache_dtype: Any,
+            layer_params: tuple[dict[str, jax.Array], ...]) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Run B left-padded prompts [B, P] once: (last-position logits [B, V], their [B, K, P, D] cache, lengths [B])."""
+    cfg = model.config
+    b, p = tokens.shape
+    seg = constrain(mask.astype(jnp.int32), ROW_AXES)
+    tokens = constrain(tokens, ROW_AXES)
+    small = KVCache.init(cfg, b, p, cache_dtype)
+    small = small.replace(k=tuple(constrain(a, CACHE_AXES) for a in small.k),
+                          v=tuple(constrain(a, CACHE_AXES) for a in small.v))
+    logits, small = model(tokens, positions_from_mask(seg), seg, small, last_only=True, layer_params=layer_params)
+    return logits[:, -1, :], small, seg.sum(axis=1).astype(jnp.int32)  # left padded: last slot = last token
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, step: jax.Array, spec: Any) -> tuple[jax.Array, jax.Array]:
+    """Sample each row's token at its step (scalar or [R]) with key `fold_in(row_key, step)`."""
+    steps = jnp.broadcast_to(step, keys.shape)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    return sample_from_logits(logits, step_keys, spec.temperature, spec.top_k, spec.top_p)
+
+
+def record_tokens(carry: dict, tok: jax.Array, lp: jax.Array, step: jax.Array, eos: jax.Array, stop_m: jax.Array,
+                  pad_id: int) -> dict:
+    """Write the sampled tokens of the live rows at `step` (a scalar shared by all rows, or [R] per row), check
+    EOS ids and stop sequences (on the tail of each row's generated tokens), and advance the step."""
+    live = ~carry["done"]
+    tok = jnp.where(live, tok, pad_id)
+    lp = jnp.where(live, lp, 0.0)
+    tail = jnp.concatenate([carry["tail"][:, 1:], tok[:, None]], axis=1)
+    hit_seq = jnp.all((tail[:, None, :] == stop_m[None]) | (stop_m[None] < 0), axis=-1)
+    stopped = jnp.any(tok[:, None] == eos[None, :], axis=-1) | jnp.any(hit_seq, axis=-1)
+    if jnp.ndim(step) == 0:
+        tokens = jax.lax.dynamic_update_slice(carry["tokens"], tok[:, None], (0, step))
+        logprobs = jax.lax.dynamic_update_slice(carry["logprobs"], lp[:, None], (0, step))
+    else:  # rows at different steps (continuous batching); finished rows keep their last entry
+        rows = jnp.arange(tok.shape[0])
+        at = jnp.minimum(step, carry["tokens"].shape[1] - 1)
+        tokens = carry["tokens"].at[rows, at].set(jnp.where(live, tok, carry["tokens"][rows, at]))
+        logprobs = carry["logprobs"].at[rows, at].set(jnp.where(live, lp, carry["logprobs"][rows, at]))
+    return dict(carry, step=jnp.where(live, step + 1, step) if jnp.ndim(step) else step + 1, tok=tok, tail=tail,
+                tokens=tokens, logprobs=logprobs, lengths=jnp.where(live, step + 1, carry["lengths"]),
+                done=carry["done"] | (live & stopped))
+
+
 def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax.Array, active: jax.Array,
                    key_data: jax.Array, eos: jax.Array, stop_m: jax.Array,
                    spec: _Spec) -> tuple[GenerateOutput, KVCache]:
     model = nnx.merge(graphdef, state)
-    cfg = model.config
     b, p = tokens.shape
     n, max_new = spec.n, spec.max_new
     rows = b * n
-    s_len = cache.max_len
     keys = jax.random.wrap_key_data(key_data)
 
     # 1. prefill the B prompts once.
-    seg = mask.astype(jnp.int32)
-    tokens = constrain(tokens, ROW_AXES)
-    seg = constrain(seg, ROW_AXES)
-    positions = positions_from_mask(seg)
-    small = KVCache.init(cfg, b, p, cache.k[0].dtype)
-    small = small.replace(k=tuple(constrain(a, CACHE_AXES) for a in small.k),
-                          v=tuple(constrain(a, CACHE_AXES) for a in small.v))
     layer_params = model.layers.per_layer()  # once per call, outside the decode loop
-    logits, small = model(tokens, positions, seg, small, last_only=True, layer_params=layer_params)
-    last = logits[:, -1, :]  # left padded: the last slot holds each prompt's last real token
+    last, small, lens = prefill(model, tokens, mask, cache.k[0].dtype, layer_params)
 
     # 2. the n samples of each prompt share its prompt keys/values as the cache's read-only prefix; the donated
     # decode cache holds only each row's generated tokens.
     rep = (lambda x, axis: x) if n == 1 else (lambda x, axis: jnp.repeat(x, n, axis=axis))
-    cache = KVCache(k=cache.k, v=cache.v, valid=constrain(jnp.zeros((rows, s_len), bool), VALID_AXES),
+    cache = KVCache(k=cache.k, v=cache.v, valid=constrain(jnp.zeros((rows, cache.max_len), bool), VALID_AXES),
                     index=jnp.zeros((rows,), jnp.int32), prefix_k=small.k, prefix_v=small.v,
                     prefix_valid=small.valid)
     last = constrain(rep(last, 0), ("batch", "vocab"))
-    prompt_len = rep(seg.sum(axis=1).astype(jnp.int32), 0)
-    done0 = ~rep(active, 0)
-
-    tail_len = stop_m.shape[1]  # eos [E] and stop_m [S, Lmax] are data: changing them does not recompile
-
-    def select(logits: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-        return sample_from_logits(logits, step_keys, spec.temperature, spec.top_k, spec.top_p)
-
-    def record(carry: dict, tok: jax.Array, lp: jax.Array, step: jax.Array) -> dict:
-        live = ~carry["done"]
-        tok = jnp.where(live, tok, spec.pad_id)
-        lp = jnp.where(live, lp, 0.0)
-        tail = jnp.concatenate([carry["tail"][:, 1:], tok[:, None]], axis=1)
-        hit_seq = jnp.all((tail[:, None, :] == stop_m[None]) | (stop_m[None] < 0), axis=-1)
-        stopped = jnp.any(tok[:, None] == eos[None, :], axis=-1) | jnp.any(hit_seq, axis=-1)
-        return dict(
-            carry,
-            step=step + 1,
-            tok=tok,
-            tail=tail,
-            tokens=jax.lax.dynamic_update_slice(carry["tokens"], tok[:, None], (0, step)),
-            logprobs=jax.lax.dynamic_update_slice(carry["logprobs"], lp[:, None], (0, step)),
-            lengths=jnp.where(live, step + 1, carry["lengths"]),
-            done=carry["done"] | (live & stopped),
-        )
+    prompt_len = rep(lens, 0)
+    record = functools.partial(record_tokens, eos=eos, stop_m=stop_m, pad_id=spec.pad_id)
 
     carry = dict(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
         tok=jnp.full((rows,), spec.pad_id, jnp.int32),
         # -1 never equals a token id, so a stop sequence can only match generated tokens.
-        tail=jnp.full((rows, tail_len), -1, jnp.int32),
+        # eos [E] and stop_m [S, Lmax] are data: changing them does not recompile.
+        tail=jnp.full((rows, stop_m.shape[1]), -1, jnp.int32),
         tokens=constrain(jnp.full((rows, max_new), spec.pad_id, jnp.int32), ROW_AXES),
         logprobs=constrain(jnp.zeros((rows, max_new), jnp.float32), ROW_AXES),
         lengths=jnp.zeros((rows,), jnp.int32),
-        done=done0,
+        done=~rep(active, 0),
     )
-    tok, lp = select(last, carry["step"])
+    tok, lp = select_tokens(last, keys, carry["step"], spec)
     carry = record(carry, tok, lp, carry["step"])
 
     def cond(c: dict) -> jax.Array:
@@ -314,7 +332,7 @@ def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax
         pos = (prompt_len + step - 1)[:, None]
         logits, new_cache = model(c["tok"][:, None], pos, jnp.ones((rows, 1), jnp.int32), c["cache"],
                                   layer_params=layer_params)
-        tok, lp = select(logits[:, 0, :], step)
+        tok, lp = select_tokens(logits[:, 0, :], keys, step, spec)
         return record(dict(c, cache=new_cache), tok, lp, step)
 
     carry = jax.lax.while_loop(cond, body, carry)

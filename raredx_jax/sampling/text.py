@@ -1,9 +1,11 @@
 """Text-level generation: chat messages in, decoded completions out (used by RERS, GRPO, evaluation, diagnose).
 
-Prompts are encoded with `tokenizer.encode_chat(messages, add_generation_prompt=True)`, sorted by length,
-chunked into `params.batch_size` prompts per compiled call, and left-padded to a bucketed length (powers of two,
-capped at `params.max_prompt_len`), so a whole dataset compiles only a handful of programs. Sample j of prompt i
-uses the key `fold_in(fold_in(key(seed), i), j)` (`sampler.sample_keys`), so results do not depend on the
+Prompts are encoded with `tokenizer.encode_chat(messages, add_generation_prompt=True)` and left-padded to a
+bucketed length (powers of two, capped at `params.max_prompt_len`), so a whole dataset compiles only a handful
+of programs. With `params.continuous` (the default) `params.batch_size` prompts decode at once and a prompt's
+slots are refilled with the next prompt as soon as its n samples stop (`continuous.py`); otherwise prompts are
+sorted by length and chunked into static batches of `params.batch_size`. Sample j of prompt i uses the key
+`fold_in(fold_in(key(seed), i), j)` (`sampler.sample_keys`), so results do not depend on the path, the
 chunking, the sort or the batch size.
 """
 from __future__ import annotations
@@ -71,6 +73,33 @@ def prompt_budget(model: Any, prompt_tokens: int, max_new_tokens: int, min_new_t
     return context - new, new
 
 
+def _completion(tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[float], stopped: bool,
+                eos_ids: Sequence[int]) -> Completion:
+    t = [int(x) for x in token_ids]
+    text_ids = t[:-1] if t and t[-1] in eos_ids else t
+    return Completion(text=tokenizer.decode(text_ids), token_ids=tuple(t),
+                      logprobs=tuple(float(x) for x in logprobs), finish_reason="stop" if stopped else "length")
+
+
+def _generate_text_continuous(sampler: Sampler, tokenizer: Any, prompts: list[list[int]], key: jax.Array, n: int,
+                              params: SamplingParams, eos_ids: tuple[int, ...], stop_seqs: tuple[tuple[int, ...], ...],
+                              progress: bool, desc: str) -> list[list[Completion]]:
+    """generate_text over continuously batched slots: `params.batch_size` prompts decode at a time."""
+    from raredx_jax.sampling.continuous import generate_continuous
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    try:
+        rows = generate_continuous(sampler, prompts, sample_keys(key, np.arange(len(prompts)), n), params, n=n,
+                                   groups=params.batch_size, eos_ids=eos_ids, stop_sequences=stop_seqs,
+                                   pad_id=tokenizer.pad_id, on_done=(lambda i, r: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [[_completion(tokenizer, r.tokens, r.logprobs, r.stopped, eos_ids) for r in per] for per in rows]
+
+
 def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]], n: int = 1,
                   params: SamplingParams | None = None, seed: int | jax.Array = 0,
                   mesh: jax.sharding.Mesh | None = None, *, progress: bool = False, desc: str = "generate",
@@ -95,6 +124,9 @@ def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]
     stop_seqs = tuple(tuple(tokenizer.encode(s)) for s in params.stop)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     divisor = sampler.batch_shards()
+    if params.continuous and len(prompts) > 1:
+        return _generate_text_continuous(sampler, tokenizer, prompts, key, n, params, eos_ids, stop_seqs, progress,
+                                         desc)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[Completion] | None] = [None] * len(prompts)
@@ -115,15 +147,8 @@ def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]
                                    pad_id=tokenizer.pad_id, keys=sample_keys(key, ids, n), active=active)
             toks, lps, lens, done = (_to_host(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
             for r, i in enumerate(idx):
-                comps = []
-                for j in range(n):
-                    row = r * n + j
-                    t = [int(x) for x in toks[row, :lens[row]]]
-                    text_ids = t[:-1] if t and t[-1] in eos_ids else t
-                    comps.append(Completion(text=tokenizer.decode(text_ids), token_ids=tuple(t),
-                                            logprobs=tuple(float(x) for x in lps[row, :lens[row]]),
-                                            finish_reason="stop" if done[row] else "length"))
-                results[i] = comps
+                results[i] = [_completion(tokenizer, toks[r * n + j, :lens[r * n + j]], lps[r * n + j, :lens[r * n + j]],
+                                          bool(done[r * n + j]), eos_ids) for j in range(n)]
             if bar is not None:
                 bar.update(len(idx))
     finally:
