@@ -41,9 +41,12 @@ def _logits(model_or_graphdef, params=None, tok=None, pos=None) -> np.ndarray:
     if params is None:
         model_or_graphdef, params = nnx.split(model_or_graphdef)
         params = params.to_pure_dict()
-    graphdef = model_or_graphdef
-    fwd = jax.jit(lambda p, t, q: nnx.merge(graphdef, p)(t, q)[0])
-    return np.asarray(fwd(params, jnp.asarray(tok), jnp.asarray(pos)))
+    return np.asarray(_forward(model_or_graphdef)(params, jnp.asarray(tok), jnp.asarray(pos)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(graphdef):
+    return jax.jit(lambda p, t, q: nnx.merge(graphdef, p)(t, q)[0])
 
 
 def _random_adapters(adapters, seed: int = 1, scale: float = 0.2):
@@ -277,24 +280,37 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def test_lora_grpo_reward_rises_with_the_base_as_reference(fsdp_mesh):
-    """The toy policy (tests/test_grpo.py) learns to emit the target token through rank-4 adapters only. beta > 0:
-    the reference is the frozen base itself (no snapshot is made), its forward runs each step with the adapters
-    off, and the KL to it grows as the adapters move; the base never changes."""
-    from test_grpo import PROMPTS, toy_reward
+def test_lora_grpo_reward_rises_with_the_base_as_reference_and_resumes_exactly(fsdp_mesh, tmp_path):
+    """The toy policy (tests/test_grpo.py) learns to emit the target token through rank-4 adapters only (with
+    adapter dropout). beta > 0: the reference is the frozen base itself (no snapshot is made), its forward runs
+    each step with the adapters off, and the KL to it grows as the adapters move; the base never changes. A
+    checkpoint after step 6 holds the adapters and their optimiser state only; restored (the base rebuilt from its
+    source, as run_grpo's lora.resume_base does), steps 7-8 repeat bit for bit."""
+    from test_grpo import PROMPTS, _model, toy_reward
 
-    learner = _grpo_learner(toy_reward, fsdp_mesh, lora.LoraSettings(rank=4, alpha=8.0, dropout=0.05), beta=0.02)
+    from raredx_jax.checkpoints.manager import TrainCheckpointManager
+    from raredx_jax.training.grpo import RL_ITEM
+
+    settings = lora.LoraSettings(rank=4, alpha=8.0, dropout=0.05)
+    learner = _grpo_learner(toy_reward, fsdp_mesh, settings, beta=0.02)
     assert learner.ref_params is None  # no second copy of the model
     ref = learner.reference_params()
     assert all(ref["layers"][k] is learner.base["layers"][k] for k in ref["layers"])
     assert ref["embed_tokens"] is learner.base["embed_tokens"]
-    assert set(learner.state.params["layers"]) == {f"{t}{s}" for t in lora.TARGETS for s in lora.SUFFIXES}
+    names = {f"{t}{s}" for t in lora.TARGETS for s in lora.SUFFIXES}
+    assert set(learner.state.params["layers"]) == names
     base0 = _host(learner.base)
-    rewards, kls = [], []
+    timing = ("rollout_s", "update_s", "step_time_s", "sample_tokens_per_s", "train_tokens_per_s", "mfu")
+    ckpt_dir = str(tmp_path / "run")
+    metrics = []
     for s in range(1, 9):
         _, m = learner.step(PROMPTS, list(range(4)), s)
-        rewards.append(m["reward/total_mean"])
-        kls.append(m["kl"])
+        metrics.append({k: v for k, v in m.items() if k not in timing})
+        if s == 6:
+            ckpt = TrainCheckpointManager(ckpt_dir, keep=2, async_save=False, extra_items=(RL_ITEM,))
+            ckpt.save(6, learner.state, learner.cfg, extras={RL_ITEM: {"optimizer_steps": learner.optimizer_steps}})
+            ckpt.close()
+    rewards, kls = [m["reward/total_mean"] for m in metrics], [m["kl"] for m in metrics]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert last > first + 0.2, rewards  # measured: 0.07 -> 0.47
     assert min(kls) >= 0.0 and kls[-1] > kls[0]
@@ -303,45 +319,24 @@ def test_lora_grpo_reward_rises_with_the_base_as_reference(fsdp_mesh):
         np.testing.assert_array_equal(a, b)  # frozen
     # the sampler's model holds base + the current adapters (the same arrays as the train state)
     assert learner.model.layers.q_proj_lora_b.get_value() is learner.state.params["layers"]["q_proj_lora_b"]
+    after8 = _host(learner.state)
 
-
-def test_lora_grpo_resumes_exactly_from_an_adapter_checkpoint(fsdp_mesh, tmp_path):
-    from test_grpo import PROMPTS, _model, toy_reward
-
-    from raredx_jax.checkpoints.manager import TrainCheckpointManager
-    from raredx_jax.training.grpo import RL_ITEM
-
-    settings = lora.LoraSettings(rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj", "up_proj"))
-    timing = ("rollout_s", "update_s", "step_time_s", "sample_tokens_per_s", "train_tokens_per_s", "mfu")
-
-    def run_step(learner, s):
-        _, m = learner.step(PROMPTS, list(range(4)), s)
-        return {k: v for k, v in m.items() if k not in timing}
-
-    ref = _grpo_learner(toy_reward, fsdp_mesh, settings, steps=3, beta=0.01)
-    for s in (1, 2):
-        run_step(ref, s)
-    ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
-    ckpt.save(2, ref.state, ref.cfg, extras={RL_ITEM: {"step": 2, "optimizer_steps": ref.optimizer_steps}})
-    ckpt.close()
-    m3 = run_step(ref, 3)
-    after3 = _host(ref.state)
-
-    ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
     # restored into the same learner object, whose compiled functions are reused (a second learner would only
-    # compile the same programs again): its state, adapters and base all come from the checkpoint and the source
-    fresh = ref
+    # compile the same programs again): its state comes from the checkpoint, its base from the source
+    ckpt = TrainCheckpointManager(ckpt_dir, keep=2, async_save=False, extra_items=(RL_ITEM,))
     with jax.set_mesh(fsdp_mesh):
-        restored = ckpt.restore(fresh.abstract_state())
-        # what the checkpoint holds: adapters and their optimiser state, nothing of the base
-        assert set(restored.state.params["layers"]) == {f"{t}{s}" for t in settings.targets for s in lora.SUFFIXES}
-        _, base, _, _ = lora.init_lora_model(_model(), settings, fsdp_mesh, init_adapters=False)  # as resume_base
+        restored = ckpt.restore(learner.abstract_state())
+        _, base, _, _ = lora.init_lora_model(_model(), settings, fsdp_mesh, init_adapters=False)
     ckpt.close()
-    fresh.set_state(restored.state, base=base)
-    fresh.optimizer_steps = int(restored.extras[RL_ITEM]["optimizer_steps"])
-    got = run_step(fresh, 3)
-    assert got == m3, {k: (got.get(k), m3.get(k)) for k in set(got) | set(m3) if got.get(k) != m3.get(k)}
-    for a, b in zip(jax.tree.leaves(after3), jax.tree.leaves(_host(fresh.state))):
+    assert restored.step == 6 and set(restored.state.params["layers"]) == names  # adapters only
+    learner.set_state(restored.state, base=base)
+    learner.optimizer_steps = int(restored.extras[RL_ITEM]["optimizer_steps"])
+    for s in (7, 8):
+        _, m = learner.step(PROMPTS, list(range(4)), s)
+        got = {k: v for k, v in m.items() if k not in timing}
+        assert got == metrics[s - 1], {k: (got.get(k), metrics[s - 1].get(k)) for k in got
+                                       if got.get(k) != metrics[s - 1].get(k)}
+    for a, b in zip(jax.tree.leaves(after8), jax.tree.leaves(_host(learner.state))):
         np.testing.assert_array_equal(a, b)
 
 
