@@ -260,9 +260,13 @@ def section_sampler(s: dict) -> dict:
 
     from benchmarks.sampler import run_one
 
+    import inspect
+
+    # one timed repeat in the dry run (where run_one takes the argument): the figures are not the point there
+    kw = {"repeats": 1} if s is DRY and "repeats" in inspect.signature(run_one).parameters else {}
     rows = []
     for b in s["sampler_batches"]:
-        r = run_one(s["preset"], b, 1, s["prompt"], s["new_tokens"], hf=True)
+        r = run_one(s["preset"], b, 1, s["prompt"], s["new_tokens"], hf=True, **kw)
         d = dataclasses.asdict(r)
         d["ratio"] = r.ratio
         rows.append(d)
