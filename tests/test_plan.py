@@ -201,3 +201,32 @@ if __name__ == "__main__":
     for name in ("tiny", "mid"):
         out[name] = _measure(name, sys.argv[1])
     print(json.dumps(out))
+
+
+def test_evaluate_plan_is_the_greedy_generate():
+    """Evaluation: one greedy generate of sampling.batch_size prompts padded to eval.max_prompt_len; no optimiser."""
+    sys.path.insert(0, str(ROOT))
+    from configs.evaluate import get_config
+
+    from raredx_jax.plan import build_plan
+
+    c = get_config("cpu")
+    c.sampling.batch_size, c.sampling.max_new_tokens, c.eval.max_prompt_len = 4, 8, 32
+    plan = build_plan(c, num_devices=2, hbm_bytes=1e12, cost=False)
+    assert [p.name for p in plan.phases] == ["eval_generate"]
+    assert plan.optimizer == plan.gradients == plan.reference == 0 and plan.kv_cache > 0 and plan.params > 0
+
+
+def test_every_accelerator_target_has_a_cited_spec():
+    """The plan's HBM budget and roofline peaks: every shipped accelerator target maps to a spec with its source."""
+    from raredx_jax import hardware
+
+    for name in hardware.known_targets():
+        acc = hardware.target_accelerator(name)
+        if name == "cpu":
+            assert acc is None
+            continue
+        assert acc is not None, name
+        assert acc["hbm_bytes"] > 1e10 and acc["peak_flops"] > 1e14 and acc["hbm_bandwidth"] > 1e11, acc
+        assert "docs" in acc["source"] or "datasheet" in acc["source"], acc
+        assert hardware.target_num_devices(name) >= 1
