@@ -8,7 +8,7 @@ weight operand is (by object identity, by walking unary ops back to the paramete
 creates `<name>_lora_a/_b` beside it. Our decoder keeps every layer's weights stacked on a leading `layers` axis
 (`DecoderLayers`, no `__call__` of its own) and applies them inside `lax.scan` from `Transformer.__call__`, so at
 the einsum the weight is a per-layer scan slice: its identity and shape no longer match any parameter, and all
-seven projections share one module path. Tried on the tiny model (qwix 0.1.8): with `scan_layers=True`
+seven projections share one module path. Tried on a small Qwen2-shaped model (qwix 0.1.8): with `scan_layers=True`
 qwix raises `TraceContextError` (it tries to create variables inside the scan); unrolled, it adapts only
 `embed_tokens` and `lm_head` and never one projection. Making qwix see projections would mean one module per
 projection per layer: a different parameter layout, another HF mapping, and no scan.
@@ -256,7 +256,8 @@ def abstract_lora_model(model_cfg: Any, settings: LoraSettings, mesh: jax.shardi
                         ) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, abstract pure params, their NamedShardings) of the adapted model; nothing is allocated.
 
-    Shapes come from `jax.eval_shape` of the adapted model's pure dict (QLoRA: QArray nodes of codes and scales);
+    Shapes come from `jax.eval_shape` of the adapted model's pure dict (QLoRA: QArray nodes of codes and scales;
+    `nnx.eval_shape` under `jax.set_mesh` was seen to return the projections unquantised, flax 0.12.8);
     each leaf takes the logical axes of its variable (a QArray's codes and scales those of the weight), a dim the
     mesh does not divide (e.g. nf4 block scales) replicating."""
     from raredx_jax.models.transformer import Transformer
@@ -298,20 +299,13 @@ def nbytes(tree: Any) -> int:
     return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def put(tree: Any, shardings: Any) -> Any:
-    """jax.device_put leaf by leaf: with the shardings given as a tree holding qwix QArray nodes, jax 0.10.2's
-    device_put pairs a QArray's scale with its qvalue's sharding (seen with nf4); flat lists pair correctly."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(jax.device_put(leaves, treedef.flatten_up_to(shardings)))
-
-
 def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh, seed: int = 0,
                     init_adapters: bool = True) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any], Any]:
     """Adapt a loaded base model: (graphdef, base, adapters, full shardings), every array in its shards."""
     graphdef, _, shardings = abstract_lora_model(model.config, settings, mesh)
     apply_lora(model, settings, seed, init_adapters)
     _, state = nnx.split(model)
-    params = put(state.to_pure_dict(), shardings)
+    params = jax.device_put(state.to_pure_dict(), shardings)
     base, adapters = split_params(params)
     return graphdef, base, adapters, shardings
 
