@@ -415,7 +415,10 @@ def markdown(report: dict) -> str:
          f"{report['seconds']:.0f} s in all.", ""]
 
     def err(name: str) -> bool:
-        if "error" in r.get(name, {"error": "not run"}):
+        if name not in r:
+            L.append(f"- {name}: not run (--only)")
+            return True
+        if "error" in r[name]:
             L.append(f"- **{name}: error** {r.get(name, {}).get('error', 'not run')}")
             return True
         return False
@@ -474,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry", dest="cpu_dry", action="store_true", help="tiny shapes on CPU (seconds)")
     ap.add_argument("--hardware", default="", help="target the plan compares against (default gpu1; cpu for dry)")
     ap.add_argument("--only", default="", help="comma-separated section names (default: all)")
+    ap.add_argument("--isolate", action="store_true", help="run every section in its own process (the default on "
+                    "an accelerator; with --cpu-dry it checks that path on CPU)")
     ap.add_argument("--section", default="", help=argparse.SUPPRESS)
     ap.add_argument("--section_out", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -497,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     t0 = time.time()
-    isolate = not a.cpu_dry and jax.default_backend() != "cpu"
+    isolate = a.isolate or (not a.cpu_dry and jax.default_backend() != "cpu")
     only = {x for x in a.only.split(",") if x}
     report = {"mode": "cpu-dry" if a.cpu_dry else "full", "device": jax.devices()[0].device_kind,
               "backend": jax.default_backend(), "jax": jax.__version__, "hardware": hardware,
