@@ -699,8 +699,9 @@ def _force_devices(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from raredx_jax.train import fail, one_line
+    from raredx_jax.train import one_line
 
+    fail = _fail
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]} (use --config.x=y to override fields)")
     config = flags.FLAGS["config"].value
@@ -745,11 +746,19 @@ def _define_flags() -> None:
     flags.DEFINE_string("json", "", "also write the plan as JSON to this file")
 
 
+def _fail(message: Any, code: int = 2) -> None:
+    from raredx_jax.train import one_line
+
+    print(f"plan: error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     _force_devices(sys.argv)
     from absl import app
 
-    from raredx_jax.train import parse_flags
+    from raredx_jax import train
 
+    train.fail = _fail  # the training CLI's flag / config-override errors (one line, exit 2), named as ours
     _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=train.parse_flags)
