@@ -167,7 +167,7 @@ def test_merged_export_and_peft_adapter_match_transformers_peft(tmp_path):
 
 
 # --- LoRA SFT on the embedded default: learns, checkpoints adapters only, resumes exactly ------------------------
-def _sft_config(data_dir: str, run_dir: str, **lora_fields):
+def _sft_config(data_dir: str, run_dir: str, probe: int = 4, **lora_fields):
     from configs.knowledge_sft import get_config
 
     c = get_config("cpu")
@@ -177,7 +177,7 @@ def _sft_config(data_dir: str, run_dir: str, **lora_fields):
     c.run_dir = run_dir
     c.train.update(dict(steps=6, batch_size=8, seq_len=64, checkpoint_every=2, keep_checkpoints=3, log_every=1,
                         eval_every=0, warmup_steps=1, lr=2e-2, async_checkpointing=False, build_data=False))
-    c.probe.n = 4
+    c.probe.n = probe  # the knowledge probe runs on base + adapters (lora.combine)
     c.probe.batch_size = 16
     c.lora.enabled = True
     c.lora.update({**dict(rank=4, alpha=8.0, dropout=0.1), **lora_fields})
@@ -205,6 +205,7 @@ def test_lora_sft_learns_and_checkpoints_hold_adapters_only(lora_sft_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert train[-1]["loss"] < train[0]["loss"] - 0.05
     assert 0 < summary["trainable_params"] < 0.2 * summary["params"]
+    assert summary["probe"]["items"] == 4  # the knowledge probe ran on base + adapters
     step_dir = os.path.join(run_dir, "checkpoints", "6")
     model_cfg, settings, base, adapters = _step_params(step_dir)
     assert settings.rank == 4 and settings.dropout == 0.1
@@ -226,7 +227,7 @@ def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
     shutil.copytree(run_dir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
     os.remove(os.path.join(resumed, "summary.json"))
-    summary = sft.run_sft(_sft_config(data_dir, resumed))
+    summary = sft.run_sft(_sft_config(data_dir, resumed, probe=0))
     assert summary["resumed_from"] == 4
     _, _, _, want = _step_params(os.path.join(run_dir, "checkpoints", "6"))
     _, _, _, got = _step_params(os.path.join(resumed, "checkpoints", "6"))
