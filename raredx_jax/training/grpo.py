@@ -923,12 +923,15 @@ def run_grpo(config: Any) -> dict[str, Any]:
 
     logger = metrics_lib.MetricsLogger(run_dir, total, start, primary=primary, desc=stage)
     if primary:
+        ref_note = ("reference loaded" if learner.ref_params is not None else
+                    "LoRA: the frozen base is the reference" if lora_cfg is not None and st.beta > 0 else
+                    "no reference model")
         print(f"[{stage}] model {model_cfg.family} {model_cfg.num_params() / 1e6:.2f}M params, dtype "
               f"{model_cfg.dtype}/{model_cfg.param_dtype}; mesh {dict(mesh.shape)}; {st.prompts_per_step} prompts x "
               f"{st.group_size} samples/step, {learner.layout.num} mini-batch(es) of {learner.layout.rows} rows "
               f"(padded {learner.layout.padded}, {learner.layout.accum} micro) x {st.epochs_per_step} epoch(s); "
               f"loss {st.loss}, advantage {st.advantage}, beta {st.beta} "
-              f"({'reference loaded' if learner.ref_params is not None else 'LoRA: the frozen base (adapters off)' if lora_cfg is not None and st.beta > 0 else 'no reference model'}); old logprobs: "
+              f"({ref_note}); old logprobs: "
               f"{'recomputed' if learner.recompute_old else 'sampler'}; {len(train_cases)} train cases, "
               f"{len(eval_cases)} held-out ({seeded} case pass rates from the RERS journal); lessons "
               f"{[x.name for x in curriculum.lessons]}; filter {st.filter_groups}; steps {start}->{total}; "
