@@ -401,7 +401,7 @@ class RLLearner:
             self.graphdef, full_abs, self.param_sh = lora.abstract_lora_model(model_cfg, lora_settings, mesh, rules)
             self.base_sh, train_sh = lora.split_params(self.param_sh)
             self.params_abs = lora.trainable_params(full_abs)
-            self.plain_graphdef, _, plain_sh = abstract_params(model_cfg, mesh, rules)
+            self.plain_graphdef, _, _ = abstract_params(model_cfg, mesh, rules)  # the reference: adapters off
             self.ref_sh = lora.base_only(self.base_sh)
         self.state_sh = train_state_shardings(self.tx, self.params_abs, train_sh, mesh)
         self.loss_cfg = rlo.LossConfig.from_config(dataclasses.asdict(s), max_len=s.max_len or sampling.max_new_tokens)
