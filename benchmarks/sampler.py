@@ -33,6 +33,10 @@ import os
 import sys
 import time
 
+if "--cpu-time" in sys.argv:  # before jax is imported: XLA:CPU on one thread, so CPU time = the work done
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,13 +94,16 @@ def _prompts(batch: int, prompt: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, (batch, prompt)).astype(np.int32)
 
 
+_clock = time.perf_counter  # --cpu-time: time.process_time
+
+
 def _timed(run, repeats: int) -> list[float]:
     run(0)  # compile / warm up
     times = []
     for r in range(repeats):
-        t = time.perf_counter()
+        t = _clock()
         run(r + 1)
-        times.append(time.perf_counter() - t)
+        times.append(_clock() - t)
     return times
 
 
@@ -308,6 +315,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads for the HF baseline on CPU (0 = torch default). On a loaded shared "
                          "CPU, torch's spinning intra-op pool can be 20x slower with 2 threads than with 1")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time in process CPU seconds with XLA and torch on one thread each: comparable figures on a "
+                         "CPU shared with other jobs (wall time is not); tokens/s then means tokens per CPU-second")
     ap.add_argument("--repeats", type=int, default=3, help="timed warm calls per figure (median and spread)")
     ap.add_argument("--skewed", action="store_true", help="also run the length-skewed static vs continuous workload")
     ap.add_argument("--skewed-only", action="store_true", help="only the length-skewed workload")
@@ -319,13 +329,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
         runs = [(p, b, new) for p, bs, new in QUICK["runs"] for b in bs]
     else:
         runs = [(p, int(b), a.new_tokens) for p in a.presets.split(",") for b in a.batches.split(",")]
+    global _clock
+    if a.cpu_time:
+        _clock = time.process_time
+        a.torch_threads = 1
     if a.torch_threads and not a.no_hf:
         import torch
         torch.set_num_threads(a.torch_threads)
     dev = jax.devices()[0]
     print(f"# devices: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
           f"prompt {a.prompt_len}, n {a.n}; peak bandwidth {_fmt(peak_bandwidth(dev), '.3g')} B/s; "
-          f"torch threads {a.torch_threads or 'default'}; load average {_loadavg()}", flush=True)
+          f"torch threads {a.torch_threads or 'default'}; clock {'CPU time, 1 thread' if a.cpu_time else 'wall'}; "
+          f"load average {_loadavg()}", flush=True)
     results: list = []
     if not a.skewed_only:
         print(HEADER + "\n" + "-" * len(HEADER), flush=True)
