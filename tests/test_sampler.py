@@ -405,3 +405,12 @@ def test_sampling_params_from_config_and_validation():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match=r"sampling\.temperature"):
         SamplingParams.from_config({"temperature": -1.0})
+
+
+def test_skewed_benchmark_workload_runs_both_paths_to_the_same_completions():
+    """The benchmark's length-skewed workload (benchmarks/sampler.py) at a toy size: it raises unless static and
+    continuous batching return identical completions; lengths really vary."""
+    from benchmarks.sampler import run_skewed
+    r = run_skewed("tiny", prompts=6, n=2, batch=2, max_prompt=32, new_tokens=8, repeats=1, stop_every=8)
+    assert r.generated_tokens == round(r.mean_length * 12) and 1 <= r.mean_length < 8
+    assert len(r.static_s) == len(r.continuous_s) == 1
