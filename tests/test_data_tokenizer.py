@@ -148,3 +148,15 @@ def test_sentencepiece_exports_to_hf_with_identical_ids(tmp_path, model_type):
     for text in VARIED + CORPUS + ["word  two   three    four", "x 123456 y", "a\n\n\nb"]:
         assert hf.encode(text) == sp.encode(text), text
         assert hf.decode(sp.encode(text)) == text
+
+
+def test_model_type_read_from_the_wire_format_without_sentencepiece_pb2():
+    """ModelProto.trainer_spec.model_type read directly (the generated pb2 needs protobuf >= 7, phenopackets < 7):
+    field 2 (trainer_spec, length-delimited) holding field 3 (model_type, varint); unset means UNIGRAM."""
+    from raredx_jax.data.tokenizer import _trainer_model_type
+    piece = b"\x0a\x03\x0a\x01a"  # field 1 (a piece) before the trainer spec
+    assert _trainer_model_type(piece + b"\x12\x05\x08\x90\x03\x18\x02", "m") == 2  # other field, then BPE
+    assert _trainer_model_type(b"\x12\x02\x18\x01", "m") == 1
+    assert _trainer_model_type(b"\x12\x00", "m") == 1 and _trainer_model_type(piece, "m") == 1
+    with pytest.raises(ValueError, match=r"^spm\.model: truncated"):
+        _trainer_model_type(b"\x12\x05\x18", "spm.model")

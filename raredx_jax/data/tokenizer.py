@@ -253,15 +253,62 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def model_type(self) -> str:
-        """'bpe' or 'unigram', from the model file's trainer spec."""
-        from sentencepiece import sentencepiece_model_pb2
+        """'bpe' or 'unigram', from the model file's trainer spec (ModelProto.trainer_spec.model_type).
 
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.path.read_bytes())
-        return "bpe" if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE else "unigram"
+        Read from the protobuf wire format directly: sentencepiece's generated `sentencepiece_model_pb2` needs a
+        protobuf runtime at least as new as the one it was generated with (7.x), while the GA4GH `phenopackets`
+        package the importers use requires protobuf < 7, so the two generated modules cannot load together."""
+        return "bpe" if _trainer_model_type(self.path.read_bytes(), str(self.path)) == _SP_BPE else "unigram"
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+_SP_BPE = 2  # sentencepiece_model.proto: TrainerSpec.ModelType { UNIGRAM = 1; BPE = 2; WORD = 3; CHAR = 4 }
+
+
+def _varint(data: bytes, i: int, where: str) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError(f"{where}: truncated or malformed SentencePiece model (varint)")
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return value, i
+
+
+def _fields(data: bytes, where: str):
+    """(field number, wire type, value) of one protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i, where)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i, where)
+        elif wire == 2:
+            size, i = _varint(data, i, where)
+            value, i = data[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = data[i:i + size], i + size
+        else:
+            raise ValueError(f"{where}: malformed SentencePiece model (wire type {wire})")
+        if i > len(data):
+            raise ValueError(f"{where}: truncated SentencePiece model")
+        yield number, wire, value
+
+
+def _trainer_model_type(model: bytes, where: str) -> int:
+    """ModelProto.trainer_spec (field 2) .model_type (field 3); UNIGRAM (1) when unset, as protobuf defaults."""
+    for number, wire, value in _fields(model, where):
+        if number == 2 and wire == 2:
+            for sub, sub_wire, sub_value in _fields(value, where):
+                if sub == 3 and sub_wire == 0:
+                    return int(sub_value)
+            return 1
+    return 1
 
 
 # --- Hugging Face -----------------------------------------------------------------------------------------------
