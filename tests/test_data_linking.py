@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 
 import pytest
 
@@ -335,6 +336,13 @@ def test_fuzzy_option_is_validated(diseases):
     with pytest.raises(ValueError, match=r"^fuzzy must be one of 'builtin', 'rapidfuzz', got 'difflib'$"):
         DiseaseLinker(diseases[:5], fuzzy="difflib")
     assert DiseaseLinker(diseases[:5]).fuzzy == "builtin"  # the default stays the measured builtin
+
+
+def test_rapidfuzz_missing_is_one_clear_line(diseases, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rapidfuzz", None)  # what `import rapidfuzz` sees when it is not installed
+    with pytest.raises(ImportError, match=r"^fuzzy='rapidfuzz' needs the rapidfuzz package: pip install "
+                                          r"'raredx-jax\[rapidfuzz\]'$"):
+        DiseaseLinker(diseases[:5], fuzzy="rapidfuzz")
 
 
 def test_linking_bench_measures_both_matchers_alike(ontology, diseases):
