@@ -109,9 +109,46 @@ def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr:
     return TrainSetup("full", graphdef, params_abs, param_sh, tx, schedule, state_sh, state_abs, n)
 
 
+def lora_settings(config: Any) -> Any:
+    """The LoRA settings a plan uses: `config.lora` (`lora.LoraSettings.from_config`); with `--trainable=lora` on a
+    config whose LoRA is off (or that has no lora section), that section's values (or the defaults) as if enabled."""
+    from raredx_jax import lora
+
+    settings = lora.LoraSettings.from_config(config) if config is not None else None
+    if settings is not None:
+        return settings
+    section = config.get("lora", None) if config is not None and hasattr(config, "get") else None
+    if section is None:
+        return lora.LoraSettings()
+    return lora.LoraSettings.from_config({"lora": {**dict(section), "enabled": True}})
+
+
+def lora_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr: float | None = None, *,
+                  config: Any = None) -> TrainSetup:
+    """LoRA / QLoRA as the trainers run it (`sft.train`, `grpo.RLLearner`): the model adapted by
+    `lora.abstract_lora_model`, the TrainState holding the adapters only (`lora.trainable_params`: AdamW moments
+    and gradients for them alone), the frozen base (QLoRA: int8 / nf4 `QArray`s) the step's extra argument, counted
+    once; it is also GRPO's reference model (no second copy)."""
+    from raredx_jax import lora
+    from raredx_jax.training.optim import make_optimizer
+    from raredx_jax.training.state import abstract_train_state, train_state_shardings
+
+    settings = lora_settings(config)
+    tx, schedule = make_optimizer(opt_cfg, total_steps, lr=lr)
+    graphdef, full_abs, full_sh = lora.abstract_lora_model(model_cfg, settings, mesh)
+    base_abs, params_abs = lora.split_params(full_abs)
+    base_sh, param_sh = lora.split_params(full_sh)
+    state_sh = train_state_shardings(tx, params_abs, param_sh, mesh)
+    state_abs = abstract_train_state(tx, params_abs, state_sh)
+    name = "lora" if settings.quantize == "none" else f"qlora-{settings.quantize}"
+    return TrainSetup(f"{name} (r={settings.rank}, {','.join(settings.targets)})", graphdef, params_abs, param_sh,
+                      tx, schedule, state_sh, state_abs, lora.count(params_abs), frozen_abs=base_abs,
+                      frozen_sh=base_sh, lora_dropout=settings.dropout, model_params_abs=full_abs)
+
+
 #: name -> builder(model_cfg, mesh, opt_cfg, total_steps, lr, *, config) -> TrainSetup (config: the stage config,
-#: e.g. for adapter settings). LoRA registers here (`register_trainable`).
-TRAINABLE: dict[str, Callable[..., TrainSetup]] = {"full": full_finetune}
+#: e.g. for adapter settings). `register_trainable` adds more.
+TRAINABLE: dict[str, Callable[..., TrainSetup]] = {"full": full_finetune, "lora": lora_finetune}
 
 
 def register_trainable(name: str, builder: Callable[..., TrainSetup]) -> None:
@@ -210,13 +247,17 @@ def _gib(x: float | None) -> str:
     return f"{x / GiB:.2f} GiB" if abs(x) >= GiB / 4 else f"{x / (1 << 20):.1f} MiB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable report (per device)."""
     acc = plan.accelerator
     lines = [
         f"plan: stage {plan.stage} on {plan.target} ({plan.num_devices} devices, mesh {plan.mesh}), model "
         f"{plan.preset} {plan.num_params / 1e9:.3f}B params, trainable={plan.trainable} "
-        f"({plan.trainable_params / 1e9:.3f}B trainable)",
+        f"({_count(plan.trainable_params)} trainable)",
         f"  per device{' (' + acc['name'] + ')' if acc else ''}:",
         f"    parameters            {_gib(plan.params)}",
         f"    optimiser state       {_gib(plan.optimizer)}",
@@ -280,14 +321,14 @@ def suggest_knob(plan: Plan) -> str:
 
 
 def _per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (the largest shard, device 0)."""
+    """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (the largest shard, device 0).
+    Sub-byte dtypes (QLoRA's nf4 codes, uint4) count packed, two per byte, as XLA:GPU / XLA:TPU store them."""
     import jax
-    import numpy as np
 
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += int(math.prod(shape)) * np.dtype(x.dtype).itemsize
+        total += -(-int(math.prod(shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8)
     return total
 
 
@@ -364,11 +405,7 @@ def build_plan(config: Any, *, num_devices: int | None = None, hbm_bytes: float 
 
     lora_cfg = config.get("lora", None)
     if lora_cfg is not None and bool(lora_cfg.get("enabled", False)) and trainable == "full":
-        if "lora" not in TRAINABLE:
-            raise ValueError("config.lora.enabled=True but the plan has no 'lora' trainable set yet "
-                             "(raredx_jax.plan.register_trainable); plan full fine-tuning with "
-                             "--config.lora.enabled=False")
-        trainable = "lora"
+        trainable = "lora"  # the trainers train the adapters only when lora.enabled
     if trainable not in TRAINABLE:
         raise ValueError(f"--trainable={trainable!r}: known sets {sorted(TRAINABLE)}")
     stage = config.stage
@@ -580,7 +617,9 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     if recompute or with_ref:
         lp = _phase("logprob", build_logprob(model_cfg), opt_b + other_state + plan.reference + kept,
                     note=" + ".join(n for n, on in (("old-logprob", recompute), ("reference", with_ref)) if on)
-                    + " forward per step")
+                    + " forward per step" + ("; lowered with the adapters on (the reference forward runs the "
+                                             "frozen base alone: no more memory)" if setup.frozen_abs is not None
+                                             else ""))
         lp.tokens = tokens_dev
         if cost:
             lp.flops, lp.bytes_accessed = _layer_extrapolated_cost(build_logprob, model_cfg)

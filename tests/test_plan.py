@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Mid-size shape as an HF config.json (preset=hf): ~14M parameters, 16k vocabulary (the logits dominate, as in
@@ -194,6 +196,104 @@ def test_grpo_plan_has_every_phase_and_the_kv_cache():
     update = plan.phases[-1]
     assert update.extra_persistent >= plan.reference + plan.kv_cache
     assert plan.total == max(p.peak for p in plan.phases)
+
+
+def _lora_expected(cfg, rank: int, block: int) -> dict:
+    """From the shapes alone: rank-r adapters on the seven projections (A [L, in, r], B [L, r, out]); the
+    projections' weight count and their int8 (per output channel) / nf4 (blocks of `block` along the last input
+    axis, the whole axis when it does not divide) scale counts."""
+    L, E, H, K, D, M = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size)
+    # projection: (input dims, output dims)
+    proj = {"q": ((E,), (H, D)), "k": ((E,), (K, D)), "v": ((E,), (K, D)), "o": ((H, D), (E,)),
+            "gate": ((E,), (M,)), "up": ((E,), (M,)), "down": ((M,), (E,))}
+    prod = lambda dims: int(np.prod(dims))  # noqa: E731
+    adapters = sum(L * rank * (prod(i) + prod(o)) for i, o in proj.values())
+    weights = sum(L * prod(i) * prod(o) for i, o in proj.values())
+    int8_scales = sum(L * prod(o) for i, o in proj.values())
+    nf4_scales = sum(L * prod(i) * prod(o) // (block if i[-1] % block == 0 else i[-1]) for i, o in proj.values())
+    return dict(adapters=adapters, weights=weights, int8_scales=int8_scales, nf4_scales=nf4_scales)
+
+
+def test_lora_plan_trains_the_adapters_only():
+    """LoRA / QLoRA SFT on one device (tiny, 2 x 64): the plan's trainable count is the real adapters' count and
+    the shapes' (r x (in + out) per projection per layer); AdamW's two fp32 moments and the fp32 gradients shrink
+    from N to the adapters (the optimiser's few scalars aside, exactly); the frozen base is counted once; QLoRA
+    stores the projections as int8 codes + one fp32 scale per output channel, or nf4 codes (4 bits, packed) + one
+    fp32 scale per block."""
+    import jax
+
+    from raredx_jax import lora
+    from raredx_jax.checkpoints.hf_io import init_model
+    from raredx_jax.plan import _model_cfg, build_plan
+    from raredx_jax.parallel.mesh import make_mesh
+
+    config = _config("tiny")
+    config.train.batch_size, config.train.seq_len = 2, 64
+    cfg = _model_cfg(config)
+    full = build_plan(config, num_devices=1, hbm_bytes=1e12, cost=False)
+    config.lora.enabled = True
+    plans = {}
+    for q in ("none", "int8", "nf4"):
+        config.lora.quantize = q
+        plans[q] = build_plan(config, num_devices=1, hbm_bytes=1e12, cost=False)
+    settings = lora.LoraSettings.from_config(config)
+    exp = _lora_expected(cfg, settings.rank, settings.block_size)
+    n, n_lora = cfg.num_params(), exp["adapters"]
+
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        _, base, adapters, _ = lora.init_lora_model(init_model(cfg, mesh, seed=0),
+                                                    lora.LoraSettings(rank=settings.rank), mesh)
+    L = cfg.num_layers  # the base also holds the per-layer adapter scale alpha / r (`lora.LoraConst`)
+    assert lora.count(adapters) == n_lora and lora.count(base) == n + L
+
+    lo = plans["none"]
+    assert lo.trainable.startswith("lora") and full.trainable == "full"
+    assert lo.trainable_params == n_lora and full.trainable_params == n
+    assert 10 < n / n_lora < 40  # tiny: 4.0M parameters, 0.16M adapter parameters at r=8
+    # fp32 moments: 8 bytes per trained parameter, plus the same handful of optimiser scalars in both
+    assert full.optimizer - 8 * n == lo.optimizer - 8 * n_lora
+    assert 0 <= full.optimizer - 8 * n < 64
+    assert abs(full.optimizer / lo.optimizer - n / n_lora) < 0.01 * n / n_lora
+    assert full.gradients == 4 * n and lo.gradients == 4 * n_lora
+    # the frozen base once (not as a reference), plus the adapters; the real arrays hold the same bytes
+    assert lo.params == full.params + 4 * n_lora + 4 * L == lora.nbytes(base) + lora.nbytes(adapters)
+    assert lo.reference == 0 and lo.phases[0].argument >= lo.params + lo.optimizer
+
+    w = exp["weights"]  # fp32 projection weights -> codes + fp32 scales; the rest of the base unchanged
+    assert plans["int8"].params == lo.params - 4 * w + w + 4 * exp["int8_scales"]
+    assert plans["nf4"].params == lo.params - 4 * w + w // 2 + 4 * exp["nf4_scales"]
+    assert plans["nf4"].params < plans["int8"].params < lo.params / 2
+    for q in ("int8", "nf4"):
+        p = plans[q]
+        assert p.trainable.startswith(f"qlora-{q}") and p.trainable_params == n_lora
+        assert p.optimizer == lo.optimizer and p.gradients == lo.gradients
+
+
+def test_lora_grpo_plan_uses_the_frozen_base_as_reference():
+    """LoRA GRPO (tiny, beta > 0, 2 devices): no reference copy (the frozen base is the reference), so the update
+    keeps only the sampler's KV cache beside its arguments; the optimiser holds the adapters' moments only."""
+    sys.path.insert(0, str(ROOT))
+    from configs.rl_curriculum import get_config
+
+    from raredx_jax import lora
+    from raredx_jax.plan import _model_cfg, build_plan
+
+    c = get_config("cpu")
+    c.sampling.max_prompt_len, c.sampling.max_new_tokens = 32, 8
+    c.lora.enabled = True
+    assert c.grpo.beta > 0
+    plan = build_plan(c, num_devices=2, hbm_bytes=1e12, cost=False)
+    exp = _lora_expected(_model_cfg(c), lora.LoraSettings.from_config(c).rank, 64)
+    assert [p.name for p in plan.phases] == ["rollout_generate", "logprob", "update"]
+    assert plan.trainable_params == exp["adapters"]
+    assert plan.reference == 0 and plan.kv_cache > 0
+    update = plan.phases[-1]
+    assert update.extra_persistent == plan.kv_cache
+    assert update.argument >= plan.params + plan.optimizer
+    assert 0 <= plan.optimizer - 2 * plan.gradients < 64  # two moments of the adapters (+ a few scalars)
+    assert plan.gradients < plan.params / 10
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 each target forces its own device count), rendered as markdown.
 
     python -m raredx_jax.planning.table --stage=configs/knowledge_sft.py \
-        --presets=qwen2.5-0.5b,qwen2.5-7b --targets=gpu1,h100x8,tpu_v5p_128 [--json=plans.json]
+        --presets=qwen2.5-0.5b,qwen2.5-7b --targets=gpu1,h100x8,tpu_v5p_128 [--trainable=full,lora] [--json=plans.json]
+
+`--trainable=lora` plans the config with `lora.enabled=True` (its `lora.*` settings: rank, targets, quantize).
 """
 from __future__ import annotations
 
@@ -39,7 +41,16 @@ def _g(x: float) -> str:
     return f"{x / GiB:.1f}"
 
 
-def row(plan: dict[str, Any], lora: str) -> str:
+def trained(plan: dict[str, Any]) -> str:
+    """What the row trains: `full` or the LoRA set (rank, quantised base) and its trainable parameter count."""
+    n = plan["trainable_params"]
+    count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    name = plan["trainable"].split(" (", 1)[0]
+    rank = plan["trainable"].split("(r=", 1)[1].split(",", 1)[0] if "(r=" in plan["trainable"] else ""
+    return f"{name}{' r=' + rank if rank else ''}, {count}"
+
+
+def row(plan: dict[str, Any]) -> str:
     peak = next(p for p in plan["phases"] if p["name"] == plan["peak_phase"])
     acc = plan["accelerator"] or {}
     train = next((p for p in plan["phases"] if p["name"] in ("train_step", "update")), None)
@@ -53,11 +64,11 @@ def row(plan: dict[str, Any], lora: str) -> str:
     verdict = "fits" if plan["fits"] else "**no**: " + plan["refusal"].split(": ", 2)[-1].split("; ", 1)[-1]
     return (f"| {plan['preset']} | {plan['target']} ({plan['num_devices']}) | {_g(plan['params'])} | "
             f"{_g(plan['optimizer'])} | {_g(plan['gradients'])} | {_g(plan['activations'])} | "
-            f"{_g(plan['total'])} / {_g(plan['hbm_bytes'])} | {verdict} | {t} | {mfu} | {lora} |")
+            f"{_g(plan['total'])} / {_g(plan['hbm_bytes'])} | {verdict} | {t} | {mfu} | {trained(plan)} |")
 
 
 HEADER = ("| preset | target (devices) | params | optimiser | gradients | activations + temps | total / HBM | fits? | "
-          "roofline step | implied MFU | LoRA |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "roofline step | implied MFU | trained (parameters) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,20 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", default="configs/knowledge_sft.py")
     ap.add_argument("--presets", default="qwen2.5-0.5b,qwen2.5-7b")
     ap.add_argument("--targets", default="gpu1,h100x8,tpu_v5p_128")
+    ap.add_argument("--trainable", default="full", help="comma-separated: full, lora (lora.enabled=True)")
     ap.add_argument("--json", default="")
     ap.add_argument("extra", nargs="*", help="further flags for every plan run (after --)")
     a = ap.parse_args(argv)
-    from raredx_jax import plan as plan_mod
-
-    lora = ("see --trainable=lora" if "lora" in plan_mod.TRAINABLE
-            else "not yet planned (no 'lora' set in plan.TRAINABLE)")
     plans, lines = [], [HEADER]
     for preset in a.presets.split(","):
         for target in a.targets.split(","):
-            p = run_one(a.stage, target, preset, a.extra)
-            plans.append(p)
-            lines.append(row(p, lora))
-            print(lines[-1], flush=True)
+            for kind in a.trainable.split(","):
+                if kind not in ("full", "lora"):
+                    ap.error(f"--trainable: {kind!r} is not one of full, lora")
+                extra = [*a.extra, *(["--config.lora.enabled=True"] if kind == "lora" else [])]
+                p = run_one(a.stage, target, preset, extra)
+                plans.append(p)
+                lines.append(row(p))
+                print(lines[-1], flush=True)
     print("\n".join(lines))
     if a.json:
         with open(a.json + ".tmp", "w", encoding="utf-8") as f:
