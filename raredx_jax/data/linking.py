@@ -474,6 +474,8 @@ class DiseaseLinker:
                 sim_to.floor = max(sim_to.floor, sim - self._FUZZY_WINDOW)
         return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
 
+    _RAPIDFUZZ_FLOOR = 55.0  # the builtin's candidate floor (`_Similarity`'s 0.55) on rapidfuzz's 0-100 scale
+
     def _fuzzy_rapidfuzz(self, tokens: tuple[str, ...]) -> list[tuple[str, float]]:
         """The same step with rapidfuzz: the ``candidates`` best strings by Indel similarity (``fuzz.ratio``, a
         full scan in C++), in the written and in the sorted word order (``token_sort_ratio`` with the choices'
@@ -486,7 +488,7 @@ class DiseaseLinker:
                                  [_sorted_key(t) for t, _ in self._strings])
         plain, ordered = self._fuzzy_index
         a, sa = " ".join(tokens), _sorted_key(tokens)
-        floor = 100 * _Similarity(()).floor
+        floor = self._RAPIDFUZZ_FLOOR
         k = min(self._n_candidates, len(plain))
         cand = {j for _, _, j in process.extract(a, plain, scorer=fuzz.ratio, limit=k, score_cutoff=floor)}
         cand.update(j for _, _, j in process.extract(sa, ordered, scorer=fuzz.ratio, limit=k,
