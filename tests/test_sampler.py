@@ -379,8 +379,8 @@ def test_generate_text_chunking_invariant_and_stop_strings(qwen3, continuous):
             assert c.text == tok.decode([t for t in c.token_ids if t != EOS])
     stop = next(c.text for c in sum(a, []) if len(c.text) >= 5)[2:4]
     # the other path (static <-> continuous), another batch size, and a stop string
-    b = generate_text(model, tok, msgs, n=2, params=params.replace(batch_size=8, stop=(stop,), continuous=not continuous),
-                      seed=5)
+    other = params.replace(batch_size=8, stop=(stop,), continuous=not continuous)
+    b = generate_text(model, tok, msgs, n=2, params=other, seed=5)
     for ca, cb in zip(sum(a, []), sum(b, [])):
         cut = ca.text.find(stop)
         if cut < 0:  # different chunking, padding and batch: same samples

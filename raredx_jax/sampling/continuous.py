@@ -32,7 +32,8 @@ from flax import nnx
 from raredx_jax.models.transformer import CACHE_AXES, VALID_AXES, KVCache
 from raredx_jax.parallel.sharding import constrain
 from raredx_jax.sampling.sampler import (ROW_AXES, Sampler, SamplingParams, _as_typed_key, _put, _Spec, _stop_matrix,
-                                         bucket_length, left_pad, prefill, record_tokens, select_tokens)
+                                         bucket_length, decode_layer_params, left_pad, prefill, record_tokens,
+                                         select_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,8 @@ def _constrain_slots(slots: dict) -> dict:
                           v=tuple(constrain(a, CACHE_AXES) for a in cache.v),
                           prefix_k=tuple(constrain(a, CACHE_AXES) for a in cache.prefix_k),
                           prefix_v=tuple(constrain(a, CACHE_AXES) for a in cache.prefix_v),
-                          valid=constrain(cache.valid, VALID_AXES), prefix_valid=constrain(cache.prefix_valid, VALID_AXES))
+                          valid=constrain(cache.valid, VALID_AXES),
+                          prefix_valid=constrain(cache.prefix_valid, VALID_AXES))
     rowwise = {k: constrain(v, ROW_AXES if v.ndim == 2 else ("batch",)) for k, v in slots.items() if k != "cache"}
     return dict(rowwise, cache=cache)
 
@@ -84,7 +86,7 @@ def _refill_impl(graphdef, state, slots: dict, groups: jax.Array, tokens: jax.Ar
     n = spec.n
     m, p = tokens.shape
     cache = slots["cache"]
-    layer_params = model.layers.per_layer()
+    layer_params = decode_layer_params(model)
     last, small, lens = prefill(model, tokens, mask, cache.k[0].dtype, layer_params)
     g_count, width = cache.prefix_valid.shape
     pad = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, width - p), (0, 0)])  # [m, K, P, D] -> [m, K, Pmax, D]
@@ -120,7 +122,7 @@ def _decode_impl(graphdef, state, slots: dict, busy: jax.Array, chunk: jax.Array
     model = nnx.merge(graphdef, state)
     n, max_new = spec.n, spec.max_new
     rows = slots["tok"].shape[0]
-    layer_params = model.layers.per_layer()
+    layer_params = decode_layer_params(model)
 
     def group_done(done: jax.Array) -> jax.Array:
         return busy & done.reshape(-1, n).all(axis=1)

@@ -147,8 +147,9 @@ def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]
                                    pad_id=tokenizer.pad_id, keys=sample_keys(key, ids, n), active=active)
             toks, lps, lens, done = (_to_host(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
             for r, i in enumerate(idx):
-                results[i] = [_completion(tokenizer, toks[r * n + j, :lens[r * n + j]], lps[r * n + j, :lens[r * n + j]],
-                                          bool(done[r * n + j]), eos_ids) for j in range(n)]
+                rows = [r * n + j for j in range(n)]
+                results[i] = [_completion(tokenizer, toks[row, :lens[row]], lps[row, :lens[row]], bool(done[row]),
+                                          eos_ids) for row in rows]
             if bar is not None:
                 bar.update(len(idx))
     finally:
