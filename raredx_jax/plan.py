@@ -28,8 +28,11 @@ and the flash-attention kernels (cuDNN, splash) which do not exist on CPU: atten
 reference, which materialises the [B, H, T, S] scores, so activations are an upper bound for those kernels (the
 plan prints the size of one layer's scores). Collectives are not timed (the roofline is per device).
 
-Trainable parameters are pluggable (`TRAINABLE`, `--trainable=`): "full" trains every parameter; a parameter-
-efficient method (LoRA) registers a `TrainSetup` builder and becomes one more column of the plan.
+Trainable parameters are pluggable (`TRAINABLE`, `--trainable=`, `register_trainable`): "full" trains every
+parameter; "lora" (chosen by itself when `lora.enabled=True`) plans LoRA / QLoRA as the trainers run it
+(raredx_jax/lora.py): the real LoRA step functions take the frozen base as an extra argument, the base is counted
+once (QLoRA: int8 / nf4 codes + scales, nf4 packed two per byte) and is GRPO's reference (0 extra bytes), and
+optimiser state and gradients cover the adapters only.
 
 Exit status: 0 the plan fits; 4 it does not (one line `plan: error: ...` naming the knob); 2 a bad config.
 """
@@ -298,8 +301,12 @@ def suggest_knob(plan: Plan) -> str:
     parts = []
     fsdp = plan.mesh.get("fsdp", 1)
     need = math.ceil(fsdp * state / max(hbm - acts - kv, 1)) if hbm > acts + kv else None
-    lora = ("LoRA, adapters only (--config.lora.enabled=True)" if "lora" in TRAINABLE
-            else "LoRA (adapters only; not in the plan yet)")
+    if plan.trainable == "full":
+        lora = "LoRA, adapters only (--config.lora.enabled=True)"
+    elif plan.trainable.startswith("lora"):  # the frozen base is most of the state: quantise it
+        lora = "QLoRA, a 4- or 8-bit frozen base (--config.lora.quantize=nf4 or int8)"
+    else:
+        lora = "fewer --config.lora.targets"
     parts.append((state, f"parameters + optimiser + gradients take {_gib(state)} per device: shard them over more "
                          f"devices (fsdp; --config.mesh.fsdp, a larger target"
                          f"{f', >= {need} devices' if need else ''}) or {lora}"))
@@ -437,6 +444,19 @@ def build_plan(config: Any, *, num_devices: int | None = None, hbm_bytes: float 
     return plan
 
 
+def train_flops_per_token(model_cfg: Any, seq: int, setup: TrainSetup) -> float:
+    """Model FLOPs per trained token: 6N + 12LHDT (`metrics.model_flops_per_token`); with a frozen base (LoRA) its
+    weights get no gradient, so 2 of the 6 FLOPs per frozen parameter (the weight-gradient matmul) are not done,
+    and the adapters (on top of the base's N) cost 6 each: 4 N + 6 N_adapters + 12LHDT (attention's backward is
+    unchanged)."""
+    from raredx_jax.training import metrics as metrics_lib
+
+    full = metrics_lib.model_flops_per_token(model_cfg, seq)
+    if setup.frozen_abs is None:
+        return full
+    return full - 2.0 * model_cfg.num_params() + 6.0 * setup.trainable_params
+
+
 def _base_plan(config: Any, model_cfg: Any, mesh: Any, acc: Any, setup: TrainSetup, stage: str) -> Plan:
     return Plan(stage=stage, target=config.hardware, preset=config.model.preset, num_devices=mesh.size,
                 mesh=dict(mesh.shape), trainable=setup.name, num_params=model_cfg.num_params(),
@@ -450,7 +470,6 @@ def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, c
     """SFT / knowledge SFT: the trainer's `make_train_step`, one optimiser step of train.batch_size x seq_len."""
     import jax.numpy as jnp
 
-    from raredx_jax.training import metrics as metrics_lib
     from raredx_jax.training.sft import BATCH_KEYS, batch_sharding, check_batch, make_train_step
 
     tc = config.train
@@ -469,7 +488,7 @@ def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, c
     plan = _base_plan(config, model_cfg, mesh, acc, setup, config.stage)
     ph = _phase("train_step", compiled, 0)  # frozen weights (LoRA) are an argument of the step
     ph.tokens = b * t // mesh.size
-    ph.model_flops = metrics_lib.model_flops_per_token(model_cfg, t) * ph.tokens
+    ph.model_flops = train_flops_per_token(model_cfg, t, setup) * ph.tokens
     if cost:
         ph.flops, ph.bytes_accessed = _layer_extrapolated_cost(lambda c: build(c)[0], model_cfg)
         _roofline(ph, acc)
@@ -547,7 +566,6 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
 
     from raredx_jax.sampling.sampler import SamplingParams
     from raredx_jax.training import grpo as g
-    from raredx_jax.training import metrics as metrics_lib
     from raredx_jax.training import rl_objectives as rlo
 
     s = g.GRPOSettings.from_config(config)
@@ -628,7 +646,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     up = _phase("update", build_update(model_cfg), plan.reference + kept,
                 note=f"x{updates} per step" if updates > 1 else "")
     up.tokens = tokens_dev
-    up.model_flops = metrics_lib.model_flops_per_token(model_cfg, seq) * tokens_dev
+    up.model_flops = train_flops_per_token(model_cfg, seq, setup) * tokens_dev
     if cost:
         up.flops, up.bytes_accessed = _layer_extrapolated_cost(build_update, model_cfg)
         _roofline(up, acc)

@@ -176,6 +176,9 @@ def test_knob_for_state_bound_plan_is_fsdp_or_lora():
     assert not plan.fits
     knob = suggest_knob(plan)
     assert "fsdp" in knob and "LoRA" in knob and ">= 3 devices" in knob, knob
+    plan.trainable = "lora (r=8, q_proj)"  # already LoRA: the frozen base is the state to shrink
+    knob = suggest_knob(plan)
+    assert "--config.lora.quantize=nf4" in knob and "lora.enabled" not in knob, knob
 
 
 def test_grpo_plan_has_every_phase_and_the_kv_cache():

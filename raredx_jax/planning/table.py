@@ -38,7 +38,7 @@ def run_one(stage: str, target: str, preset: str, extra: list[str]) -> dict[str,
 
 
 def _g(x: float) -> str:
-    return f"{x / GiB:.1f}"
+    return f"{x / GiB:.1f}" if x >= GiB / 10 or x == 0 else f"{x / GiB:.3f}"  # LoRA's adapter state: tens of MiB
 
 
 def trained(plan: dict[str, Any]) -> str:
