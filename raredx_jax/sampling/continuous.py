@@ -5,11 +5,12 @@ lengths. The static path (`Sampler.generate`) decodes a batch until its longest 
 slots (the n samples of one prompt) is refilled with the next prompt as soon as all n have stopped.
 
 Layout. G slot groups x n samples = R decode rows over one preallocated cache: each group's prompt keys/values
-sit in a read-only prefix ([G, K, Pmax, D] per layer) shared by its n rows, and each row's own tokens in
-[R, K, max_new, D] (the same `KVCache` as the static path, with a per-row write index). Two compiled programs:
+sit in a read-only prefix ([G, K, P, D] per layer) shared by its n rows, and each row's own tokens in
+[R, K, max_new, D] (the same `KVCache` as the static path, with a per-row write index). Prompts run in one
+session per length bucket P (shortest first), so no row reads a prefix wider than its bucket; the rows' own
+cache passes from session to session. Two compiled programs per bucket:
 
-* `refill`: prefill m prompts (m = all groups for the first fill, then 1/16 of them; the prompt length bucketed
-  to powers of two), write their keys/values into the freed groups' prefix slots, sample each row's first
+* `refill`: prefill m prompts (m = all groups for the first fill, then 1/16 of them), write their keys/values into the freed groups' prefix slots, sample each row's first
   token, and reset the rows' state;
 * `decode`: a `lax.while_loop` of decode steps over all rows that exits after `chunk` steps, when every row is
   done, or as soon as m groups have finished while prompts are waiting (the host then refills them at once).
@@ -161,62 +162,16 @@ _refill_jit = jax.jit(_refill_impl, static_argnames=("graphdef", "spec"), donate
 _decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "spec"), donate_argnames=("slots",))
 
 
-def generate_continuous(sampler: Sampler, prompts: Sequence[Sequence[int]], keys: Any, params: SamplingParams, *,
-                        n: int = 1, groups: int = 8, eos_ids: Sequence[int] = (),
-                        stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, chunk: int = 0,
-                        on_done: Callable[[int, list[RowResult]], None] | None = None) -> list[list[RowResult]]:
-    """n samples for each prompt (token lists), decoded in `groups` slot groups of n rows, refilled as they free.
-
-    keys: [len(prompts) * n] row keys (e.g. `sample_keys(key, prompt_ids, n)`), row i*n + j = sample j of prompt i.
-    groups is rounded up so the rows split evenly over the mesh's batch shards. chunk: most decode steps per
-    compiled call (0 = max_new_tokens). on_done(i, results) is called as prompt i finishes (progress bars).
-    Returns, per prompt in input order, its n RowResults.
-    """
-    if n < 1:
-        raise ValueError(f"n: must be >= 1 (got {n})")
-    if not prompts:
-        return []
-    for i, p in enumerate(prompts):
-        if not len(p):
-            raise ValueError(f"prompt {i}: encodes to no tokens")
-    divisor = sampler.batch_shards()
-    groups = max(1, min(int(groups), len(prompts)))
-    while (groups * n) % divisor:
-        groups += 1
-    max_new = int(params.max_new_tokens)
-    width = bucket_length(max(len(p) for p in prompts), params.max_prompt_len)
-    keys = _as_typed_key(keys)
-    if keys.shape != (len(prompts) * n,):
-        raise ValueError(f"keys: expected {len(prompts) * n} row keys (prompts * n), got shape {keys.shape}")
-    key_data = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), n, 2)
-    stops = tuple(dict.fromkeys(tuple(int(t) for t in s) for s in (*params.stop_sequences, *stop_sequences)))
-    eos = np.asarray(list(dict.fromkeys(int(e) for e in eos_ids)), np.int32).reshape(-1)
-    stop_m = _stop_matrix(stops)
-    spec = _Spec(n=int(n), max_new=max_new, temperature=float(params.temperature), top_k=int(params.top_k),
-                 top_p=float(params.top_p), pad_id=int(pad_id))
-    graphdef, state = nnx.split(sampler.model)
-    mesh = sampler._mesh(state)
-    rows = groups * n
-    cache = sampler._cache(rows, max_new, mesh)
-    eos_d, stop_d = _put(eos, (None,), mesh), _put(stop_m, (None, None), mesh)
-    chunk_d = jnp.asarray(int(chunk) or max_new, jnp.int32)
-
-    def call(fn, *args, **kw):
-        if not kw:
-            args, kw = (graphdef, state, *args), dict(spec=spec)
-        if mesh is None:
-            return fn(*args, **kw)
-        with jax.set_mesh(mesh):
-            return fn(*args, **kw)
-
+def _session(call: Callable, cache: KVCache, members: list[int], width: int, prompts: Sequence[Sequence[int]],
+             key_data: np.ndarray, params: SamplingParams, groups: int, n: int, max_new: int, chunk_d: jax.Array,
+             eos_d: jax.Array, stop_d: jax.Array, tail_len: int, pad_id: int, results: list,
+             on_done: Callable[[int, list[RowResult]], None] | None) -> KVCache:
+    """Decode the prompts `members` (one length bucket, prefix `width` wide) over the slot groups; fills `results`
+    and returns the rows' own cache for the next session."""
     slots = call(_init_slots_jit, cache, groups=groups, n=n, max_prompt=width, max_new=max_new,
-                 tail_len=int(stop_m.shape[1]), pad_id=int(pad_id))
-
-    results: list[list[RowResult] | None] = [None] * len(prompts)
+                 tail_len=int(tail_len), pad_id=int(pad_id))
     owner = np.full((groups,), -1)  # prompt index held by each group, -1 = free
-    # shortest first: prompts refilled together have similar lengths, so their prefill pads little (the order
-    # does not change any sample: each row's key is its prompt's)
-    pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pending = list(members)  # shortest first (the order does not change any sample: each row's key is its own)
 
     # Refills come in two sizes only, all groups (the first fill) and `refill_size` (1/16 of the groups: measured on
     # the skewed benchmark, refilling at once beat waiting to batch prefills), so a job compiles at most two refill
@@ -265,7 +220,66 @@ def generate_continuous(sampler: Sampler, prompts: Sequence[Sequence[int]], keys
                 on_done(i, out)
         if pending:
             refill(finished, refill_size)
-    # hand the decode cache back for reuse (its prefix is this run's, so it is dropped)
-    if sampler.keep_cache:
-        sampler._caches[(rows, max_new)] = slots["cache"].replace(prefix_k=None, prefix_v=None, prefix_valid=None)
+    return slots["cache"].replace(prefix_k=None, prefix_v=None, prefix_valid=None)  # the prefix is this session's
+
+
+def generate_continuous(sampler: Sampler, prompts: Sequence[Sequence[int]], keys: Any, params: SamplingParams, *,
+                        n: int = 1, groups: int = 8, eos_ids: Sequence[int] = (),
+                        stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, chunk: int = 0,
+                        on_done: Callable[[int, list[RowResult]], None] | None = None) -> list[list[RowResult]]:
+    """n samples for each prompt (token lists), decoded in `groups` slot groups of n rows, refilled as they free.
+
+    keys: [len(prompts) * n] row keys (e.g. `sample_keys(key, prompt_ids, n)`), row i*n + j = sample j of prompt i.
+    groups is rounded up so the rows split evenly over the mesh's batch shards. chunk: most decode steps per
+    compiled call (0 = max_new_tokens). on_done(i, results) is called as prompt i finishes (progress bars).
+    Returns, per prompt in input order, its n RowResults.
+    """
+    if n < 1:
+        raise ValueError(f"n: must be >= 1 (got {n})")
+    if not prompts:
+        return []
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {i}: encodes to no tokens")
+    divisor = sampler.batch_shards()
+    groups = max(1, min(int(groups), len(prompts)))
+    while (groups * n) % divisor:
+        groups += 1
+    max_new = int(params.max_new_tokens)
+    keys = _as_typed_key(keys)
+    if keys.shape != (len(prompts) * n,):
+        raise ValueError(f"keys: expected {len(prompts) * n} row keys (prompts * n), got shape {keys.shape}")
+    key_data = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), n, 2)
+    stops = tuple(dict.fromkeys(tuple(int(t) for t in s) for s in (*params.stop_sequences, *stop_sequences)))
+    eos = np.asarray(list(dict.fromkeys(int(e) for e in eos_ids)), np.int32).reshape(-1)
+    stop_m = _stop_matrix(stops)
+    spec = _Spec(n=int(n), max_new=max_new, temperature=float(params.temperature), top_k=int(params.top_k),
+                 top_p=float(params.top_p), pad_id=int(pad_id))
+    graphdef, state = nnx.split(sampler.model)
+    mesh = sampler._mesh(state)
+    rows = groups * n
+    cache = sampler._cache(rows, max_new, mesh)
+    eos_d, stop_d = _put(eos, (None,), mesh), _put(stop_m, (None, None), mesh)
+    chunk_d = jnp.asarray(int(chunk) or max_new, jnp.int32)
+
+    def call(fn, *args, **kw):
+        if not kw:
+            args, kw = (graphdef, state, *args), dict(spec=spec)
+        if mesh is None:
+            return fn(*args, **kw)
+        with jax.set_mesh(mesh):
+            return fn(*args, **kw)
+
+    results: list[list[RowResult] | None] = [None] * len(prompts)
+    # One session per prompt-length bucket, shortest first: a session's prompt prefix is as wide as its bucket
+    # (one width for all would make every decode step read the longest prompt's width for every row). The rows'
+    # own cache is the same for every session and passes from one to the next.
+    by_width: dict[int, list[int]] = {}
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        by_width.setdefault(bucket_length(len(prompts[i]), params.max_prompt_len), []).append(i)
+    for width, members in sorted(by_width.items()):
+        cache = _session(call, cache, members, width, prompts, key_data, params, groups, n, max_new, chunk_d,
+                         eos_d, stop_d, stop_m.shape[1], pad_id, results, on_done)
+    if sampler.keep_cache:  # hand the decode cache back for reuse
+        sampler._caches[(rows, max_new)] = cache
     return results  # type: ignore[return-value]
