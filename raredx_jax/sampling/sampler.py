@@ -247,9 +247,8 @@ def decode_layer_params(model: Transformer) -> tuple[dict[str, jax.Array], ...] 
 
     On one device (or tensor/data-parallel meshes) slicing the stacked weights inside the loop copies every
     weight on every step, so they are sliced once. With the weights fsdp-sharded, slices taken before the loop
-    would be all-gathered there and held for the whole call (every layer's full weights at once: for a 7B on
-    8 GPUs the plan showed 56 GiB of temporaries), so those are gathered layer by layer inside the step, FSDP's
-    usual trade of bandwidth for memory."""
+    could be all-gathered there and held for the whole call (every layer's full weights at once), so those are
+    gathered layer by layer inside the step, FSDP's usual trade of bandwidth for memory."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is not None and not mesh.empty and mesh.shape.get("fsdp", 1) > 1:
         return None
