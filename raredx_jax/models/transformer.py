@@ -174,7 +174,6 @@ class DecoderLayers(nnx.Module):
         return tuple({n: a[i] for n, a in stacked.items()} for i in range(next(iter(stacked.values())).shape[0]))
 
 
-
 def _weight(v: Any, dt: Any) -> jax.Array:
     """A layer's weight in the compute dtype. QLoRA's quantised base projections (qwix QArrays, raredx_jax/lora.py)
     are dequantised here, one layer at a time; integer arrays (the LoRA dropout key) pass unchanged."""
