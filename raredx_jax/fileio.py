@@ -200,6 +200,24 @@ def atomic_directory(dst: str, overwrite: bool = False, *, what: str = "--dst",
 _HOST = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary sibling of `path` to write; renamed onto `path` when the block ends, removed if it raises.
+
+    Why: a reader (or a rerun after a crash) sees the old file or the whole new one, never half of one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.partial-")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _writer(entry: str, prefix: str) -> str:
     """The writer of sibling `entry` (`<prefix><host>-<pid>-...`): "dead" (made on this host by a process that
     no longer runs), "alive" (this process, or one that runs: another user's too) or "unknown" (another host, a

@@ -441,3 +441,18 @@ def test_pickle_only_folder_refused_as_pickle_everywhere(tmp_path, fname):
         load_policy(str(d), single_device_mesh())  # diagnose and evaluate load through this
     with pytest.raises(CheckpointFormatError, match=want):
         hf_io.HFCheckpointReader(str(d))  # model.hf_path
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path):
+    from raredx_jax.fileio import atomic_file
+    path = tmp_path / "sub" / "out.json"
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "new" and sorted(p.name for p in path.parent.iterdir()) == ["out.json"]

@@ -9,11 +9,9 @@ a valid Phenopacket with its diagnosis, its HPO terms (when known), sex and age,
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from phenopackets import (Age, Diagnosis, Disease, ExternalReference, Gestationa
                           MetaData, OntologyClass, Phenopacket, PhenotypicFeature, Resource, Sex, TimeElement)
 
 from raredx_jax.data.case import Case
+from raredx_jax.fileio import atomic_file
 
 __all__ = ["PhenopacketSchemaError", "parse_phenopacket", "phenopacket_to_json", "case_to_phenopacket",
            "write_phenopacket", "SCHEMA_VERSION"]
@@ -230,16 +229,8 @@ def case_to_phenopacket(case: Case, ontology: Any = None, created_by: str = "rar
 def write_phenopacket(packet: Phenopacket, path: str | Path) -> Path:
     """Write one phenopacket as JSON, atomically (a temporary sibling renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(phenopacket_to_json(packet), indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(phenopacket_to_json(packet), indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return path

@@ -30,13 +30,12 @@ the positions; an unlinked entry keeps its position, as in eval.json's ``llm_ran
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from raredx_jax.fileio import atomic_file
 
 PHEVAL_VERSION = "0.7.14"
 # (column, Arrow type) of the file PhEval benchmarks, in its order (post_processing.py, _write_disease_result)
@@ -112,16 +111,8 @@ def write_disease_result(cols: dict[str, list], path: str | Path) -> Path:
     schema = pa.schema([(name, arrow[t]) for name, t in DISEASE_RESULT_COLUMNS])
     table = pa.Table.from_pydict({name: cols[name] for name, _ in DISEASE_RESULT_COLUMNS}, schema=schema)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 
