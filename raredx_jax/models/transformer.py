@@ -68,9 +68,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
-
 
 def write_rows(buf: jax.Array, update: jax.Array, index: jax.Array, axis: int) -> jax.Array:
     """buf with `update` written at per-row offsets `index` [B] along `axis` (rows = axis 0), in place.

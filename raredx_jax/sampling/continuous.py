@@ -10,8 +10,8 @@ sit in a read-only prefix ([G, K, P, D] per layer) shared by its n rows, and eac
 session per length bucket P (shortest first), so no row reads a prefix wider than its bucket; the rows' own
 cache passes from session to session. Two compiled programs per bucket:
 
-* `refill`: prefill m prompts (m = all groups for the first fill, then 1/16 of them), write their keys/values into the freed groups' prefix slots, sample each row's first
-  token, and reset the rows' state;
+* `refill`: prefill m prompts (m = all groups for the first fill, then 1/16 of them), write their keys/values
+  into the freed groups' prefix slots, sample each row's first token, and reset the rows' state;
 * `decode`: a `lax.while_loop` of decode steps over all rows that exits after `chunk` steps, when every row is
   done, or as soon as m groups have finished while prompts are waiting (the host then refills them at once).
 
@@ -33,8 +33,8 @@ from flax import nnx
 from raredx_jax.models.transformer import CACHE_AXES, VALID_AXES, KVCache
 from raredx_jax.parallel.sharding import constrain
 from raredx_jax.sampling.sampler import (ROW_AXES, Sampler, SamplingParams, _as_typed_key, _put, _Spec, _stop_matrix,
-                                         bucket_length, decode_layer_params, left_pad, prefill, record_tokens,
-                                         select_tokens)
+                                         bucket_length, decode_layer_params, left_pad, next_pow2, prefill,
+                                         record_tokens, select_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,6 @@ class RowResult:
     tokens: np.ndarray  # [length] int32
     logprobs: np.ndarray  # [length] float32
     stopped: bool  # True: EOS / stop sequence; False: max_new_tokens reached
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _init_slots(cache: KVCache, groups: int, n: int, max_prompt: int, max_new: int, tail_len: int,
@@ -176,7 +172,7 @@ def _session(call: Callable, cache: KVCache, members: list[int], width: int, pro
     # Refills come in two sizes only, all groups (the first fill) and `refill_size` (1/16 of the groups: measured on
     # the skewed benchmark, refilling at once beat waiting to batch prefills), so a job compiles at most two refill
     # programs per prompt-length bucket.
-    refill_size = _pow2(max(1, groups // 16))
+    refill_size = next_pow2(max(1, groups // 16))
 
     def refill(free: list[int], size: int) -> None:
         nonlocal slots

@@ -480,8 +480,13 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
     return tokens, mask
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): the bucket sizes that keep compiled shapes few."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
 def bucket_length(length: int, max_len: int, minimum: int = 16) -> int:
     """Padded prompt length: the next power of two >= length (at least `minimum`), capped at max_len."""
     if length > max_len:
         raise ValueError(f"prompt of {length} tokens exceeds sampling.max_prompt_len={max_len}")
-    return min(max(minimum, 1 << max(0, int(length) - 1).bit_length()), max_len)
+    return min(max(minimum, next_pow2(length)), max_len)

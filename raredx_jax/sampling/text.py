@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from raredx_jax.sampling.sampler import Sampler, SamplingParams, bucket_length, left_pad, sample_keys
+from raredx_jax.sampling.sampler import Sampler, SamplingParams, bucket_length, left_pad, next_pow2, sample_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def _batch_rows(count: int, batch_size: int, divisor: int) -> int:
     """Rows a chunk of `count` prompts is padded to: the full batch_size for full chunks, else the next power of
     two (so the last, partial chunk reuses few shapes), always a multiple of the mesh's batch shards."""
-    rows = batch_size if count == batch_size else min(batch_size, 1 << max(0, count - 1).bit_length())
+    rows = batch_size if count == batch_size else min(batch_size, next_pow2(count))
     return -(-rows // divisor) * divisor
 
 
