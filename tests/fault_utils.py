@@ -170,7 +170,7 @@ def _digit_dirs(path: str) -> list[int]:
 
 
 def _committed_chunks(journal_dir: str) -> int:
-    from raredx_jax.training.rers import read_journals
+    from raredx_jax.training.rers_journal import read_journals
 
     return len(read_journals(journal_dir)) if os.path.isdir(journal_dir) else 0
 
@@ -274,7 +274,7 @@ def file_digests(root: str, skip: Callable[[str], bool] = lambda rel: False) -> 
 
 def journal_cases(stage_dir: str) -> dict[str, dict]:
     """RERS journal case lines by case id (every chunk committed, in any shard journal)."""
-    from raredx_jax.training.rers import read_journals
+    from raredx_jax.training.rers_journal import read_journals
 
     chunks = read_journals(os.path.join(stage_dir, "journal"))
     return {c["case_id"]: c for k in sorted(chunks) for c in chunks[k]["cases"]}

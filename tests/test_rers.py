@@ -14,10 +14,12 @@ Two kinds of samplers are used:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,10 +32,20 @@ sys.path.insert(0, str(REPO))
 
 from configs import rers as rers_config  # noqa: E402
 from configs import rers_sft as rers_sft_config  # noqa: E402
+from raredx_jax.checkpoints import hf_io  # noqa: E402
+from raredx_jax.checkpoints.orbax import save_model  # noqa: E402
+from raredx_jax.data.build import build_all  # noqa: E402
+from raredx_jax.data.hpo import load_ontology, select_diseases  # noqa: E402
+from raredx_jax.data.linking import DiseaseLinker  # noqa: E402
 from raredx_jax.data.prompts import diagnosis_messages, format_completion, reflection_messages  # noqa: E402
-from raredx_jax.rewards.combined import DEFAULT_LEAK_PHRASES, leak_check  # noqa: E402
+from raredx_jax.data.tfds_builders import data_source, decode_sft  # noqa: E402
+from raredx_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from raredx_jax.models.config import model_config_from  # noqa: E402
+from raredx_jax.parallel.mesh import make_mesh  # noqa: E402
+from raredx_jax.rewards.combined import leak_check  # noqa: E402
 from raredx_jax.rewards.diagnosis import verify  # noqa: E402
-from raredx_jax.training import rers  # noqa: E402
+from raredx_jax.training import rers, rers_journal  # noqa: E402
+from raredx_jax.training.settings import config_section, from_section  # noqa: E402
 
 # The tiny data set every test here shares (the subprocesses get the same values as overrides).
 DATA = {"data.diseases.n": 4, "data.diseases.seed": 0, "data.notes_per_disease": 3,
@@ -63,8 +75,6 @@ def make_config(data_dir: str, run_dir: str = "", **overrides):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from raredx_jax.data.build import build_all
-
     d = str(tmp_path_factory.mktemp("rers_data"))
     build_all(make_config(d), log=lambda m: None)
     return d
@@ -73,9 +83,6 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(data_dir):
     """(config, cases sorted by id, diseases, linker) of the shared tiny data set."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-    from raredx_jax.data.linking import DiseaseLinker
-
     c = make_config(data_dir)
     cases = rers.load_cases(c)
     diseases = select_diseases(load_ontology(), c.data.diseases)
@@ -157,14 +164,16 @@ def fixed_sampler(config):
 
 
 # --- keep / reject (deterministic) ----------------------------------------------------------------------------------
-def _settings(c):
-    return rers.RersSettings.from_config(c, checkpoint="test")
+def _rounds(c, cases, sample_fn, linker, seed=0):
+    """Both rounds with `c`'s rers and rewards sections, records marked with checkpoint "test"."""
+    return rers.rers_cases(cases, sample_fn, linker, rers.rers_settings(c), seed,
+                           judge=rers.JudgeSettings.from_config(c), checkpoint="test")
 
 
 def test_reflection_keeps_original_prompt_and_no_leak(world):
     c, cases, diseases, linker = world
     fixed = FixedTexts(cases)
-    outs = rers.rers_cases(cases, fixed, linker, _settings(c), seed=7)
+    outs = _rounds(c, cases, fixed, linker, seed=7)
     by_id = {c_.id: c_ for c_ in cases}
     refl = [o for o in outs if o.status == "reflection"]
     assert refl and len(refl) == sum(group(x.id) == "reflection" for x in cases)
@@ -190,7 +199,7 @@ def test_reflection_keeps_original_prompt_and_no_leak(world):
 
 def test_wrong_answers_are_never_kept(world):
     c, cases, diseases, linker = world
-    outs = rers.rers_cases(cases, FixedTexts(cases), linker, _settings(c))
+    outs = _rounds(c, cases, FixedTexts(cases), linker)
     statuses = {o.case_id: o.status for o in outs}
     assert statuses == {x.id: group(x.id) for x in cases}  # exactly the scripted outcome per case
     for o, case in zip(outs, cases):
@@ -203,12 +212,13 @@ def test_wrong_answers_are_never_kept(world):
     direct = [o for o in outs if o.status == "direct"]
     assert direct and all(o.record["try_index"] == 2 and o.direct["correct"] == 2 for o in direct)
     c_first = make_config(c.data.dir, rers__keep_rule="first")
-    outs_first = rers.rers_cases(cases, FixedTexts(cases), linker, _settings(c_first))
+    outs_first = _rounds(c_first, cases, FixedTexts(cases), linker)
     assert all(o.record["try_index"] == 1 for o in outs_first if o.status == "direct")
 
     # a sampler that only ever answers wrong / badly: nothing is kept, every case is reported unsolved
     def only_wrong(messages_list, n, seed):
-        texts = ["", "no answer tag at all", "<answer>\n1. {g}\n", "<think>x</think>\n<answer>\n1. {w}\n2. {g}\n</answer>",
+        texts = ["", "no answer tag at all", "<answer>\n1. {g}\n",
+                 "<think>x</think>\n<answer>\n1. {w}\n2. {g}\n</answer>",
                  "<think>x</think>\n<answer>\n1. none\n</answer>"]
         out = []
         for m in messages_list:
@@ -217,26 +227,26 @@ def test_wrong_answers_are_never_kept(world):
             out.append([texts[j % len(texts)].format(g=case.diagnosis_name, w=w) for j in range(n)])
         return out
 
-    outs = rers.rers_cases(cases, only_wrong, linker, _settings(c))
+    outs = _rounds(c, cases, only_wrong, linker)
     assert all(o.record is None and o.status == "unsolved" for o in outs)
 
 
 def test_journal_ignores_uncommitted_chunk_and_torn_line(tmp_path, world):
     c, cases, diseases, linker = world
-    outs = rers.rers_cases(cases[:4], FixedTexts(cases), linker, _settings(c))
+    outs = _rounds(c, cases[:4], FixedTexts(cases), linker)
     path = str(tmp_path / "journal" / "shard-00000-of-00001.jsonl")
-    j = rers.Journal(path)
+    j = rers_journal.Journal(path)
     j.append_chunk(0, outs[:2], 1.0)
     size = os.path.getsize(path)
     with open(path, "a") as f:  # a kill in the middle of chunk 1's write
         f.write(json.dumps({"chunk": 1, **outs[2].to_json()}) + "\n" + '{"chunk": 1, "case_id": "x", "sta')
-    chunks, good = rers.read_journal(path)
+    chunks, good = rers_journal.read_journal(path)
     assert list(chunks) == [0] and good == size
     assert [x["case_id"] for x in chunks[0]["cases"]] == [o.case_id for o in outs[:2]]
-    j = rers.Journal(path)  # reopening cuts the uncommitted tail
+    j = rers_journal.Journal(path)  # reopening cuts the uncommitted tail
     assert os.path.getsize(path) == size and j.committed == {0}
     j.append_chunk(1, outs[2:], 1.0)
-    chunks, _ = rers.read_journal(path)
+    chunks, _ = rers_journal.read_journal(path)
     assert sorted(chunks) == [0, 1] and sum(len(v["cases"]) for v in chunks.values()) == 4
 
 
@@ -249,6 +259,37 @@ def test_configs_compose_and_sft_finds_the_trajectories():
     assert os.path.normpath(s.train.data_dir) == os.path.normpath(os.path.join(c.run_dir, "trajectories"))
     for hw in ("gpu1", "h100x8"):  # hardware targets still own the mesh / dtypes
         assert rers_config.get_config(hw).model.dtype == "bfloat16"
+
+
+def test_rers_settings_are_the_rers_section():
+    """Every `rers.*` field the stage reads is a RersSettings field (so each is a known, overridable config field
+    and has its one default there), and a typo or a bad value is refused naming the field."""
+    fields = {f.name for f in dataclasses.fields(rers.RersSettings)}
+    c = rers_config.get_config()
+    assert set(c.rers.keys()) == fields == set(config_section(rers.RersSettings).keys())
+    assert from_section(rers.RersSettings, config_section(rers.RersSettings), "rers") == rers.RersSettings()
+    assert rers.rers_settings(c).chunk_size == c.rers.chunk_size
+    c.rers.num_sample = 3  # a typo of num_samples
+    with pytest.raises(ValueError, match=r"config\.rers\.num_sample: unknown field"):
+        rers.rers_settings(c)
+    for field, value, msg in (("phase", "both", "rers.phase must be one of"),
+                              ("keep_rule", "longest", "rers.keep_rule must be one of"),
+                              ("chunk_size", 0, "rers.chunk_size must be >= 1"),
+                              ("shard_count", 2, r"rers.shard_index must be in \[0, rers.shard_count=2\)")):
+        with pytest.raises(ValueError, match=msg):
+            rers.RersSettings(**{field: value})
+    judge = rers.JudgeSettings.from_config(c)  # the leak check and verifier read config.rewards, not rers.*
+    assert (judge.verify_top_k, judge.leak_phrases, judge.leak_min_findings) == (
+        c.rewards.top_k, tuple(c.rewards.leak_phrases), c.rewards.leak_min_findings)
+
+
+def test_journal_and_settings_modules_are_light_imports():
+    """GRPO reads the journal through rers_journal and configs/base.py builds the rers section from rers_settings:
+    importing them must not pull in JAX, TF or the RERS stage."""
+    code = ("import sys, raredx_jax.training.rers_journal, raredx_jax.training.rers_settings; print(sorted(m for m in "
+            "('jax', 'tensorflow', 'tensorflow_datasets', 'raredx_jax.training.rers') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
 # --- CLI: kill and resume, shards + merge ---------------------------------------------------------------------------
@@ -273,12 +314,11 @@ def _run(cmd, **env):
 
 
 def _dataset(run_dir: str) -> dict[str, list[dict]]:
-    from raredx_jax.data.tfds_builders import data_source, decode_sft
-
     out = {}
     for split in ("train", "validation"):
         try:
-            out[split] = [decode_sft(r) for r in data_source(rers.DATASET, split, os.path.join(run_dir, "trajectories"))]
+            out[split] = [decode_sft(r)
+                          for r in data_source(rers.DATASET, split, os.path.join(run_dir, "trajectories"))]
         except ValueError:
             out[split] = []
     return out
@@ -317,13 +357,13 @@ def test_single_run_output(single_run, world):
 
 def test_kill_mid_run_and_resume(data_dir, single_run, tmp_path):
     run_dir = str(tmp_path / "killed")
-    journal = os.path.join(run_dir, rers.JOURNAL_DIR, "shard-00000-of-00001.jsonl")
+    journal = os.path.join(run_dir, rers_journal.JOURNAL_DIR, "shard-00000-of-00001.jsonl")
     p = subprocess.Popen(_cmd(data_dir, run_dir), cwd=REPO, env=_env(RERS_TEST_DELAY="0.4"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
-            if len(rers.read_journal(journal)[0]) >= 2:
+            if len(rers_journal.read_journal(journal)[0]) >= 2:
                 break
             time.sleep(0.05)
         assert p.poll() is None, "the run ended before it could be killed"
@@ -333,12 +373,12 @@ def test_kill_mid_run_and_resume(data_dir, single_run, tmp_path):
         if p.poll() is None:
             p.kill()
     n_chunks = single_run[2]["chunks"]
-    done_before = set(rers.read_journal(journal)[0])
+    done_before = set(rers_journal.read_journal(journal)[0])
     assert 2 <= len(done_before) < n_chunks
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
     out = _run(_cmd(data_dir, run_dir))
     assert f"{len(done_before)} already journaled" in out.stdout
-    chunks, _ = rers.read_journal(journal)
+    chunks, _ = rers_journal.read_journal(journal)
     case_ids = [x["case_id"] for k in chunks for x in chunks[k]["cases"]]
     assert len(case_ids) == len(set(case_ids)) == single_run[2]["cases"]  # nothing lost, nothing twice
     assert _key(_dataset(run_dir)) == _key(single_run[1])
@@ -353,7 +393,7 @@ def test_two_shards_then_merge_equal_one_process(data_dir, single_run, tmp_path)
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
-    journals = sorted(os.listdir(os.path.join(run_dir, rers.JOURNAL_DIR)))
+    journals = sorted(os.listdir(os.path.join(run_dir, rers_journal.JOURNAL_DIR)))
     assert journals == ["manifest.json", "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
     merge_cfg = make_config(data_dir, run_dir, rers__phase="merge", rers__chunk_size=2,
                             rers__validation_fraction=0.25, rers__sampler="tests.test_rers:fixed_sampler")
@@ -368,8 +408,6 @@ def test_two_shards_then_merge_equal_one_process(data_dir, single_run, tmp_path)
 
 def test_two_jax_processes_on_loopback_equal_one_process(data_dir, single_run, tmp_path):
     """jax.distributed (2 processes on loopback): each takes its chunks, the primary merges after a barrier."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -381,7 +419,7 @@ def test_two_jax_processes_on_loopback_equal_one_process(data_dir, single_run, t
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
-    assert sorted(os.listdir(os.path.join(run_dir, rers.JOURNAL_DIR))) == [
+    assert sorted(os.listdir(os.path.join(run_dir, rers_journal.JOURNAL_DIR))) == [
         "manifest.json", "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
     assert _key(_dataset(run_dir)) == _key(single_run[1])
 
@@ -395,12 +433,6 @@ def test_changed_settings_refuse_to_resume(data_dir, single_run):
 
 # --- the real tiny model, end to end (in process) -------------------------------------------------------------------
 def test_real_tiny_model_end_to_end(data_dir, world, tmp_path):
-    from raredx_jax.checkpoints import hf_io
-    from raredx_jax.checkpoints.orbax import save_model
-    from raredx_jax.data.tokenizer import load_tokenizer
-    from raredx_jax.models.config import model_config_from
-    from raredx_jax.parallel.mesh import make_mesh
-
     c, cases, *_ = world
     tok = load_tokenizer(c)
     model = hf_io.init_model(model_config_from(c, tok.vocab_size), make_mesh(c.mesh), seed=0)
@@ -413,7 +445,7 @@ def test_real_tiny_model_end_to_end(data_dir, world, tmp_path):
     assert summary["cases"] == 2 and summary["chunks"] == 2 and summary["checkpoint"] == ckpt
     assert summary["solved_direct"] + summary["solved_reflection"] + summary["unsolved"] == 2
     assert summary["generated_tokens"] > 0 and summary["tokens_per_s"] > 0
-    chunks = rers.read_journals(os.path.join(cfg.run_dir, rers.JOURNAL_DIR))
+    chunks = rers_journal.read_journals(os.path.join(cfg.run_dir, rers_journal.JOURNAL_DIR))
     lines = [x for k in sorted(chunks) for x in chunks[k]["cases"]]
     assert [x["case_id"] for x in lines] == [x.id for x in cases[:2]]
     linker = world[3]

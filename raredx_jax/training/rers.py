@@ -27,7 +27,8 @@ rationale. For each training case (the simulated `rers.split` of `data.dir`, sor
 
 Scale: cases are processed in chunks of `rers.chunk_size` (chunk k = sorted cases [k*C, (k+1)*C)). Each
 finished chunk appends one JSON line per case (status + the kept record) and a commit line to this shard's
-journal `<run_dir>/journal/shard-<i>-of-<n>.jsonl`, in one write followed by fsync. Lines of a chunk without
+journal `<run_dir>/journal/shard-<i>-of-<n>.jsonl`, in one write followed by fsync (the format:
+`training/rers_journal.py`). Lines of a chunk without
 its commit line (a kill mid-write) are ignored and cut off on restart; a restart skips every chunk committed
 in ANY journal of the run. Sampling seeds depend only on (`seed`, chunk index, round), so a resumed or
 differently sharded run samples exactly what an uninterrupted single-process run samples. Shards: process i of
@@ -38,26 +39,62 @@ processes each samples on a mesh of its local devices.
 
 Every case ends up in the journal with a status (direct | reflection | unsolved, with the reason), so nothing
 is dropped silently; a prompt longer than the sampler's limit is reported as such, not fatal.
+
+Layout: the `rers.*` fields and their defaults are `RersSettings` (training/rers_settings.py), the journal
+format is training/rers_journal.py; here are the rounds (`rers_cases`), the samplers, the merge and the driver
+(`run_rers`: plan this shard, sample its chunks, then summarize or merge).
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from raredx_jax.data import tfds_builders
+from raredx_jax.data.hpo import load_ontology, select_diseases
+from raredx_jax.data.linking import DiseaseLinker
+from raredx_jax.data.prompts import diagnosis_messages, reflection_messages
+from raredx_jax.data.tokenizer import load_tokenizer
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.rewards.combined import leak_check, rewards_config
+from raredx_jax.rewards.diagnosis import verify
+from raredx_jax.sampling.sampler import Sampler, SamplingParams
+from raredx_jax.sampling.text import generate_text
+from raredx_jax.training.common import (
+    STAGE_COMMANDS,
+    MissingInputError,
+    check_vocab,
+    initial_model_config,
+    load_initial_model,
+    resolve_init_checkpoint,
+    sync,
+    write_json,
+)
+from raredx_jax.training.rers_journal import (
+    JOURNAL_DIR,
+    Journal,
+    check_manifest,
+    journal_path,
+    read_journal,
+    read_journals,
+)
+from raredx_jax.training.rers_settings import KEEP_RULES, RersSettings, rers_settings
+
+log = logging.getLogger(__name__)
+
 ROUNDS = {"direct": 0, "reflection": 1}
-KEEP_RULES = ("shortest", "first")
-PHASES = ("all", "sample", "merge")
 STATUSES = ("direct", "reflection", "unsolved")
 DATASET = "raredx_rers_trajectories"
-JOURNAL_DIR = "journal"
-MANIFEST = "manifest.json"
 PROMPT_TOO_LONG = "prompt_too_long"
 
 # sample_fn(messages_list, n, seed) -> per prompt, n samples: str, or objects with `.text` (and optionally
@@ -67,45 +104,24 @@ SampleFn = Callable[[Sequence[list[dict]], int, int], list[list[Any]]]
 
 # --- settings -----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class RersSettings:
-    """What the round logic needs (from `config.rers` and `config.rewards`)."""
+class JudgeSettings:
+    """How a sample is judged: the verifier's linked entries and the reflection round's leak check. Read from
+    `config.rewards` (its defaults live in `rewards.combined.rewards_config`, so none are repeated here)."""
 
-    num_samples: int = 4
-    reflection_tries: int = 4
-    keep_rule: str = "shortest"
-    answer_top_k: int = 5  # the differential size asked for in diagnosis_messages
-    verify_top_k: int = 10  # entries linked when verifying (rewards.top_k)
-    leak_phrases: tuple[str, ...] | None = None  # None = rewards.combined.DEFAULT_LEAK_PHRASES
-    leak_min_findings: int = 2
-    leak_min_overlap: float = 0.5
-    checkpoint: str = ""  # provenance written into every record
-
-    def __post_init__(self) -> None:
-        if self.keep_rule not in KEEP_RULES:
-            raise ValueError(f"rers.keep_rule must be one of {KEEP_RULES}, got {self.keep_rule!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"rers.num_samples must be >= 1, got {self.num_samples}")
-        if self.reflection_tries < 0:
-            raise ValueError(f"rers.reflection_tries must be >= 0 (0 = no reflection round), got "
-                             f"{self.reflection_tries}")
-        if self.answer_top_k < 1:
-            raise ValueError(f"rers.answer_top_k must be >= 1, got {self.answer_top_k}")
+    verify_top_k: int  # entries linked when verifying (rewards.top_k)
+    leak_phrases: tuple[str, ...] | None  # None = rewards.combined.DEFAULT_LEAK_PHRASES
+    leak_min_findings: int
+    leak_min_overlap: float
 
     @classmethod
-    def from_config(cls, config: Any, checkpoint: str = "") -> "RersSettings":
-        from raredx_jax.rewards.combined import rewards_config
-
-        r = config.rers
+    def from_config(cls, config: Any) -> JudgeSettings:
+        """From `config.rewards` (the `rewards_config()` defaults when the config has no such section)."""
         rw = config.get("rewards", None) or rewards_config()
-        phrases = rw.get("leak_phrases", None)
-        if isinstance(phrases, str):
+        phrases = rw.leak_phrases
+        if isinstance(phrases, str):  # a command-line override: comma-separated
             phrases = tuple(p.strip() for p in phrases.split(",") if p.strip())
-        return cls(num_samples=int(r.num_samples), reflection_tries=int(r.reflection_tries),
-                   keep_rule=str(r.keep_rule), answer_top_k=int(r.get("answer_top_k", 5)),
-                   verify_top_k=int(rw.get("top_k", 10)),
-                   leak_phrases=None if phrases is None else tuple(phrases),
-                   leak_min_findings=int(rw.get("leak_min_findings", 2)),
-                   leak_min_overlap=float(rw.get("leak_min_overlap", 0.5)), checkpoint=checkpoint)
+        return cls(verify_top_k=int(rw.top_k), leak_phrases=None if phrases is None else tuple(phrases),
+                   leak_min_findings=int(rw.leak_min_findings), leak_min_overlap=float(rw.leak_min_overlap))
 
 
 # --- round logic (pure Python on decoded text) ----------------------------------------------------------------------
@@ -181,29 +197,24 @@ def failed_attempt_index(verifications: Sequence[Any]) -> int:
 
 
 def make_record(case: Any, completion: str, round_name: str, try_index: int, rank: int, checkpoint: str,
-                tokens: int, answer_top_k: int = 5) -> dict:
+                tokens: int, answer_top_k: int) -> dict:
     """A trajectory record: the ORIGINAL diagnosis prompt + the kept completion + provenance."""
-    from raredx_jax.data.prompts import diagnosis_messages
-
     return {"prompt": diagnosis_messages(case.text, top_k=answer_top_k), "completion": completion,
             "case_id": case.id, "round": ROUNDS[round_name], "kind": round_name, "try_index": int(try_index),
             "rank": int(rank), "checkpoint": checkpoint, "completion_tokens": int(tokens)}
 
 
 def rers_cases(cases: Sequence[Any], sample_fn: SampleFn, linker: Any, settings: RersSettings, seed: int = 0, *,
-               reflect_fn: SampleFn | None = None, length_fn: Callable[[str], int] | None = None
-               ) -> list[CaseOutcome]:
+               judge: JudgeSettings, checkpoint: str, reflect_fn: SampleFn | None = None,
+               length_fn: Callable[[str], int] | None = None) -> list[CaseOutcome]:
     """Both RERS rounds for a batch of cases; one CaseOutcome per case, in order.
 
     sample_fn samples the direct round (`seed`), reflect_fn (default: sample_fn) the reflection round
     (`seed + 1`). In production both wrap `sampling.text.generate_text` on the policy; any function with the same
     contract works (tests pass fixed texts). length_fn measures a text given as a plain string in tokens
-    (default: whitespace words).
+    (default: whitespace words). `judge` says how a sample is verified and leak-checked; `checkpoint` is the
+    provenance written into every record.
     """
-    from raredx_jax.data.prompts import diagnosis_messages, reflection_messages
-    from raredx_jax.rewards.combined import leak_check
-    from raredx_jax.rewards.diagnosis import verify
-
     reflect_fn = reflect_fn or sample_fn
     length_fn = length_fn or (lambda t: len(t.split()))
     s = settings
@@ -213,7 +224,7 @@ def rers_cases(cases: Sequence[Any], sample_fn: SampleFn, linker: Any, settings:
     outcomes: list[CaseOutcome] = []
     need_reflection: list[tuple[int, int]] = []  # (case position, failed sample index)
     for i, (case, samples) in enumerate(zip(cases, direct)):
-        vers = [verify(x.text, case.diagnosis, linker, top_k=s.verify_top_k) for x in samples]
+        vers = [verify(x.text, case.diagnosis, linker, top_k=judge.verify_top_k) for x in samples]
         good = [(j, x) for j, (x, v) in enumerate(zip(samples, vers)) if v.format_ok and v.rank == 1]
         stats = {"tries": len(samples), "correct": len(good), "format_ok": sum(v.format_ok for v in vers),
                  "ranks": [v.rank for v in vers],
@@ -221,7 +232,7 @@ def rers_cases(cases: Sequence[Any], sample_fn: SampleFn, linker: Any, settings:
         tokens = sum(x.tokens for x in samples)
         if good:
             j, x = select_sample(good, s.keep_rule)
-            rec = make_record(case, x.text, "direct", j, 1, s.checkpoint, x.tokens, s.answer_top_k)
+            rec = make_record(case, x.text, "direct", j, 1, checkpoint, x.tokens, s.answer_top_k)
             outcomes.append(CaseOutcome(case.id, "direct", rec, stats, {}, tokens, f"direct try {j} kept"))
         else:
             outcomes.append(CaseOutcome(case.id, "unsolved", None, stats, {}, tokens))
@@ -235,13 +246,13 @@ def rers_cases(cases: Sequence[Any], sample_fn: SampleFn, linker: Any, settings:
             case, out = cases[i], outcomes[i]
             good, rejected, reasons = [], 0, []
             for j, x in enumerate(samples):
-                v = verify(x.text, case.diagnosis, linker, top_k=s.verify_top_k)
+                v = verify(x.text, case.diagnosis, linker, top_k=judge.verify_top_k)
                 if not (v.format_ok and v.rank == 1):
                     reasons.append("too long" if x.finish_reason == PROMPT_TOO_LONG else
                                    f"rank {v.rank}" if v.format_ok else "bad format")
                     continue
-                ok, why = leak_check(x.text, case.text, case.diagnosis_name, phrases=s.leak_phrases,
-                                     min_findings=s.leak_min_findings, min_overlap=s.leak_min_overlap)
+                ok, why = leak_check(x.text, case.text, case.diagnosis_name, phrases=judge.leak_phrases,
+                                     min_findings=judge.leak_min_findings, min_overlap=judge.leak_min_overlap)
                 if ok:
                     good.append((j, x))
                 else:
@@ -254,7 +265,7 @@ def rers_cases(cases: Sequence[Any], sample_fn: SampleFn, linker: Any, settings:
             if good:
                 j, x = select_sample(good, s.keep_rule)
                 out.status = "reflection"
-                out.record = make_record(case, x.text, "reflection", j, 1, s.checkpoint, x.tokens, s.answer_top_k)
+                out.record = make_record(case, x.text, "reflection", j, 1, checkpoint, x.tokens, s.answer_top_k)
                 out.reason = f"reflection try {j} kept (direct 0/{out.direct['tries']} correct)"
             else:
                 out.reason = (f"direct 0/{out.direct['tries']} correct; reflection 0/{len(samples)} kept ("
@@ -272,98 +283,16 @@ def _counts(reasons: Iterable[str]) -> list[str]:
     return [f"{n}x {r}" for r, n in c.items()]
 
 
-# --- journal ------------------------------------------------------------------------------------------------------
-def journal_path(journal_dir: str, shard_index: int, shard_count: int) -> str:
-    return os.path.join(journal_dir, f"shard-{shard_index:05d}-of-{shard_count:05d}.jsonl")
-
-
-def read_journal(path: str) -> tuple[dict[int, dict], int]:
-    """(committed chunks {chunk: {"cases": [case lines], "commit": commit line}}, byte length of the committed
-    prefix). Case lines after the last commit line (a chunk cut by a kill) and a torn last line are ignored."""
-    chunks: dict[int, dict] = {}
-    pending: dict[int, list[dict]] = {}
-    good_end = 0
-    if not os.path.isfile(path):
-        return chunks, 0
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    for raw in data.splitlines(keepends=True):
-        pos += len(raw)
-        if not raw.endswith(b"\n"):
-            break  # torn tail
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:
-            break
-        if "commit" in line:
-            k = int(line["commit"])
-            cases = pending.pop(k, [])
-            if len(cases) != int(line.get("n", len(cases))):
-                break  # should not happen (one write per chunk); treat as uncommitted
-            chunks[k] = {"cases": cases, "commit": line}
-            good_end = pos
-        elif "chunk" in line:
-            pending.setdefault(int(line["chunk"]), []).append(line)
-    return chunks, good_end
-
-
-def read_journals(journal_dir: str) -> dict[int, dict]:
-    """Committed chunks of every shard journal in `journal_dir` (a chunk committed twice is taken once)."""
-    out: dict[int, dict] = {}
-    for path in sorted(glob.glob(os.path.join(journal_dir, "shard-*.jsonl"))):
-        chunks, _ = read_journal(path)
-        for k, v in chunks.items():
-            out.setdefault(k, {**v, "file": path})
-    return out
-
-
-class Journal:
-    """This shard's append-only journal: one fsync'd write per finished chunk."""
-
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        chunks, good_end = read_journal(path)
-        self.committed = set(chunks)
-        if os.path.isfile(path) and os.path.getsize(path) != good_end:
-            with open(path, "r+b") as f:  # drop an uncommitted / torn tail left by a kill
-                f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
-
-    def append_chunk(self, chunk: int, outcomes: Sequence[CaseOutcome], seconds: float) -> None:
-        lines = [json.dumps({"chunk": chunk, **o.to_json()}, ensure_ascii=False, sort_keys=True) for o in outcomes]
-        commit = {"commit": chunk, "n": len(outcomes), "seconds": round(seconds, 3),
-                  "tokens": sum(o.tokens for o in outcomes), "time": round(time.time(), 3)}
-        lines.append(json.dumps(commit, sort_keys=True))
-        blob = ("\n".join(lines) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.committed.add(chunk)
-
-
-# --- shards, cases, manifest ----------------------------------------------------------------------------------------
-def shard_info(config: Any) -> tuple[int, int, bool]:
+# --- shards, cases, fingerprint -------------------------------------------------------------------------------------
+def shard_info(settings: RersSettings) -> tuple[int, int, bool]:
     """(shard index, shard count, from jax processes?): `rers.shard_count` > 0 overrides the JAX processes."""
-    import jax
-
-    count = int(config.rers.get("shard_count", 0))
-    if count > 0:
-        index = int(config.rers.get("shard_index", -1))
-        if not 0 <= index < count:
-            raise ValueError(f"rers.shard_index must be in [0, rers.shard_count={count}), got {index}")
-        return index, count, False
+    if settings.shard_count > 0:
+        return settings.shard_index, settings.shard_count, False
     return jax.process_index(), jax.process_count(), jax.process_count() > 1
 
 
 def chunk_cases(cases: Sequence[Any], chunk_size: int) -> list[list[Any]]:
+    """Chunk k = cases [k*chunk_size, (k+1)*chunk_size): the unit of journal commits and of sharding."""
     if chunk_size < 1:
         raise ValueError(f"rers.chunk_size must be >= 1, got {chunk_size}")
     return [list(cases[i:i + chunk_size]) for i in range(0, len(cases), chunk_size)]
@@ -382,49 +311,43 @@ def is_validation(case_id: str, fraction: float) -> bool:
 
 def load_cases(config: Any) -> list[Any]:
     """The RERS cases: `raredx_simulated_cases[rers.split]` of data.dir, sorted by id, first `rers.max_cases`."""
-    from raredx_jax.data.tfds_builders import BUILDERS, data_source, decode_case
-    from raredx_jax.training.sft import STAGE_COMMANDS, MissingInputError
-
-    name, split = "raredx_simulated_cases", str(config.rers.get("split", "train"))
+    settings = rers_settings(config)
+    name, split = "raredx_simulated_cases", settings.split
     data_dir = config.data.dir
-    if not (os.path.isdir(data_dir) and BUILDERS[name](data_dir=os.fspath(data_dir)).is_prepared()):
+    if not (os.path.isdir(data_dir) and tfds_builders.BUILDERS[name](data_dir=os.fspath(data_dir)).is_prepared()):
         raise MissingInputError(f"rers: no simulated cases under data.dir={data_dir!r}; build them with "
                                 f"`{STAGE_COMMANDS['data']}` (knowledge SFT builds them too), same data.dir")
-    cases = sorted((decode_case(r) for r in data_source(name, split, data_dir)), key=lambda c: c.id)
+    cases = sorted((tfds_builders.decode_case(r) for r in tfds_builders.data_source(name, split, data_dir)),
+                   key=lambda c: c.id)
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         raise ValueError(f"rers: {name}[{split}] has duplicate case ids")
-    limit = int(config.rers.get("max_cases", 0))
+    limit = settings.max_cases
     return cases[:limit] if limit > 0 else cases
 
 
-def _fingerprint(config: Any, cases: Sequence[Any], checkpoint: str) -> dict:
-    r = config.rers
+def provenance(config: Any) -> str:
+    """The checkpoint string a run records, without loading the model (for resumes / merges)."""
+    spec = rers_settings(config).sampler
+    if spec:
+        return f"sampler:{spec}"
+    if config.model.init_from:
+        return resolve_init_checkpoint(config.model.init_from)
+    if config.model.hf_path:
+        return os.path.abspath(config.model.hf_path)
+    vocab = int(config.model.get("vocab_size", 0) or 0)  # part of the model's identity when set (resume check)
+    return f"fresh:{config.model.preset}:seed{config.seed}" + (f":vocab{vocab}" if vocab else "")
+
+
+def fingerprint(config: Any, cases: Sequence[Any], checkpoint: str) -> dict:
+    """What a run's journals depend on (written to the journal manifest; a resume must match it)."""
+    r = rers_settings(config)
     digest = hashlib.sha1("\n".join(c.id for c in cases).encode()).hexdigest()[:16]
     s = config.sampling
-    return {"cases": len(cases), "case_ids": digest, "split": str(r.get("split", "train")),
-            "chunk_size": int(r.chunk_size), "num_samples": int(r.num_samples),
-            "reflection_tries": int(r.reflection_tries), "keep_rule": str(r.keep_rule), "seed": int(config.seed),
+    return {"cases": len(cases), "case_ids": digest, "split": r.split,
+            "chunk_size": r.chunk_size, "num_samples": r.num_samples,
+            "reflection_tries": r.reflection_tries, "keep_rule": r.keep_rule, "seed": int(config.seed),
             "checkpoint": checkpoint, "temperature": float(s.temperature), "max_new_tokens": int(s.max_new_tokens)}
-
-
-def check_manifest(journal_dir: str, fp: dict) -> None:
-    """Write the run's fingerprint beside the journals, or check a resumed run has the same one."""
-    path = os.path.join(journal_dir, MANIFEST)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fp.items() if old.get(k) != v]
-        if diff:
-            raise ValueError(f"rers: the journal in {journal_dir} was written with different settings ("
-                             + "; ".join(diff) + "); resuming would mix them. Use a new run_dir, or delete "
-                             f"{journal_dir} to start over")
-        return
-    os.makedirs(journal_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(fp, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # --- samplers -------------------------------------------------------------------------------------------------------
@@ -432,9 +355,6 @@ def policy_sample_fn(model: Any, tokenizer: Any, params: Any, mesh: Any, *, max_
                      progress: bool = False) -> SampleFn:
     """sample_fn on the policy: `generate_text` with `params` (`max_prompt_len` raised when given). Prompts longer
     than the limit are not sampled: they get empty samples marked `prompt_too_long` (reported, not fatal)."""
-    from raredx_jax.sampling.sampler import Sampler
-    from raredx_jax.sampling.text import generate_text
-
     if max_prompt_len:
         params = params.replace(max_prompt_len=int(max_prompt_len))
     sampler = Sampler(model, mesh)
@@ -453,13 +373,8 @@ def policy_sample_fn(model: Any, tokenizer: Any, params: Any, mesh: Any, *, max_
     return fn
 
 
-def _local_mesh(config: Any) -> Any:
+def _local_mesh(config: Any) -> jax.sharding.Mesh:
     """The whole mesh in one process; with several processes each samples its shard on its local devices."""
-    import jax
-    from ml_collections import config_dict
-
-    from raredx_jax.parallel.mesh import make_mesh
-
     if jax.process_count() == 1:
         return make_mesh(config.mesh)
     local = jax.local_devices()
@@ -486,30 +401,25 @@ def build_samplers(config: Any, tokenizer: Any) -> tuple[SampleFn, SampleFn, str
     "module:function" = a factory `f(config) -> sample_fn` (e.g. a client of an external teacher model); it is
     used for both rounds.
     """
-    spec = str(config.rers.get("sampler", "") or "")
+    settings = rers_settings(config)
+    spec = settings.sampler
     if spec:
         fn = _plugin(spec)(config)
         return fn, fn, f"sampler:{spec}"
-    from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.training.sft import initial_model_config, load_initial_model, resolve_init_checkpoint
-
     mesh = _local_mesh(config)
     model_cfg = initial_model_config(config, tokenizer.vocab_size)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model_cfg.vocab_size} (tokenizer.path / model.init_from mismatch)")
+    check_vocab(tokenizer, model_cfg, "model.init_from")
     model = load_initial_model(config, mesh, model_cfg)
     if config.model.init_from:
         checkpoint = resolve_init_checkpoint(config.model.init_from)
     elif config.model.hf_path:
         checkpoint = os.path.abspath(config.model.hf_path)
     else:
-        checkpoint = _provenance(config)
-        print("[rers] WARNING: model.init_from is empty: sampling a randomly initialised model (set it to the "
-              "knowledge-SFT run, e.g. runs/knowledge_sft)", flush=True)
+        checkpoint = provenance(config)
+        log.warning("[rers] model.init_from is empty: sampling a randomly initialised model (set it to the "
+                    "knowledge-SFT run, e.g. runs/knowledge_sft)")
     params = SamplingParams.from_config(config.sampling)
-    refl_len = int(config.rers.get("reflection_max_prompt_len", 0)) or (
-        params.max_prompt_len + params.max_new_tokens + 256)
+    refl_len = settings.reflection_max_prompt_len or (params.max_prompt_len + params.max_new_tokens + 256)
     return (policy_sample_fn(model, tokenizer, params, mesh),
             policy_sample_fn(model, tokenizer, params, mesh, max_prompt_len=refl_len), checkpoint)
 
@@ -547,13 +457,9 @@ def summarize(case_lines: Sequence[dict], commits: Sequence[dict]) -> dict:
     }
 
 
-def merge(config: Any, journal_dir: str, out_dir: str, n_chunks: int, run_dir: str, extra: Mapping[str, Any]) -> dict:
-    """All shard journals -> the trajectory dataset under out_dir + `<run_dir>/summary.json`; returns the summary.
-
-    Raises ValueError naming the missing chunks when some shard has not finished.
-    """
-    from raredx_jax.data import tfds_builders
-
+def merged_journal(journal_dir: str, n_chunks: int) -> tuple[list[dict], list[dict]]:
+    """(case lines in chunk order, commit lines) of every shard journal; ValueError naming the missing chunks when
+    some shard has not finished, or when a case id is in more than one chunk."""
     chunks = read_journals(journal_dir)
     missing = [k for k in range(n_chunks) if k not in chunks]
     if missing:
@@ -571,25 +477,44 @@ def merge(config: Any, journal_dir: str, out_dir: str, n_chunks: int, run_dir: s
             lines.append(c)
     if dups:
         raise ValueError(f"rers merge: {dups} case ids appear in more than one chunk of {journal_dir}")
-    commits = [chunks[k]["commit"] for k in range(n_chunks)]
+    return lines, [chunks[k]["commit"] for k in range(n_chunks)]
+
+
+def journal_digest(lines: Sequence[dict]) -> str:
+    """A digest of what the merged journal keeps (case, status, completion): the dataset is rebuilt when it moves."""
+    return hashlib.sha1(json.dumps(sorted((c["case_id"], c["status"], (c.get("record") or {}).get("completion", ""))
+                                          for c in lines)).encode()).hexdigest()[:16]
+
+
+def trajectory_splits(lines: Sequence[dict], validation_fraction: float) -> dict[str, list[dict]]:
+    """The kept records by split (sorted by case id); a split left empty is absent. With too few records to hold
+    any out, all of them train."""
+    kept = sorted((c["record"] for c in lines if c.get("record")), key=lambda r: r["case_id"])
+    val = [r for r in kept if is_validation(r["case_id"], validation_fraction)]
+    train = [r for r in kept if not is_validation(r["case_id"], validation_fraction)]
+    if not train:  # too few records to hold any out
+        train, val = kept, []
+    return {k: v for k, v in (("train", train), ("validation", val)) if v}
+
+
+def merge(journal_dir: str, out_dir: str, n_chunks: int, run_dir: str, extra: Mapping[str, Any],
+          validation_fraction: float) -> dict:
+    """All shard journals -> the trajectory dataset under out_dir + `<run_dir>/summary.json`; returns the summary.
+
+    The dataset is rewritten only when the journal digest moved since the last merge (or the dataset is gone).
+    Raises ValueError naming the missing chunks when some shard has not finished.
+    """
+    lines, commits = merged_journal(journal_dir, n_chunks)
     summary = {"stage": "rers", "run_dir": run_dir, **dict(extra), **summarize(lines, commits)}
-    digest = hashlib.sha1(json.dumps(sorted((c["case_id"], c["status"], (c.get("record") or {}).get("completion", ""))
-                                            for c in lines)).encode()).hexdigest()[:16]
+    digest = journal_digest(lines)
     summary["journal_digest"] = digest
     summary_path = os.path.join(run_dir, "summary.json")
     prev = None
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
             prev = json.load(f)
-    builder = tfds_builders.BUILDERS[DATASET]
-    built = os.path.isdir(out_dir) and builder(data_dir=out_dir).is_prepared()
-    kept = sorted((c["record"] for c in lines if c.get("record")), key=lambda r: r["case_id"])
-    frac = float(config.rers.get("validation_fraction", 0.05))
-    val = [r for r in kept if is_validation(r["case_id"], frac)]
-    train = [r for r in kept if not is_validation(r["case_id"], frac)]
-    if not train:  # too few records to hold any out
-        train, val = kept, []
-    splits = {k: v for k, v in (("train", train), ("validation", val)) if v}
+    built = os.path.isdir(out_dir) and tfds_builders.BUILDERS[DATASET](data_dir=out_dir).is_prepared()
+    splits = trajectory_splits(lines, validation_fraction)
     summary.update(data_dir=out_dir, dataset=DATASET if splits else None,
                    splits={k: len(v) for k, v in splits.items()})
     if prev and prev.get("journal_digest") == digest and (built or not splits):
@@ -601,11 +526,8 @@ def merge(config: Any, journal_dir: str, out_dir: str, n_chunks: int, run_dir: s
         if splits:
             tfds_builders.prepare(DATASET, out_dir, splits, overwrite=True)
         else:
-            print("[rers] WARNING: no trajectory was kept: no dataset written (the SFT stage needs some)", flush=True)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
+            log.warning("[rers] no trajectory was kept: no dataset written (the SFT stage needs some)")
+    write_json(summary_path, summary)
     print(f"[rers] {summary['cases']} cases: {summary['solved_direct']} solved directly, "
           f"{summary['solved_reflection']} by reflection, {summary['unsolved']} unsolved; {summary['kept']} "
           f"trajectories ({', '.join(f'{k} {v}' for k, v in summary['splits'].items()) or 'none'}), mean "
@@ -614,124 +536,125 @@ def merge(config: Any, journal_dir: str, out_dir: str, n_chunks: int, run_dir: s
 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
-def run_rers(config: Any) -> dict:
-    """The RERS stage (see the module docstring); returns the summary (this shard's, on a non-merging shard)."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-    from raredx_jax.data.linking import DiseaseLinker
-    from raredx_jax.data.tokenizer import load_tokenizer
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """Where this process's RERS run reads and writes, its cases in chunks, and which chunks it still samples."""
 
-    t0 = time.time()
-    r = config.rers
-    phase = str(r.get("phase", "all"))
-    if phase not in PHASES:
-        raise ValueError(f"rers.phase must be one of {PHASES}, got {phase!r}")
+    run_dir: str
+    journal_dir: str
+    out_dir: str
+    shard: int
+    n_shards: int
+    jax_shards: bool  # the shards are the JAX processes (they meet at a barrier before shard 0 merges)
+    cases: list[Any]
+    chunks: list[list[Any]]
+    mine: list[int]  # this shard's chunks
+    todo: list[int]  # those not committed in any journal yet (none in the merge phase)
+
+    @property
+    def journal(self) -> str:
+        """This shard's journal file."""
+        return journal_path(self.journal_dir, self.shard, self.n_shards)
+
+
+def plan_shard(config: Any, settings: RersSettings) -> ShardPlan:
+    """This process's share of the run: its chunks, less those any journal of the run has committed."""
     run_dir = os.path.abspath(config.run_dir)
     journal_dir = os.path.join(run_dir, JOURNAL_DIR)
-    out_dir = os.path.abspath(r.get("out_dir", "") or os.path.join(run_dir, "trajectories"))
-    shard, n_shards, jax_shards = shard_info(config)
-    chunk_size = int(r.chunk_size)
-
+    out_dir = os.path.abspath(settings.out_dir or os.path.join(run_dir, "trajectories"))
+    shard, n_shards, jax_shards = shard_info(settings)
     cases = load_cases(config)
     if not cases:
-        raise ValueError(f"rers: split {r.get('split', 'train')!r} of data.dir={config.data.dir!r} has no cases")
-    chunks = chunk_cases(cases, chunk_size)
-    tokenizer = load_tokenizer(config)
-    length_fn = lambda t: len(tokenizer.encode(t))  # noqa: E731
+        raise ValueError(f"rers: split {settings.split!r} of data.dir={config.data.dir!r} has no cases")
+    chunks = chunk_cases(cases, settings.chunk_size)
     mine = [k for k in range(len(chunks)) if k % n_shards == shard]
     committed = set(read_journals(journal_dir)) if os.path.isdir(journal_dir) else set()
-    todo = [k for k in mine if k not in committed] if phase != "merge" else []
+    todo = [k for k in mine if k not in committed] if settings.phase != "merge" else []
+    return ShardPlan(run_dir, journal_dir, out_dir, shard, n_shards, jax_shards, cases, chunks, mine, todo)
 
-    checkpoint = _provenance(config)
-    check_manifest(journal_dir, _fingerprint(config, cases, checkpoint))
-    settings = RersSettings.from_config(config, checkpoint=checkpoint)
-    if todo:
-        ontology = load_ontology()
-        linker = DiseaseLinker(select_diseases(ontology, config.data.diseases))
-        direct_fn, reflect_fn, checkpoint = build_samplers(config, tokenizer)
-    print(f"[rers] {len(cases)} cases in {len(chunks)} chunks of {chunk_size}; shard {shard}/{n_shards}: "
-          f"{len(mine)} chunks, {len(todo)} to do ({len(mine) - len(todo)} already journaled); checkpoint "
-          f"{checkpoint}; run_dir {run_dir}", flush=True)
 
-    own_journal = journal_path(journal_dir, shard, n_shards)
-    if todo:
-        journal = Journal(own_journal)
-        kept_now = 0
-        bar = _progress(sum(len(chunks[k]) for k in todo), f"rers shard {shard}/{n_shards}")
-        done_cases = done_tokens = 0
-        t_s = time.time()
-        try:
-            for k in todo:
-                tc = time.time()
-                outs = rers_cases(chunks[k], direct_fn, linker, settings, chunk_seed(config.seed, k),
-                                  reflect_fn=reflect_fn, length_fn=length_fn)
-                journal.append_chunk(k, outs, time.time() - tc)
-                kept_now += sum(o.record is not None for o in outs)
-                done_cases += len(outs)
-                done_tokens += sum(o.tokens for o in outs)
-                dt = max(time.time() - t_s, 1e-9)
-                if bar is not None:
-                    bar.update(len(outs))
-                    bar.set_postfix(cases_s=f"{done_cases / dt:.2f}", tok_s=f"{done_tokens / dt:.0f}",
-                                    kept=kept_now)
-                else:
-                    print(f"[rers] chunk {k}: {len(outs)} cases, {done_cases / dt:.2f} cases/s, "
-                          f"{done_tokens / dt:.0f} tokens/s", flush=True)
-        finally:
-            if bar is not None:
-                bar.close()
+def announce(plan: ShardPlan, settings: RersSettings, checkpoint: str) -> None:
+    """The run's one-line plan (resumed chunks included)."""
+    print(f"[rers] {len(plan.cases)} cases in {len(plan.chunks)} chunks of {settings.chunk_size}; shard "
+          f"{plan.shard}/{plan.n_shards}: {len(plan.mine)} chunks, {len(plan.todo)} to do "
+          f"({len(plan.mine) - len(plan.todo)} already journaled); checkpoint {checkpoint}; run_dir {plan.run_dir}",
+          flush=True)
 
-    if jax_shards:
-        from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("raredx_rers_shards_done")
-    extra = {"checkpoint": checkpoint, "shards": n_shards, "chunks": len(chunks), "seconds": None}
-    own, _ = read_journal(own_journal)
+def sample_shard(config: Any, settings: RersSettings, plan: ShardPlan, tokenizer: Any, checkpoint: str) -> str:
+    """Both rounds on every chunk of `plan.todo`, each journaled when done; returns the samplers' provenance.
+
+    `checkpoint` (the provenance known without loading the model) is what the records carry."""
+    linker = DiseaseLinker(select_diseases(load_ontology(), config.data.diseases))
+    direct_fn, reflect_fn, sampled_from = build_samplers(config, tokenizer)
+    judge = JudgeSettings.from_config(config)
+    announce(plan, settings, sampled_from)
+    journal = Journal(plan.journal)
+    length_fn = lambda t: len(tokenizer.encode(t))  # noqa: E731
+    kept = done_cases = done_tokens = 0
+    t_s = time.time()
+    with tqdm(total=sum(len(plan.chunks[k]) for k in plan.todo), desc=f"rers shard {plan.shard}/{plan.n_shards}",
+              unit="case", dynamic_ncols=True) as bar:
+        for k in plan.todo:
+            tc = time.time()
+            outs = rers_cases(plan.chunks[k], direct_fn, linker, settings, chunk_seed(config.seed, k), judge=judge,
+                              checkpoint=checkpoint, reflect_fn=reflect_fn, length_fn=length_fn)
+            journal.append_chunk(k, outs, time.time() - tc)
+            kept += sum(o.record is not None for o in outs)
+            done_cases += len(outs)
+            done_tokens += sum(o.tokens for o in outs)
+            dt = max(time.time() - t_s, 1e-9)
+            bar.update(len(outs))
+            bar.set_postfix(cases_s=f"{done_cases / dt:.2f}", tok_s=f"{done_tokens / dt:.0f}", kept=kept)
+    return sampled_from
+
+
+def finish(settings: RersSettings, plan: ShardPlan, checkpoint: str, t0: float) -> dict:
+    """This shard's summary (a sampling-only or non-primary shard, or shard 0 while others are pending), or the
+    merged dataset and run summary."""
+    extra = {"checkpoint": checkpoint, "shards": plan.n_shards, "chunks": len(plan.chunks), "seconds": None}
+    own, _ = read_journal(plan.journal)
     shard_lines = [c for k in sorted(own) for c in own[k]["cases"]]
     shard_commits = [own[k]["commit"] for k in sorted(own)]
-    if phase == "sample" or shard != 0:
-        s = {"stage": "rers", "run_dir": run_dir, "shard": shard, "shard_count": n_shards, **extra,
+    if settings.phase == "sample" or plan.shard != 0:
+        s = {"stage": "rers", "run_dir": plan.run_dir, "shard": plan.shard, "shard_count": plan.n_shards, **extra,
              **summarize(shard_lines, shard_commits)}
         s["seconds"] = round(time.time() - t0, 1)
-        if not jax_shards:
-            print(f"[rers] shard {shard}/{n_shards} done; when every shard is done, merge with the same command "
-                  "and --config.rers.phase=merge", flush=True)
+        if not plan.jax_shards:
+            print(f"[rers] shard {plan.shard}/{plan.n_shards} done; when every shard is done, merge with the same "
+                  "command and --config.rers.phase=merge", flush=True)
         return s
-    all_done = set(read_journals(journal_dir))
-    if phase == "all" and any(k not in all_done for k in range(len(chunks))) and not jax_shards:
-        left = sum(k not in all_done for k in range(len(chunks)))
+    all_done = set(read_journals(plan.journal_dir))
+    left = sum(k not in all_done for k in range(len(plan.chunks)))
+    if settings.phase == "all" and left and not plan.jax_shards:
         print(f"[rers] shard 0 done; {left} chunks of other shards are not journaled yet: run them, then merge with "
               "--config.rers.phase=merge", flush=True)
-        return {"stage": "rers", "run_dir": run_dir, "shard": 0, "shard_count": n_shards, "pending_chunks": left,
-                **summarize(shard_lines, shard_commits)}
+        return {"stage": "rers", "run_dir": plan.run_dir, "shard": 0, "shard_count": plan.n_shards,
+                "pending_chunks": left, **summarize(shard_lines, shard_commits)}
     extra["seconds"] = round(time.time() - t0, 1)
-    return merge(config, journal_dir, out_dir, len(chunks), run_dir, extra)
+    return merge(plan.journal_dir, plan.out_dir, len(plan.chunks), plan.run_dir, extra, settings.validation_fraction)
 
 
-def _provenance(config: Any) -> str:
-    """The checkpoint string a run records, without loading the model (for resumes / merges)."""
-    spec = str(config.rers.get("sampler", "") or "")
-    if spec:
-        return f"sampler:{spec}"
-    if config.model.init_from:
-        from raredx_jax.training.sft import resolve_init_checkpoint
-
-        return resolve_init_checkpoint(config.model.init_from)
-    if config.model.hf_path:
-        return os.path.abspath(config.model.hf_path)
-    vocab = int(config.model.get("vocab_size", 0) or 0)  # part of the model's identity when set (resume check)
-    return f"fresh:{config.model.preset}:seed{config.seed}" + (f":vocab{vocab}" if vocab else "")
-
-
-def _progress(total: int, desc: str) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="case", dynamic_ncols=True)
+def run_rers(config: Any) -> dict:
+    """The RERS stage (see the module docstring); returns the summary (this shard's, on a non-merging shard)."""
+    t0 = time.time()
+    settings = rers_settings(config)
+    plan = plan_shard(config, settings)
+    tokenizer = load_tokenizer(config)
+    checkpoint = provenance(config)
+    check_manifest(plan.journal_dir, fingerprint(config, plan.cases, checkpoint))
+    if plan.todo:
+        checkpoint = sample_shard(config, settings, plan, tokenizer, checkpoint)
+    else:
+        announce(plan, settings, checkpoint)
+    if plan.jax_shards:
+        sync("raredx_rers_shards_done")
+    return finish(settings, plan, checkpoint, t0)
 
 
 __all__ = [
-    "RersSettings", "Sample", "CaseOutcome", "SampleFn", "rers_cases", "select_sample", "failed_attempt_index",
-    "make_record", "Journal", "read_journal", "read_journals", "merge", "summarize", "run_rers", "policy_sample_fn",
-    "build_samplers", "chunk_seed", "is_validation", "load_cases", "ROUNDS", "KEEP_RULES",
+    "RersSettings", "JudgeSettings", "rers_settings", "Sample", "CaseOutcome", "SampleFn", "rers_cases",
+    "select_sample", "failed_attempt_index", "make_record", "merge", "summarize", "run_rers", "policy_sample_fn",
+    "build_samplers", "chunk_seed", "is_validation", "load_cases", "provenance", "fingerprint", "ShardPlan",
+    "plan_shard", "ROUNDS", "KEEP_RULES", "DATASET",
 ]
