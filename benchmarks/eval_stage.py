@@ -14,6 +14,8 @@ import time
 
 from ml_collections import ConfigDict
 
+from raredx_jax.evaluate import evaluate_checkpoint
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -22,7 +24,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--static", action="store_true")
     a = ap.parse_args(argv)
-    from raredx_jax.evaluate import evaluate_checkpoint
     with open(os.path.join(a.run, "config.json"), encoding="utf-8") as f:
         cfg = ConfigDict(json.load(f))
     if a.static:

@@ -41,6 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from raredx_jax.checkpoints.hf_io import init_model
+from raredx_jax.models.config import PRESETS, ModelConfig, to_hf_config
+from raredx_jax.parallel.mesh import single_device_mesh
+from raredx_jax.sampling import Sampler, SamplingParams, generate_text
+
 # Peak HBM bandwidth in bytes/s by `device_kind` substring (first match wins; checked lower-case).
 PEAK_BANDWIDTH = (
     ("h200", 4.8e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("h800", 3.35e12), ("gh200", 4.0e12),
@@ -86,7 +91,6 @@ class Result:
 
 
 def _model_config(preset: str, dtype: str):
-    from raredx_jax.models.config import PRESETS, ModelConfig
     return ModelConfig(**PRESETS[preset], dtype=dtype, param_dtype=dtype)
 
 
@@ -109,7 +113,6 @@ def _timed(run, repeats: int) -> list[float]:
 
 def bench_ours(model, tokens: np.ndarray, n: int, new_tokens: int, repeats: int = 3) -> tuple[list[float], list[float]]:
     """(t_generate per repeat, t_prefill per repeat) in seconds, warm."""
-    from raredx_jax.sampling import Sampler, SamplingParams
     sampler = Sampler(model)
     mask = np.ones_like(tokens)
     out = []
@@ -126,9 +129,9 @@ def bench_ours(model, tokens: np.ndarray, n: int, new_tokens: int, repeats: int 
 
 def bench_hf(cfg, tokens: np.ndarray, n: int, new_tokens: int, dtype: str,
              repeats: int = 3) -> tuple[list[float], list[float]]:
-    import torch
-    import transformers
-    from raredx_jax.models.config import to_hf_config
+    import torch  # noqa: PLC0415 - optional: torch, the PyTorch side only
+    import transformers  # noqa: PLC0415 - optional: torch, the PyTorch side only
+
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in to_hf_config(cfg).items()
                                                   if k not in ("architectures", "dtype")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +153,7 @@ def bench_hf(cfg, tokens: np.ndarray, n: int, new_tokens: int, dtype: str,
         return run
 
     t_gen, t_pre = _timed(runner(new_tokens), repeats), _timed(runner(1), repeats)
-    del model
+    model = None  # drop the weights before the next benchmark (the closures above share this cell)
     return t_gen, t_pre
 
 
@@ -161,8 +164,6 @@ def _decode_rates(rows: int, new_tokens: int, t_gen: list[float], t_pre: list[fl
 
 
 def run_one(preset: str, batch: int, n: int, prompt: int, new_tokens: int, hf: bool, repeats: int = 3) -> Result:
-    from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.parallel.mesh import single_device_mesh
     on_accel = jax.default_backend() != "cpu"
     dtype = "bfloat16" if on_accel else "float32"
     cfg = _model_config(preset, dtype)
@@ -234,9 +235,6 @@ def run_skewed(preset: str, prompts: int, n: int, batch: int, max_prompt: int, n
                repeats: int = 3, stop_every: int = 40) -> SkewedResult:
     """Static vs continuous batching on prompts of mixed lengths whose completions stop early and late: a
     random ~1/stop_every of the vocabulary are stop ids, so lengths are geometric (mean ~stop_every) and capped."""
-    from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.parallel.mesh import single_device_mesh
-    from raredx_jax.sampling import Sampler, SamplingParams, generate_text
     dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
     cfg = _model_config(preset, dtype)
     model = init_model(cfg, single_device_mesh(), seed=0)
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         _clock = time.process_time
         a.torch_threads = 1
     if a.torch_threads and not a.no_hf:
-        import torch
+        import torch  # noqa: PLC0415 - optional: torch, the PyTorch side only
         torch.set_num_threads(a.torch_threads)
     dev = jax.devices()[0]
     print(f"# devices: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}); jax {jax.__version__}; "

@@ -19,6 +19,16 @@ import sys
 from typing import Any
 
 from absl import app, flags, logging
+from ml_collections import ConfigDict
+
+from raredx_jax.data.hpo import load_ontology
+from raredx_jax.data.linking import DiseaseLinker
+from raredx_jax.data.prompts import diagnosis_messages
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.policy import load_policy
+from raredx_jax.rewards.diagnosis import link_entry, parse_answer
+from raredx_jax.sampling.sampler import SamplingParams
+from raredx_jax.sampling.text import context_length, generate_text, prompt_budget
 
 MIN_ANSWER_TOKENS = 64  # a note may shrink the generation budget down to this, never below
 MAX_NOTE_CHARS_PER_CONTEXT_TOKEN = 32  # a longer note cannot fit: refused before tokenizing (e.g. a 50 MB file)
@@ -40,9 +50,6 @@ def diagnose(model: Any, tokenizer: Any, note: str, linker: Any, top_k: int = 5,
     note too long for that shrinks the generation budget (down to MIN_ANSWER_TOKENS, `truncated_budget` in the
     result says so) and raises NoteTooLongError only when it cannot fit the model at all.
     """
-    from raredx_jax.data.prompts import diagnosis_messages
-    from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.sampling.text import context_length, generate_text, prompt_budget
 
     context = context_length(model)
     if len(note) > MAX_NOTE_CHARS_PER_CONTEXT_TOKEN * context:
@@ -73,7 +80,6 @@ def diagnose(model: Any, tokenizer: Any, note: str, linker: Any, top_k: int = 5,
 
 def differential_from_completion(text: str, linker: Any) -> dict[str, Any]:
     """Parse a completion's <answer> list and link each entry to an ontology id (None when it links nowhere)."""
-    from raredx_jax.rewards.diagnosis import link_entry, parse_answer
 
     parsed = parse_answer(text)
     differential = []
@@ -152,12 +158,6 @@ def run(checkpoint: str | None, note: str = "-", tokenizer: str = "", as_json: b
         if not ok:
             raise DiagnoseError(f"--{name}={value}: must be {'>= 0' if name == 'temperature' else '>= 1'}")
     text = read_note(note)
-    from ml_collections import ConfigDict
-
-    from raredx_jax.data.hpo import load_ontology
-    from raredx_jax.data.linking import DiseaseLinker
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.policy import load_policy
 
     diseases = candidate_diseases(load_ontology(), candidates)
     try:
@@ -168,7 +168,7 @@ def run(checkpoint: str | None, note: str = "-", tokenizer: str = "", as_json: b
         raise DiagnoseError(" ".join(str(msg).split())) from None
     out = diagnose(model, tok, text, DiseaseLinker(diseases), top_k, max_new_tokens, temperature, seed, mesh)
     if out.get("truncated_budget"):
-        print(f"diagnose: warning: {out['truncated_budget']}", file=sys.stderr, flush=True)
+        logging.warning(out["truncated_budget"])
     if as_json:
         print(json.dumps(out, indent=2))
         return

@@ -16,16 +16,25 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
+from raredx_jax.data.hpo import load_ontology, select_diseases
+from raredx_jax.data.linking import DiseaseLinker
+from raredx_jax.evaluation.cases import load_case_set
+from raredx_jax.evaluation.pheval_results import write_pheval_results
+from raredx_jax.evaluation.report import write_report
+from raredx_jax.evaluation.runner import Baseline, run_evaluation
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.policy import load_policy
 
 FORMATS = ("json", "pheval")
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "evaluate.py")
 
 
 def candidate_diseases(config: Any, ontology: Any) -> list:
-    from raredx_jax.data.hpo import select_diseases
-
     if config.eval.get("candidates", "trained") == "all":
         return ontology.diseases()
     # the full annotations (not the data.diseases.max_phenotypes core the model trained on): the baseline
@@ -41,13 +50,6 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
     adds PhEval's per-case disease result files."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    from raredx_jax.data.hpo import load_ontology
-    from raredx_jax.data.linking import DiseaseLinker
-    from raredx_jax.evaluation.cases import load_case_set
-    from raredx_jax.evaluation.report import write_report
-    from raredx_jax.evaluation.runner import run_evaluation
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.policy import load_policy
 
     ontology = load_ontology()
     candidates = candidate_diseases(config, ontology)
@@ -56,7 +58,6 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
     model = tokenizer = None
     if checkpoint:
         model, tokenizer = load_policy(checkpoint, mesh, tokenizer_dir=tokenizer_dir, dtype=config.model.dtype)
-    import jax
 
     sets = [load_case_set(s, config.data.dir, ontology, linker, candidates, on_error="skip",
                           limit=config.eval.get("max_cases", 0),
@@ -75,9 +76,6 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
         paths = write_report(report, out_dir, title)
         print(f"[eval] wrote {paths['markdown']}", flush=True)
         if fmt == "pheval":
-            from raredx_jax.evaluation.pheval_results import write_pheval_results
-            from raredx_jax.evaluation.runner import Baseline
-
             folders = write_pheval_results(
                 report, sets, Baseline(ontology, candidates, config.eval.get("hpo_recogniser", "dictionary")),
                 out_dir, ontology)
@@ -87,8 +85,6 @@ def evaluate_checkpoint(config: Any, checkpoint: str, case_specs: list[str], out
 
 
 def run_evaluate_stage(config: Any) -> dict[str, Any]:
-    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
-
     ckpt = config.eval.get("checkpoint", "") or resolve_model_checkpoint(config.run_dir)
     specs = [s for s in str(config.eval.cases).split(",") if s]
     out = config.eval.get("out_dir", "") or os.path.join(config.run_dir, "eval")
@@ -108,7 +104,6 @@ def _define_flags() -> Any:
 
 def main(argv: list[str], config_flag: Any = None) -> None:
     del argv
-    from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     config = config_flag.value

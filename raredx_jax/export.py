@@ -17,14 +17,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from raredx_jax import fileio, lora
+from raredx_jax.checkpoints import hf_io
+from raredx_jax.checkpoints.orbax import load_model, resolve_model_checkpoint
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.policy import find_tokenizer
+from raredx_jax.training.common import MissingInputError
 
 
 def verify_with_transformers(model: Any, hf_dir: str, atol: float = 1e-3) -> float:
     """Max |logit difference| between our model and transformers on a fixed input (raises above atol)."""
-    import jax.numpy as jnp
-    import torch
-    import transformers
+    import torch  # noqa: PLC0415 - optional: torch (the [torch] extra), only for the transformers check
+    import transformers  # noqa: PLC0415 - optional: with torch, only for the transformers check
 
     cfg = model.config
     tokens = (np.arange(24, dtype=np.int32) * 7 + 3) % cfg.vocab_size
@@ -39,23 +47,12 @@ def verify_with_transformers(model: Any, hf_dir: str, atol: float = 1e-3) -> flo
 
 
 def run_export(config: Any) -> dict[str, Any]:
-    import jax
-
-    from raredx_jax.checkpoints import hf_io
-    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.policy import find_tokenizer
-    from raredx_jax.training.sft import MissingInputError
-
     src = config.model.init_from or config.run_dir
     try:
         ckpt = resolve_model_checkpoint(src)
     except FileNotFoundError as e:
         raise MissingInputError(f"export: model.init_from={src!r}: {e}. Train a stage first, e.g. "
                                 "`python -m raredx_jax.train --config=configs/knowledge_sft.py`") from None
-    from raredx_jax.checkpoints.orbax import load_model
-
-    from raredx_jax import fileio
 
     out = config.export.hf_dir or os.path.join(config.run_dir, "hf")
     overwrite = bool(config.export.get("overwrite", False)) or hf_io.is_own_export(out)
@@ -71,7 +68,6 @@ def run_export(config: Any) -> dict[str, Any]:
                         generation={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, progress=True,
                         overwrite=overwrite, extra=extra, **dest)
     summary: dict[str, Any] = {"hf_dir": out, "checkpoint": ckpt, "params": model.config.num_params()}
-    from raredx_jax import lora
 
     if lora.is_lora_checkpoint(ckpt):  # `out` holds the merged model; the adapter goes beside it in PEFT's format
         lora_cfg = config.get("lora", None)

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 PARTIAL_TAG = ".partial-"  # temporary siblings are named .<dst name>.partial-<host>-<pid>-<random>
 OLD_TAG = ".replaced-"  # an old destination is moved into .<dst name>.replaced-<host>-<pid>-<random> then deleted
@@ -270,8 +273,8 @@ def _recover_replaced(dst: str) -> None:
     # a running writer of this host is between its renames: its business (it puts the copy back on failure)
     copies = [e for e in entries if _writer(e, prefix) != "alive" and os.path.isdir(os.path.join(parent, e, name))]
     if len(copies) > 1:
-        print(f"WARNING: {dst} is missing and {len(copies)} earlier copies lie beside it ({', '.join(copies)}); "
-              f"none restored: move the one to keep to {dst}", file=sys.stderr, flush=True)
+        log.warning("%s is missing and %d earlier copies lie beside it (%s); none restored: move the one to keep "
+                    "to %s", dst, len(copies), ", ".join(copies), dst)
         return
     if not copies:
         return
@@ -279,8 +282,7 @@ def _recover_replaced(dst: str) -> None:
     try:
         os.rename(os.path.join(aside, name), dst)
     except OSError as e:
-        print(f"WARNING: {dst} is missing and could not be restored from {aside} ({_os_reason(e)})", file=sys.stderr,
-              flush=True)
+        log.warning("%s is missing and could not be restored from %s (%s)", dst, aside, _os_reason(e))
         return
     _fsync_dir(parent)
     shutil.rmtree(aside, ignore_errors=True)

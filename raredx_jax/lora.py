@@ -38,8 +38,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors.numpy import save_file
+
+from raredx_jax import fileio
+from raredx_jax.checkpoints import hf_io
+from raredx_jax.checkpoints import orbax as orbax_io
+from raredx_jax.checkpoints.hf_io import _to_host, abstract_model  # _to_host gathers a sharded array across hosts
+from raredx_jax.checkpoints.orbax import PARAMS_ITEM, read_checkpoint_meta, read_model_config, resolve_model_checkpoint
+from raredx_jax.models.transformer import Transformer
+from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # einsum of each projection in models/transformer.py::_block (activations, per-layer weight)
@@ -162,7 +173,7 @@ def adapter_shapes(model_cfg: Any, settings: LoraSettings) -> dict[str, tuple[in
 
 def _quantize(w: jax.Array, n_in: int, settings: LoraSettings) -> Any:
     """qwix QArray of a stacked projection [L, in..., out...] (n_in input axes after the layer axis)."""
-    import qwix
+    import qwix  # noqa: PLC0415 - heavy: qwix (~1.9 s) only for a quantised (QLoRA) base
 
     out_axes = tuple(range(1 + n_in, w.ndim))
     if settings.quantize == "int8":  # per output channel (and per layer)
@@ -260,8 +271,6 @@ def abstract_lora_model(model_cfg: Any, settings: LoraSettings, mesh: jax.shardi
     `nnx.eval_shape` under `jax.set_mesh` was seen to return the projections unquantised, flax 0.12.8);
     each leaf takes the logical axes of its variable (a QArray's codes and scales those of the weight), a dim the
     mesh does not divide (e.g. nf4 block scales) replicating."""
-    from raredx_jax.models.transformer import Transformer
-    from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 
     rules = rules or DEFAULT_RULES
     # graphdef and axes metadata from the unquantised adapted model (the same variables; QLoRA changes values only)
@@ -313,7 +322,7 @@ def init_lora_model(model: Any, settings: LoraSettings, mesh: jax.sharding.Mesh,
 # --- merge and export --------------------------------------------------------------------------------------------
 def _dense(w: Any) -> jax.Array:
     if hasattr(w, "qvalue"):
-        import qwix
+        import qwix  # noqa: PLC0415 - heavy: qwix (~1.9 s) only for a quantised (QLoRA) base
 
         return qwix.dequantize(w)
     return w
@@ -337,7 +346,6 @@ def merged_params(base: dict[str, Any], adapters: dict[str, Any], settings: Lora
 
 def merged_model(model_cfg: Any, base: dict[str, Any], adapters: dict[str, Any], settings: LoraSettings) -> Any:
     """A plain Transformer (no adapters) holding the merged weights in `model_cfg.param_dtype`."""
-    from raredx_jax.models.transformer import Transformer
 
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, merged_params(base, adapters, settings, jnp.dtype(model_cfg.param_dtype)))
@@ -346,7 +354,6 @@ def merged_model(model_cfg: Any, base: dict[str, Any], adapters: dict[str, Any],
 def peft_tensors(model_cfg: Any, adapters: dict[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The adapter under PEFT's names and layouts: `lora_A.weight [r, in]`, `lora_B.weight [out, r]` per module,
     `in`/`out` flattened in the order the HF weight flattens them (checkpoints/hf_io.py)."""
-    from raredx_jax.checkpoints.hf_io import _to_host  # gathers across processes when sharded over hosts
 
     out = {}
     for key, value in adapters["layers"].items():
@@ -369,14 +376,9 @@ def write_peft_adapter(out_dir: str, model_cfg: Any, adapters: dict[str, Any], s
                        base_model: str = "", dtype: str = "float32", overwrite: bool = False) -> str:
     """`adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads onto the
     transformers model of the base; written as a unit (`fileio.atomic_directory`)."""
-    from safetensors.numpy import save_file
-
-    from raredx_jax import fileio
 
     np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
     if np_dtype is None:
-        import ml_dtypes
-
         np_dtype = ml_dtypes.bfloat16
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
@@ -405,7 +407,6 @@ def _numerics(config: Any) -> dict[str, Any]:
 def base_source(config: Any) -> dict[str, Any]:
     """Where a LoRA run's frozen base comes from (recorded in every checkpoint: the adapters mean nothing
     without it): an earlier stage's checkpoint, an HF directory, or a fresh preset init with its seed."""
-    from raredx_jax.checkpoints.orbax import resolve_model_checkpoint
 
     if config.model.init_from:
         return {"kind": "orbax", "path": resolve_model_checkpoint(config.model.init_from)}
@@ -420,8 +421,6 @@ def checkpoint_meta(config: Any, settings: LoraSettings) -> dict[str, Any]:
 
 def load_base_model(source: dict[str, Any], mesh: jax.sharding.Mesh, model_cfg: Any, **numerics: Any) -> Any:
     """The base model named by `base_source` (a plain Transformer, in its shards)."""
-    from raredx_jax.checkpoints import hf_io
-    from raredx_jax.checkpoints import orbax as orbax_io
 
     if source["kind"] == "orbax":
         return orbax_io.load_model(source["path"], mesh, **numerics)
@@ -433,7 +432,6 @@ def load_base_model(source: dict[str, Any], mesh: jax.sharding.Mesh, model_cfg: 
 def check_run_mode(step_dir: str | None, settings: LoraSettings | None) -> None:
     """Before a resume: refuse to mix a LoRA checkpoint (adapters only) with a full fine-tune, either way, or
     with other LoRA settings (restoring would fail on the shapes and quarantine a good checkpoint)."""
-    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
 
     if step_dir is None:
         return
@@ -470,9 +468,6 @@ def resume_base(config: Any, meta: dict[str, Any], step_dir: str, mesh: jax.shar
 def load_adapter_checkpoint(step_dir: str, mesh: jax.sharding.Mesh, with_base: bool = True, **numerics: Any
                             ) -> tuple[Any, LoraSettings, dict[str, Any] | None, dict[str, Any]]:
     """(model_cfg, settings, frozen base (None unless `with_base`), adapters) of a LoRA trainer step directory."""
-    import orbax.checkpoint as ocp
-
-    from raredx_jax.checkpoints.orbax import PARAMS_ITEM, read_checkpoint_meta, read_model_config
 
     meta = read_checkpoint_meta(step_dir).get("lora")
     if meta is None:
@@ -505,7 +500,6 @@ def load_merged_model(step_dir: str, mesh: jax.sharding.Mesh, **numerics: Any) -
     returns for one, so RERS, evaluation, diagnosis, export and the next stage's `init_from` take LoRA runs)."""
     model_cfg, settings, base, adapters = load_adapter_checkpoint(step_dir, mesh, **numerics)
     model = merged_model(model_cfg, base, adapters, settings)
-    from raredx_jax.checkpoints.hf_io import abstract_model
 
     _, _, shardings = abstract_model(model_cfg, mesh)
     nnx.update(model, jax.device_put(nnx.state(model).to_pure_dict(), shardings.to_pure_dict()))
@@ -513,8 +507,6 @@ def load_merged_model(step_dir: str, mesh: jax.sharding.Mesh, **numerics: Any) -
 
 
 def is_lora_checkpoint(step_dir: str) -> bool:
-    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
-
     return "lora" in read_checkpoint_meta(step_dir)
 
 
@@ -522,7 +514,6 @@ def export_adapter(step_dir: str, out_dir: str, mesh: jax.sharding.Mesh, *, over
     """Write a LoRA step's adapter in PEFT's format; `base_model_name_or_path` names the base it was trained on
     (an HF directory, or our checkpoint of it: export that too for `PeftModel.from_pretrained`). A QLoRA adapter was
     trained on the quantised base: on the full-precision base it is close, not identical."""
-    from raredx_jax import fileio
 
     meta = read_meta(step_dir)
     src = meta["base"]
@@ -536,6 +527,4 @@ def export_adapter(step_dir: str, out_dir: str, mesh: jax.sharding.Mesh, *, over
 
 
 def read_meta(step_dir: str) -> dict[str, Any]:
-    from raredx_jax.checkpoints.orbax import read_checkpoint_meta
-
     return read_checkpoint_meta(step_dir)["lora"]

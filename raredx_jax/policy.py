@@ -5,12 +5,16 @@ directory. The tokenizer is found beside it: `<ckpt>/tokenizer/`, the run's `tok
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+from ml_collections import ConfigDict
 
-from raredx_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from raredx_jax.checkpoints import hf_io, orbax
+from raredx_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from raredx_jax.models.config import read_hf_config
 from raredx_jax.models.transformer import Transformer
 
 SPM_NAME = "spm.model"
@@ -47,11 +51,6 @@ def find_tokenizer(ckpt_path: str) -> Tokenizer:
 
 def _tokenizer_from_run_config(ckpt_path: str) -> Tokenizer | None:
     """The tokenizer named by the resolved config.json a trainer wrote in its run dir (a parent of the step)."""
-    import json
-
-    from ml_collections import ConfigDict
-
-    from raredx_jax.data.tokenizer import load_tokenizer
 
     parent = ckpt_path
     for _ in range(3):
@@ -76,8 +75,6 @@ def is_hf_dir(path: str) -> bool:
 def load_policy(path: str, mesh: jax.sharding.Mesh, tokenizer_dir: str = "",
                 **numerics: Any) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from an orbax checkpoint / run dir or an exported HF directory."""
-    from raredx_jax.checkpoints import hf_io, orbax
-    from raredx_jax.models.config import read_hf_config
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")

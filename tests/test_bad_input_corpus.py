@@ -217,8 +217,7 @@ class _FakeTokenizer:
 def fake_policy(monkeypatch):
     """`diagnose.run_cli` end to end with a stand-in policy (context 1024) and sampler; returns the prompts the
     sampler was given."""
-    import raredx_jax.policy
-    import raredx_jax.sampling.text
+    import raredx_jax.diagnose
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1024))
     seen: list[list[dict]] = []
@@ -228,9 +227,10 @@ def fake_policy(monkeypatch):
         return [[SimpleNamespace(text="<think>Findings.</think>\n<answer>\n1. Marfan syndrome\n</answer>",
                                  finish_reason="stop")]]
 
-    monkeypatch.setattr(raredx_jax.policy, "load_policy", lambda ckpt, mesh, tokenizer_dir="": (model,
-                                                                                               _FakeTokenizer()))
-    monkeypatch.setattr(raredx_jax.sampling.text, "generate_text", generate_text)
+    # the names diagnose.py imported (its module-top imports), so these stand-ins are what run_cli calls
+    monkeypatch.setattr(raredx_jax.diagnose, "load_policy", lambda ckpt, mesh, tokenizer_dir="": (model,
+                                                                                                 _FakeTokenizer()))
+    monkeypatch.setattr(raredx_jax.diagnose, "generate_text", generate_text)
     return seen
 
 

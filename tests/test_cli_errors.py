@@ -107,7 +107,7 @@ def test_long_ordinary_note_fits_the_model_context(tiny_ckpt, tmp_path, capsys):
     assert "Traceback" not in cap.err and "tall stature" not in cap.err.lower()  # the note is not logged
 
 
-def test_note_near_the_context_shrinks_the_answer_budget_with_a_warning(tiny_ckpt, tmp_path, capsys):
+def test_note_near_the_context_shrinks_the_answer_budget_with_a_warning(tiny_ckpt, tmp_path, capsys, caplog):
     from raredx_jax.data.prompts import diagnosis_messages
 
     ckpt, tok = tiny_ckpt
@@ -121,8 +121,10 @@ def test_note_near_the_context_shrinks_the_answer_budget_with_a_warning(tiny_ckp
     diagnose.run_cli(checkpoint=ckpt, note=str(note), as_json=True, max_new_tokens=256, candidates="OMIM:154700")
     cap = capsys.readouterr()
     assert json.loads(cap.out)["max_new_tokens"] == CONTEXT - n_prompt
-    assert cap.err.strip() == (f"diagnose: warning: the note leaves room for {CONTEXT - n_prompt} generated tokens "
-                               f"of the 256 asked (the model's context holds {CONTEXT})")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # absl logging (stderr in the CLI)
+    assert warned.count(f"the note leaves room for {CONTEXT - n_prompt} generated tokens of the 256 asked (the "
+                        f"model's context holds {CONTEXT})") == 1, warned
+    assert "Traceback" not in cap.err and "fatigue" not in cap.err + caplog.text  # the note is not logged
 
 
 def test_note_that_cannot_fit_the_model_is_one_line(tiny_ckpt, tmp_path, capsys):

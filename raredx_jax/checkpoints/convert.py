@@ -19,6 +19,11 @@ import sys
 import time
 
 from absl import app, flags
+from ml_collections import ConfigDict
+
+from raredx_jax import fileio
+from raredx_jax.checkpoints import hf_io, orbax
+from raredx_jax.parallel.mesh import make_mesh
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.")
@@ -35,12 +40,6 @@ _HINT = "pass --overwrite to replace it"
 
 def convert(to: str, src: str, dst: str, tokenizer_dir: str = "", dtype: str = "float32",
             max_shard_mb: int = 2048, overwrite: bool = False) -> str:
-    from ml_collections import ConfigDict
-
-    from raredx_jax import fileio
-    from raredx_jax.checkpoints import hf_io, orbax
-    from raredx_jax.parallel.mesh import make_mesh
-
     if not os.path.exists(src):
         raise FileNotFoundError(f"--src={src} does not exist")
     # before reading anything: the destination must not be (or hold, or lie in) the source, and must be writable

@@ -20,7 +20,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from raredx_jax import fileio
 from raredx_jax.checkpoints.safetensors_io import CheckpointFormatError, SafetensorsFile, write_safetensors
 from raredx_jax.models.config import ModelConfig, read_hf_config, to_hf_config
 from raredx_jax.models.transformer import Transformer
@@ -230,7 +233,6 @@ def load_hf_model(hf_dir: str, mesh: jax.sharding.Mesh, cfg: ModelConfig | None 
     items = list(flat.items())
     it = items
     if progress:
-        from tqdm import tqdm
         it = tqdm(items, desc=f"import {os.path.basename(hf_dir.rstrip('/'))}", unit="param")
     out = {}
     for path, var in it:
@@ -264,7 +266,6 @@ def load_hf_model(hf_dir: str, mesh: jax.sharding.Mesh, cfg: ModelConfig | None 
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -319,7 +320,6 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str = "float32", m
     export survives beside the new one (our loader would read a stale index, transformers the new file).
     `extra(tmp_dir)` may add files (e.g. the tokenizer) before the directory is published.
     """
-    from raredx_jax import fileio
 
     cfg = model.config
     if dtype not in _NP_DTYPES:
@@ -330,7 +330,6 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str = "float32", m
     size = 0
     tensors = iter_hf_tensors(model, dtype)
     if progress and primary:
-        from tqdm import tqdm
         tensors = tqdm(tensors, total=len(expected_hf_names(cfg)), desc="export", unit="tensor")
     for name, arr in tensors:
         if size and size + arr.nbytes > max_shard_bytes:

@@ -27,10 +27,12 @@ import shutil
 import time
 from typing import Any, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from raredx_jax.checkpoints.orbax import CONFIG_ITEM, META_ITEM, PARAMS_ITEM, model_config_to_json
 
@@ -102,8 +104,6 @@ class TrainCheckpointManager:
 
     def __init__(self, run_dir: str, *, keep: int = 2, async_save: bool = True,
                  extra_items: Sequence[str] = ()):
-        import grain
-
         self.run_dir = os.path.abspath(run_dir)
         self.directory = os.path.join(self.run_dir, "checkpoints")
         self.corrupt_dir = os.path.join(self.run_dir, "checkpoints_corrupt")
@@ -157,8 +157,6 @@ class TrainCheckpointManager:
             META_ITEM: ocp.args.JsonSave(meta),
         }
         if data_state is not None:
-            import grain
-
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_IterState(data_state))
         for name, value in (extras or {}).items():
             if name not in self.extra_items:
@@ -208,7 +206,6 @@ class TrainCheckpointManager:
                        + (f"moved to {moved}; " if moved else "")
                        + (f"falling back to step {older[0]}" if older else "no older checkpoint"))
                 log.warning(msg)
-                print(f"WARNING: {msg}", flush=True)
         raise CheckpointError(f"no restorable checkpoint in {self.directory}; tried: " + "; ".join(tried)
                               + f". The damaged steps were moved to {self.corrupt_dir}. Remove the run directory "
                               "(or set a new run_dir) to start over.")
@@ -222,8 +219,6 @@ class TrainCheckpointManager:
         return {int(m.group(1)) for m in map(_DATA_FILE.match, names) if m}
 
     def _restore_step(self, step: int, target: Any, restore_data: bool) -> Restored:
-        import grain
-
         path = self.step_dir(step)
         required = (PARAMS_ITEM, CONFIG_ITEM, OPT_ITEM, TRAIN_ITEM, META_ITEM)
         missing = [i for i in required if not self._item_exists(step, i)]
@@ -247,8 +242,6 @@ class TrainCheckpointManager:
                    f"process(es), this run has {jax.process_count()}; restoring the train state without it (the data "
                    "order restarts)")
             log.warning(msg)
-            if jax.process_index() == 0:
-                print(f"WARNING: {msg}", flush=True)
         if has_data:
             args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(_IterState())
         for name in self.extra_items:
@@ -285,8 +278,6 @@ class TrainCheckpointManager:
             except OSError as e:
                 log.warning("could not move damaged checkpoint %s aside: %s", src, e)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"raredx_quarantine_{step}")
         self._mngr.reload()
         return moved

@@ -8,13 +8,17 @@ consumer (`init_from`, evaluate, diagnose, export) loads any of them with `load_
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from raredx_jax import fileio
+from raredx_jax.checkpoints.hf_io import PICKLE_SUFFIXES, abstract_model, pickle_refused, pickle_weights
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.models.transformer import Transformer
 from raredx_jax.parallel.sharding import DEFAULT_RULES
@@ -59,15 +63,12 @@ def save_model(path: str, model: Transformer, *, overwrite: bool = False, src: s
     unless `overwrite` (orbax's own `force=True` used to delete whatever was there, the source model included
     when `path` was the source), and `path` is replaced only after the new checkpoint is complete.
     `extra(tmp_dir)` may add files (e.g. `tokenizer/`) before the directory is published."""
-    from raredx_jax import fileio
 
     path = os.path.abspath(path)
     primary = jax.process_index() == 0
     fileio.check_destination(src, path, overwrite, what=what, overwrite_hint=overwrite_hint)
     barrier = None
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         barrier = multihost_utils.sync_global_devices
     with fileio.atomic_directory(path, overwrite, what=what, overwrite_hint=overwrite_hint, barrier=barrier,
                                  primary=primary) as tmp:
@@ -94,11 +95,10 @@ def read_model_config(path: str, **overrides: Any) -> ModelConfig:
 
 def load_model(path: str, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, **overrides: Any) -> Transformer:
     """Restore a model checkpoint directly into its shards on `mesh` (numerics overridable, e.g. dtype)."""
-    from raredx_jax.checkpoints.hf_io import abstract_model
 
     path = os.path.abspath(path)
     if "lora" in read_checkpoint_meta(path):  # a LoRA run's step: its base with the adapters merged in
-        from raredx_jax.lora import load_merged_model
+        from raredx_jax.lora import load_merged_model  # noqa: PLC0415 - cycle: raredx_jax.lora imports this module
         return load_merged_model(path, mesh, **overrides)
     cfg = read_model_config(path, **overrides)
     graphdef, abstract, shardings = abstract_model(cfg, mesh, rules)
@@ -124,7 +124,6 @@ def resolve_model_checkpoint(path: str) -> str:
     A pickle-based weights file (`pytorch_model.bin`, `*.pt`; given directly or the only weights in the folder) is
     refused with the same message as the HF import and `convert` (hf_io.pickle_refused), not "no checkpoint here".
     """
-    from raredx_jax.checkpoints.hf_io import PICKLE_SUFFIXES, pickle_refused, pickle_weights
 
     path = os.path.abspath(path)
     for cand in (path, latest_checkpoint(path), latest_checkpoint(os.path.join(path, "checkpoints"))):
@@ -141,7 +140,6 @@ def resolve_model_checkpoint(path: str) -> str:
 
 def read_checkpoint_meta(path: str) -> dict[str, Any]:
     """The JSON `meta` item a trainer wrote beside the model ({} for a standalone model checkpoint)."""
-    import json
 
     f = os.path.join(path, META_ITEM, "metadata")
     if not os.path.isfile(f):

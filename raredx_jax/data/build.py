@@ -29,6 +29,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from absl import flags, logging
+
+from raredx_jax.data import prompts
+from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+# The trainers import this module (RL_SPLIT, run_diseases, build_all); TFDS and hpo3, which the accelerator image
+# lacks (benchmarks/accelerator_check.py), load inside the functions that build data.
+
 MANIFEST = "manifest.json"
 SKIPPED_DISEASES = "skipped_diseases"  # .json + .md: diseases left out because no note could be rendered
 BUILD_FORMAT = 1  # bump when the on-disk layout written here changes
@@ -107,7 +115,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _outputs_exist(data_dir: Path, manifest: dict[str, Any]) -> bool:
-    from raredx_jax.data import tfds_builders as tb
+    from raredx_jax.data import tfds_builders as tb  # noqa: PLC0415 - TFDS (see top)
 
     tok = data_dir / manifest.get("tokenizer", {}).get("path", "tokenizer/spm.model")
     return tok.is_file() and all(tb.dataset_dir(name, data_dir).is_dir() for name in manifest.get("datasets", {}))
@@ -137,7 +145,7 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     left out; the diseases that had it among their neighbours (contrast passages, differentials) are generated
     again against the smaller set, so the result equals a build that never selected it (a disease's records
     depend only on the seed, the disease and its neighbours), without a second pass over every disease."""
-    from raredx_jax.data.knowledge import _neighbours, knowledge_records
+    from raredx_jax.data.knowledge import _neighbours, knowledge_records  # noqa: PLC0415 - hpo3 (see top)
 
     on_unrenderable = None
     if unrenderable is not None:
@@ -195,7 +203,7 @@ def run_diseases(config: Any) -> tuple[list[Any], Any]:
     """(the run's disease subset, the ontology): the ids in the data build's manifest (what the corpus and the
     cases were generated from), else `config.data.diseases`; trimmed to the core findings the data used
     (`data.diseases.max_phenotypes`), so probes and rewards see the diseases the model was trained on."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
+    from raredx_jax.data.hpo import load_ontology, select_diseases  # noqa: PLC0415 - hpo3 (see top)
 
     ontology = load_ontology()
     manifest = read_manifest(config.data.dir) if config.data.get("dir") else None
@@ -221,7 +229,7 @@ def build_simulated(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     (id -> why) and left out of every split; the notes of the others are exactly those of a build without it
     (a note depends only on (seed, disease, index), and de-duplication runs over the kept diseases only).
     `generated` (split -> disease id -> notes) caches the notes across calls with fewer diseases."""
-    from raredx_jax.data import simulate
+    from raredx_jax.data import simulate  # noqa: PLC0415 - hpo3 (see top)
 
     seed = int(config.data.seed)
     levels = _levels(config) or tuple(simulate.LEVELS)
@@ -290,7 +298,7 @@ def build_imported(ontology: Any, config: Any, log: Log) -> Any | None:
     on_error = config.data.on_error
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    from raredx_jax.data import importers
+    from raredx_jax.data import importers  # noqa: PLC0415 - hpo3 (see top)
 
     result = importers.load_cases(paths, ontology, on_error=on_error)
     log(f"imported cases from {', '.join(paths)}: {result.summary()}")
@@ -305,10 +313,6 @@ def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]
         texts.append(r["completion"])
     train_cases = cases.get("train", [])
     texts.extend(c.text for c in train_cases)
-    try:
-        from raredx_jax.data import prompts
-    except ImportError:  # prompts.py not available: notes and knowledge alone still train a usable model
-        return texts
     # The fixed instructions appear in every prompt: let them become few tokens.
     names = sorted({c.diagnosis_name for c in train_cases})
     for i, c in enumerate(train_cases[:: max(1, len(train_cases) // 50)]):
@@ -323,9 +327,8 @@ def tokenizer_texts(knowledge: dict[str, list[dict]], cases: dict[str, list[Any]
 # --- orchestration ----------------------------------------------------------------------------------------------
 def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Builds (or verifies) everything under `config.data.dir`; returns the manifest (+ "skipped": bool)."""
-    from raredx_jax.data import tfds_builders as tb
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-    from raredx_jax.data.tokenizer import train_sentencepiece
+    from raredx_jax.data import tfds_builders as tb  # noqa: PLC0415 - TFDS (see top)
+    from raredx_jax.data.hpo import load_ontology, select_diseases  # noqa: PLC0415 - hpo3 (see top)
 
     log = log or _log_stdout
     data_dir = Path(config.data.dir)
@@ -371,7 +374,7 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
     log("knowledge: " + ", ".join(f"{k} {len(v)}" for k, v in knowledge.items()) + f" items [{time.time() - t0:.1f}s]")
     log("simulated notes: " + ", ".join(f"{k} {len(v)}" for k, v in cases.items()) + f" [{time.time() - t0:.1f}s]")
     if imported_result is not None:
-        from raredx_jax.data import importers
+        from raredx_jax.data import importers  # noqa: PLC0415 - hpo3 (see top)
 
         importers.write_report(imported_result, data_dir / "import_report.json")
         report = importers.write_report(imported_result, data_dir / "import_report.md")
@@ -381,7 +384,6 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
     model_type = config.tokenizer.get("model_type", "bpe")
     spm_path = train_sentencepiece(tokenizer_texts(knowledge, cases), data_dir / "tokenizer" / "spm",
                                    vocab_size=vocab, seed=int(config.data.seed), model_type=model_type)
-    from raredx_jax.data.tokenizer import SentencePieceTokenizer
 
     spm_vocab = SentencePieceTokenizer(spm_path).vocab_size
     log(f"tokenizer: {model_type} SentencePiece, {spm_vocab} pieces (asked {vocab}) -> {spm_path} "
@@ -394,7 +396,8 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
             continue
         tb.prepare(name, data_dir, splits, overwrite=True)
         datasets[name] = {k: len(v) for k, v in splits.items()}
-        log(f"wrote {name}: " + ", ".join(f"{k} {n}" for k, n in datasets[name].items()) + f" [{time.time() - t0:.1f}s]")
+        counts = ", ".join(f"{k} {n}" for k, n in datasets[name].items())
+        log(f"wrote {name}: {counts} [{time.time() - t0:.1f}s]")
 
     manifest = {
         "format": BUILD_FORMAT,
@@ -417,7 +420,7 @@ def build_all(config: Any, *, force: bool = False, log: Log | None = None) -> di
 
 def _clear_outputs(data_dir: Path) -> None:
     """Removes only what this builder writes (never other files a user keeps in data.dir)."""
-    from raredx_jax.data import tfds_builders as tb
+    from raredx_jax.data import tfds_builders as tb  # noqa: PLC0415 - TFDS (see top)
 
     (data_dir / MANIFEST).unlink(missing_ok=True)
     for name in tb.BUILDERS:
@@ -452,8 +455,6 @@ def _write_skipped_diseases(data_dir: Path, unrenderable: dict[str, str], ontolo
 
 # --- CLI --------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
     del argv
     try:
         config = flags.FLAGS.config
@@ -461,9 +462,7 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(error_line(ValueError(f"bad configuration: {e}")))
     if config is None:
         raise SystemExit("--config is required, e.g. --config=configs/data.py")
-    import tensorflow_datasets as tfds
-
-    from absl import logging
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - TFDS (see top)
 
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO; our own lines report progress
     if not sys.stdout.isatty():

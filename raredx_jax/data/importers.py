@@ -41,14 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from phenopackets import Phenopacket, Sex, TimeElement, VitalStatus
 
+from raredx_jax.data import simulate
 from raredx_jax.data.case import Case
-from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket, phenopacket_to_json
 from raredx_jax.data.hpo import Disease, Ontology
 from raredx_jax.data.linking import DiseaseLinker, parse_disease_id
-from raredx_jax.data import simulate
+from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket, phenopacket_to_json
 
 __all__ = ["ImportIssue", "ImportResult", "load_phenopackets", "load_jsonl_notes", "load_cases", "write_report",
            "parse_iso8601_age", "phenopacket_to_case", "phenopacket_case_id"]

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from raredx_jax.data.hpo import Disease, Ontology, PhenotypeAnnotation
-from raredx_jax.data.simulate import UnrenderableError
+from raredx_jax.data.prompts import diagnosis_messages, format_completion, reflection_messages
+from raredx_jax.data.simulate import UnrenderableError, simulate_case
 
 Record = dict
 
@@ -282,8 +283,6 @@ def _exemplar_case(d: Disease, o: Ontology, rng: np.random.Generator, style: str
         raise ValueError(f"data.knowledge_exemplar_style must be one of {EXEMPLAR_STYLES}, got {style!r}")
     by_hpo = {p.hpo_id: p for p in d.phenotypes}
     if style == "note":
-        from raredx_jax.data.simulate import simulate_case
-
         case = simulate_case(d, o, rng, EXEMPLAR_LEVELS[index % len(EXEMPLAR_LEVELS)])
         generalised = case.meta.get("generalised", {})
         ph = [by_hpo[h] for h in case.present_hpo if h in by_hpo]
@@ -340,7 +339,6 @@ def _exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx: dict, styl
     The reasoning is a fact template over the HPO annotations (frequencies, contrasts), not a case rationale;
     the differential lists diseases of the set that share findings, as a clinician's list would.
     """
-    from raredx_jax.data.prompts import diagnosis_messages, format_completion
 
     case = _exemplar_case(d, o, rng, style, index)
     if case is None:
@@ -363,7 +361,6 @@ def _reflection_exemplar(d: Disease, o: Ontology, rng: np.random.Generator, ctx:
     target is the exemplar reasoning for the gold that names the look-alike as fitting less well. Cases are
     simulated from this corpus's own seed, never the case splits'.
     """
-    from raredx_jax.data.prompts import format_completion, reflection_messages
 
     case = _exemplar_case(d, o, rng, "note", index)
     others = _differential(d, ctx)

@@ -296,7 +296,7 @@ class DiseaseLinker:
             raise ValueError(f"fuzzy must be one of {', '.join(map(repr, FUZZY_MATCHERS))}, got {fuzzy!r}")
         if fuzzy == "rapidfuzz":
             try:
-                import rapidfuzz  # noqa: F401
+                import rapidfuzz  # noqa: F401, PLC0415 - optional: the [rapidfuzz] extra, checked when asked for
             except ImportError:
                 raise ImportError("fuzzy='rapidfuzz' needs the rapidfuzz package: "
                                   "pip install 'raredx-jax[rapidfuzz]'") from None
@@ -481,7 +481,7 @@ class DiseaseLinker:
         full scan in C++), in the written and in the sorted word order (``token_sort_ratio`` with the choices'
         sorted forms precomputed), scored max(ratio, 0.98 x sorted ratio) like the builtin, then the same
         subtype / polarity penalties."""
-        from rapidfuzz import fuzz, process
+        from rapidfuzz import fuzz, process  # noqa: PLC0415 - optional: rapidfuzz (the [rapidfuzz] extra)
 
         if self._fuzzy_index is None:
             self._fuzzy_index = ([" ".join(t) for t, _ in self._strings],

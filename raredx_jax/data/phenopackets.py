@@ -18,8 +18,22 @@ from typing import Any
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
-from phenopackets import (Age, Diagnosis, Disease, ExternalReference, GestationalAge, Individual, Interpretation,
-                          MetaData, OntologyClass, Phenopacket, PhenotypicFeature, Resource, Sex, TimeElement)
+from phenopackets import (
+    Age,
+    Diagnosis,
+    Disease,
+    ExternalReference,
+    GestationalAge,
+    Individual,
+    Interpretation,
+    MetaData,
+    OntologyClass,
+    Phenopacket,
+    PhenotypicFeature,
+    Resource,
+    Sex,
+    TimeElement,
+)
 
 from raredx_jax.data.case import Case
 from raredx_jax.fileio import atomic_file

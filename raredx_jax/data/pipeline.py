@@ -20,9 +20,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from raredx_jax.data.tokenizer import Tokenizer
+from raredx_jax.data import tfds_builders
+from raredx_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 DATASETS = {"knowledge": "raredx_knowledge", "rers_trajectories": "raredx_rers_trajectories"}
@@ -144,8 +146,6 @@ def sft_dataset(
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -200,10 +200,6 @@ def make_host_dataset(config: Any, split: str = "train", *, tokenizer: Tokenizer
 
     The global `train.batch_size` is split evenly over jax processes (it must divide).
     """
-    import jax
-
-    from raredx_jax.data import tfds_builders
-    from raredx_jax.data.tokenizer import load_tokenizer
 
     name = config.train.dataset
     if name not in DATASETS:

@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
+
+from raredx_jax.data.case import Case
 
 FILE_FORMAT = "array_record"
 # A split's input: records in memory, one JSONL staging file, or several (e.g. one per host).
@@ -291,8 +294,8 @@ def prepare(builder: str | type[_RecordsBuilder], data_dir: str | os.PathLike, s
         if not isinstance(src, (str, os.PathLike)) and isinstance(src, Sequence) and len(src) == 0:
             raise ValueError(f"{cls.name}: split {name!r} has no records")
     b = cls(splits=splits, data_dir=os.fspath(data_dir))
-    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    from tensorflow_datasets.core.utils import tqdm_utils
+    modes = tfds.download.GenerateMode
+    mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
 
     shown = tqdm_utils._active  # TFDS's own per-split progress bars: quiet here, restored after
     tfds.display_progress_bar(False)
@@ -336,7 +339,6 @@ def decode_sft(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def decode_case(row: Mapping[str, Any]) -> Any:
     """A stored case row -> `Case`."""
-    from raredx_jax.data.case import Case
 
     d = {k: _text(v) for k, v in row.items()}
     for k in ("diagnosis", "present_hpo", "absent_hpo", "meta"):

@@ -12,11 +12,16 @@ character U+2581 (SentencePiece's whitespace marker), which decodes as a space.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import sentencepiece as spm
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -58,7 +63,6 @@ class Tokenizer:
         tokenizer it was not trained with (e.g. after a data rebuild retrained the SentencePiece model).
         Computed once per tokenizer (the vocabulary never changes after loading): checks and every checkpoint
         save reuse it."""
-        import hashlib
 
         if getattr(self, "_digest", None) is None:
             self._digest = hashlib.sha256("\n".join(self.pieces()).encode("utf-8")).hexdigest()
@@ -116,7 +120,6 @@ def train_sentencepiece(
     `vocab_size` is a soft limit (`hard_vocab_limit=False`): a small corpus yields fewer pieces instead of
     failing; it must leave room for the 256 byte pieces and the special symbols.
     """
-    import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"tokenizer.model_type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -171,8 +174,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model with ChatML chat format; EOS = `<|im_end|>`, BOS = `<s>` (used for raw text)."""
 
     def __init__(self, model_path: str | os.PathLike):
-        import sentencepiece as spm
-
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer.path: no SentencePiece model at {self.path}")
@@ -217,8 +218,7 @@ class SentencePieceTokenizer(Tokenizer):
         digits, byte fallback, the special symbols as added tokens) so it gives the same ids as SentencePiece;
         tests check that on varied text. Same ids, same pad/bos/eos (eos = `<|im_end|>`).
         """
-        from tokenizers import AddedToken, Tokenizer as RawTokenizer, decoders, models, normalizers, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - heavy (transformers ~0.8 s)
 
         sp = self._sp
         pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
@@ -320,7 +320,7 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | os.PathLike):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: PLC0415 - heavy (transformers ~0.8 s)
 
         self.path = Path(path)
         if not self.path.is_dir():

@@ -13,8 +13,10 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from raredx_jax.data import importers
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import Disease, Ontology
+from raredx_jax.data.tfds_builders import data_source, decode_case
 
 _BUILT = {"simulated": "raredx_simulated_cases", "imported": "raredx_imported_cases"}
 
@@ -49,8 +51,6 @@ def load_case_set(spec: str, data_dir: str, ontology: Ontology, linker: Any,
     """The cases of one spec. Import issues go to `report_dir` ("" = `data_dir`, for callers without an output
     folder; `write=False`: the path only, for hosts other than the first); only counts and the report path are
     returned, never note text."""
-    from raredx_jax.data import importers
-    from raredx_jax.data.tfds_builders import data_source, decode_case
 
     kind, _, split = spec.partition(":")
     issues: list = []

@@ -18,13 +18,18 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from raredx_jax.data.hpo import Ontology
-from raredx_jax.evaluation.baseline import _NEGATION, TermMatcher
+from raredx_jax.data.hpo import Ontology, load_ontology, select_diseases
+from raredx_jax.data.simulate import LEVELS, simulate_cases
+from raredx_jax.evaluation.baseline import _NEGATION, PhenotypeRanker, TermMatcher, phenotype_pool
+from raredx_jax.evaluation.metrics import rank_of
 
 RECOGNISERS = ("dictionary", "fasthpocr")
 ROOT_PHENOTYPE = "HP:0000118"
@@ -83,7 +88,7 @@ class FastHPOCRMatcher:
 
     def __init__(self, ontology: Ontology, hpo_ids: Iterable[str] | None = None, index_dir: str | Path | None = None,
                  longest_match: bool = True):
-        from FastHPOCR.HPOAnnotator import HPOAnnotator
+        from FastHPOCR.HPOAnnotator import HPOAnnotator  # noqa: PLC0415 - optional: FastHPOCR (the [hpocr] extra)
 
         ids = sorted(set(hpo_ids)) if hpo_ids is not None else None
         self.index_dir = Path(index_dir) if index_dir else default_index_dir(ontology, ids)
@@ -95,10 +100,7 @@ class FastHPOCRMatcher:
         self._longest = longest_match
 
     def _build(self, ontology: Ontology, ids: list[str] | None) -> None:
-        import shutil
-        import tempfile
-
-        from FastHPOCR.IndexHPO import IndexHPO
+        from FastHPOCR.IndexHPO import IndexHPO  # noqa: PLC0415 - optional: FastHPOCR (the [hpocr] extra)
 
         self.index_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.index_dir.parent, prefix=f".{self.index_dir.name}.partial-"))
@@ -150,7 +152,6 @@ def make_matcher(kind: str, ontology: Ontology, hpo_ids: Iterable[str]) -> Any:
 def score_extraction(cases: Sequence[Any], matcher: Any) -> dict[str, dict[str, float]]:
     """Micro precision/recall of (term, observed|excluded) pairs per level (and "all") against each case's
     rendered terms, plus the matched terms per case id (for the baseline)."""
-    from collections import defaultdict
 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tp, predicted, gold
     matched: dict[str, tuple[list[str], list[str]]] = {}
@@ -171,10 +172,6 @@ def score_extraction(cases: Sequence[Any], matcher: Any) -> dict[str, dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure the recognisers on simulated notes; prints README's table (markdown)."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
-    from raredx_jax.data.simulate import LEVELS, simulate_cases
-    from raredx_jax.evaluation.baseline import PhenotypeRanker, phenotype_pool
-    from raredx_jax.evaluation.metrics import rank_of
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--diseases", type=int, default=40, help="random diseases with >= 8 findings (seed --seed)")

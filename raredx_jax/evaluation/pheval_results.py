@@ -30,11 +30,16 @@ the positions; an unlinked entry keeps its position, as in eval.json's ``llm_ran
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raredx_jax.data.phenopackets import case_to_phenopacket, write_phenopacket
 from raredx_jax.fileio import atomic_file
 
 PHEVAL_VERSION = "0.7.14"
@@ -76,7 +81,6 @@ def scores_from_ranking(ids: Sequence[str | None]) -> list[tuple[str, float]]:
 def pheval_ranks(scores: Sequence[float]) -> list[int]:
     """PhEval's rank of each score: polars ``rank(method="max", descending=True)`` = how many scores are >= it."""
     ordered = sorted(scores, reverse=True)
-    import bisect
 
     neg = [-s for s in ordered]  # ascending
     return [bisect.bisect_right(neg, -s) for s in scores]
@@ -104,9 +108,6 @@ def disease_result_rows(scored: Sequence[tuple[str, float]], gold: Sequence[str]
 
 def write_disease_result(cols: dict[str, list], path: str | Path) -> Path:
     """One case's result as PhEval's parquet (zstd), atomically (a temporary sibling renamed into place)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     arrow = {"int64": pa.int64(), "double": pa.float64(), "large_string": pa.large_string(), "bool": pa.bool_()}
     schema = pa.schema([(name, arrow[t]) for name, t in DISEASE_RESULT_COLUMNS])
     table = pa.Table.from_pydict({name: cols[name] for name, _ in DISEASE_RESULT_COLUMNS}, schema=schema)
@@ -132,7 +133,6 @@ def write_pheval_results(report: dict[str, Any], case_sets: Sequence[Any], basel
     truth set PhEval reads) and ``<out_dir>/pheval/<set>/<tool>/pheval_disease_results/<stem>-disease_result
     .parquet`` for tool ``raredx_llm`` (when the report scored a model) and ``raredx_baseline``. Returns
     {set name: its folder}."""
-    from raredx_jax.data.phenopackets import case_to_phenopacket, write_phenopacket
 
     written: dict[str, str] = {}
     for cs in case_sets:

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Any, Sequence
 
+import numpy as np
+
 from raredx_jax.evaluation.metrics import topk_recall
 
 
@@ -34,9 +36,9 @@ def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
 
 
 def plot_topk(report: dict[str, Any], path: str, kmax: int = 10) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - backend: Agg is selected just before pyplot loads, not on import
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - backend: pyplot loads after matplotlib.use("Agg")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = list(range(1, kmax + 1))
@@ -55,10 +57,9 @@ def plot_topk(report: dict[str, Any], path: str, kmax: int = 10) -> None:
 
 
 def plot_levels(report: dict[str, Any], path: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - backend: Agg is selected just before pyplot loads, not on import
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - backend: pyplot loads after matplotlib.use("Agg")
 
     bars = [(f"{name}\n{lvl}", b) for name, s in report["sets"].items() for lvl, b in s["per_level"].items()]
     if not bars:
@@ -78,10 +79,9 @@ def plot_levels(report: dict[str, Any], path: str) -> None:
 
 def plot_stages(rows: Sequence[dict[str, Any]], path: str) -> None:
     """Stage-by-stage top-1/top-10 (pipeline table)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - backend: Agg is selected just before pyplot loads, not on import
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - backend: pyplot loads after matplotlib.use("Agg")
 
     if not rows:
         return

@@ -8,8 +8,11 @@ from typing import Any, Sequence
 
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import Disease, Ontology
+from raredx_jax.data.prompts import diagnosis_messages
 from raredx_jax.evaluation.baseline import PhenotypeRanker, phenotype_pool
+from raredx_jax.evaluation.hpo_recognition import make_matcher
 from raredx_jax.evaluation.metrics import rank_of, summarize
+from raredx_jax.rewards.diagnosis import verify
 
 
 @dataclasses.dataclass
@@ -30,8 +33,6 @@ class Baseline:
     """Phrank ranking over the candidate set, from a case's HPO terms or from terms matched in its text."""
 
     def __init__(self, ontology: Ontology, candidates: Sequence[Disease], recogniser: str = "dictionary"):
-        from raredx_jax.evaluation.hpo_recognition import make_matcher
-
         self.ranker = PhenotypeRanker(ontology, candidates)
         self.matcher = make_matcher(recogniser, ontology, phenotype_pool(ontology, candidates))
 
@@ -47,10 +48,8 @@ class Baseline:
 def evaluate_llm(model: Any, tokenizer: Any, cases: Sequence[Case], linker: Any, config: Any,
                  mesh: Any = None, progress: bool = True, top_k: int = 10) -> list[tuple]:
     """Greedy decode one differential per case and verify it: [(rank, format_ok, ids, ntokens, finish)]."""
-    from raredx_jax.data.prompts import diagnosis_messages
-    from raredx_jax.rewards.diagnosis import verify
-    from raredx_jax.sampling.text import generate_text
-    from raredx_jax.sampling.sampler import SamplingParams
+    from raredx_jax.sampling.sampler import SamplingParams  # noqa: PLC0415 - heavy: JAX+Flax ~1.2 s, LLM arm only
+    from raredx_jax.sampling.text import generate_text  # noqa: PLC0415 - heavy: JAX+Flax ~1.2 s, LLM arm only
 
     params = dataclasses.replace(SamplingParams.from_config(config.sampling), temperature=0.0,
                                  max_prompt_len=int(config.eval.get("max_prompt_len", 1024)))

@@ -32,9 +32,10 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from raredx_jax.evaluation.compare import compare_reports
+from raredx_jax.fileio import atomic_directory
 
 ARMS = ("b", "a", "c")
 ARM_TITLES = {"a": "GRPO from knowledge SFT (positive control)", "b": "GRPO from RERS-SFT (pipeline default)",
@@ -54,7 +55,6 @@ def _train(args: Sequence[str], log_path: str) -> None:
 def _copy(src_root: str, dst_root: str, names: Sequence[str]) -> None:
     """Copy arm b's finished stage dirs into an arm's run dir (each published whole, never half-copied; an
     existing copy is kept, so a rerun resumes the arm)."""
-    from raredx_jax.fileio import atomic_directory
 
     for name in names:
         src, dst = os.path.join(src_root, name), os.path.join(dst_root, name)
@@ -193,10 +193,10 @@ def markdown(per_seed: dict[int, dict[str, dict]], pool: dict[str, dict[str, dic
 
 def plot_lessons(root: str, seeds: Sequence[int], path: str) -> bool:
     """Rollout pass rate of each lesson's own samples per step, within the steps it was the current lesson."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - backend: Agg is selected just before pyplot loads, not on import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - backend: pyplot loads after matplotlib.use("Agg")
 
     runs = [(f"s{s} {arm}", os.path.join(root, f"s{s}" + suffix, "grpo"))
             for s in seeds for arm, suffix in (("b", ""), ("a", "-a"))]

@@ -53,8 +53,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         _warn_once("attention=splash needs a TPU and a training-shaped call (no KV cache); "
                    "using the XLA reference attention instead")
         return xla_attention(q, k, v, mask)
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    # TPU only: the Pallas TPU kernels load when splash attention runs on a TPU.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415 - TPU
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415 - TPU
 
     b, t, h, d = q.shape
     kv = k.shape[2]

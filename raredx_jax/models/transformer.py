@@ -16,7 +16,7 @@ from flax import nnx
 
 from raredx_jax.models.attention import attend, attend_cache
 from raredx_jax.models.config import ModelConfig
-from raredx_jax.parallel.sharding import constrain
+from raredx_jax.parallel.sharding import constrain, logical_to_spec
 
 _INIT_STD = 0.02
 
@@ -58,8 +58,10 @@ class KVCache:
     @classmethod
     def shardings(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: jax.sharding.Mesh) -> "KVCache":
         """NamedShardings of a cache of this shape on `mesh` (rows over data*fsdp, kv heads over tensor)."""
-        from raredx_jax.parallel.sharding import logical_to_spec
-        named = lambda axes, shape: jax.sharding.NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+        def named(axes: tuple, shape: tuple) -> jax.sharding.NamedSharding:
+            return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
         kv = named(CACHE_AXES, (batch, cfg.num_kv_heads, max_len, cfg.head_dim))
         return cls(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers,
                    valid=named(VALID_AXES, (batch, max_len)), index=named(("batch",), (batch,)))
@@ -175,7 +177,7 @@ def _weight(v: Any, dt: Any) -> jax.Array:
     """A layer's weight in the compute dtype. QLoRA's quantised base projections (qwix QArrays, raredx_jax/lora.py)
     are dequantised here, one layer at a time; integer arrays (the LoRA dropout key) pass unchanged."""
     if hasattr(v, "qvalue"):
-        import qwix
+        import qwix  # noqa: PLC0415 - heavy: qwix (~1.9 s) only for a quantised (QLoRA) base
         return qwix.dequantize(v).astype(dt)
     return v if jnp.issubdtype(v.dtype, jnp.integer) else v.astype(dt)
 
@@ -184,7 +186,7 @@ def _proj(eq: str, x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Arra
     """einsum(x, p[name]), plus the LoRA path when the layer carries an adapter for `name` (raredx_jax/lora.py)."""
     y = jnp.einsum(eq, x, p[name])
     if name + "_lora_a" in p:
-        from raredx_jax.lora import lora_delta
+        from raredx_jax.lora import lora_delta  # noqa: PLC0415 - cycle: raredx_jax.lora imports this module
         y = y + lora_delta(eq, x, p, name).astype(y.dtype)
     return y
 

@@ -9,6 +9,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -59,7 +60,6 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None, 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> Any:
     """NamedShardings for an nnx.State whose Variables carry `axes` metadata (logical names)."""
-    from flax import nnx
 
     def one(var: Any) -> Any:
         axes = var.get_metadata().get("axes")

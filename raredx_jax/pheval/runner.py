@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pheval.runners.runner import PhEvalRunner
 
+from raredx_jax.data.hpo import load_ontology
 from raredx_jax.pheval import steps
 
 
@@ -29,15 +30,11 @@ class RaredxPhEvalRunner(PhEvalRunner):
         return steps.Options.from_dict(self.input_dir_config.tool_specific_configuration_options)
 
     def prepare(self) -> str:
-        from raredx_jax.data.hpo import load_ontology
-
         counts = steps.prepare(self.testdata_dir, self.tool_input_commands_dir, load_ontology())
         return (f"{counts['n_cases']} of {counts['n_phenopackets']} phenopackets prepared, {counts['n_skipped']} "
                 f"refused (listed in {Path(self.tool_input_commands_dir) / steps.REPORT_FILE})")
 
     def run(self) -> None:
-        from raredx_jax.data.hpo import load_ontology
-
         steps.run(self.tool_input_commands_dir, self.raw_results_dir, load_ontology(), self._options())
 
     def post_process(self) -> None:

@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from raredx_jax.data.case import Case
+from raredx_jax.data.importers import ImportResult, load_phenopackets, write_report
+from raredx_jax.data.linking import DiseaseLinker
+from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket
+from raredx_jax.evaluation import pheval_results as pr
+from raredx_jax.evaluation.pheval_results import baseline_scores, scores_from_ranking
+from raredx_jax.evaluation.runner import Baseline, evaluate_llm
 
 CASES_FILE = "raredx_cases.jsonl"
 REPORT_FILE = "raredx_import_report.json"
@@ -70,7 +76,6 @@ def _candidates(ontology: Any, spec: str) -> list:
 def prepare(testdata_dir: str | Path, tool_input_dir: str | Path, ontology: Any) -> dict[str, int]:
     """Import each phenopacket (one record per file: its stem names PhEval's result) and write the cases.
     Returns counts; the report lists every refused packet."""
-    from raredx_jax.data.importers import ImportResult, load_phenopackets, write_report
 
     src = phenopacket_dir(testdata_dir)
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() == ".json"
@@ -101,8 +106,6 @@ def read_prepared(tool_input_dir: str | Path) -> list[tuple[str, Case]]:
 
 def run(tool_input_dir: str | Path, raw_results_dir: str | Path, ontology: Any, options: Options) -> int:
     """Rank every prepared case; one raw result TSV per phenopacket. Returns the number written."""
-    from raredx_jax.evaluation.pheval_results import baseline_scores, scores_from_ranking
-    from raredx_jax.evaluation.runner import Baseline
 
     prepared = read_prepared(tool_input_dir)
     candidates = _candidates(ontology, options.candidates)
@@ -130,10 +133,8 @@ def _load_config(hardware: str) -> Any:
 
 def _llm_scores(cases: list[Case], candidates: list, options: Options) -> list[list[str | None]]:
     """The model's ranked, linked disease ids per case (greedy, as `evaluate` decodes)."""
-    from raredx_jax.data.linking import DiseaseLinker
-    from raredx_jax.evaluation.runner import evaluate_llm
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.policy import load_policy
+    from raredx_jax.parallel.mesh import make_mesh  # noqa: PLC0415 - heavy: JAX ~1 s, LLM arm only
+    from raredx_jax.policy import load_policy  # noqa: PLC0415 - heavy: JAX+Flax ~1.2 s, LLM arm only
 
     config = _load_config(options.hardware)
     mesh = make_mesh(config.mesh)
@@ -162,7 +163,6 @@ def post_process(raw_results_dir: str | Path, output_dir: str | Path, testdata_d
                  tool_input_dir: str | Path, use_pheval: bool | None = None) -> int:
     """Raw results -> ``<output_dir>/pheval_disease_results/<stem>-disease_result.parquet``. ``use_pheval``: None =
     PhEval's own post-processing when it is importable. Returns the number of results written."""
-    from raredx_jax.evaluation import pheval_results as pr
 
     if use_pheval is None:
         use_pheval = importlib.util.find_spec("pheval") is not None
@@ -178,8 +178,11 @@ def post_process(raw_results_dir: str | Path, output_dir: str | Path, testdata_d
     for path in raw:
         rows = read_raw_result(path)
         if use_pheval:
-            import polars as pl
-            from pheval.post_processing.post_processing import SortOrder, generate_disease_result
+            import polars as pl  # noqa: PLC0415 - optional: [pheval] extra
+            from pheval.post_processing.post_processing import (  # noqa: PLC0415 - optional: [pheval] extra
+                SortOrder,
+                generate_disease_result,
+            )
 
             frame = pl.DataFrame({"disease_identifier": [d for d, _ in rows], "score": [s for _, s in rows]},
                                  schema={"disease_identifier": pl.String, "score": pl.Float64})
@@ -194,7 +197,6 @@ def post_process(raw_results_dir: str | Path, output_dir: str | Path, testdata_d
 def _packet_gold(path: Path) -> tuple[str, ...]:
     """The diagnosed disease ids of a phenopacket the importer refused (PhEval's truth set: interpretations'
     diagnoses); () when even the schema refuses it."""
-    from raredx_jax.data.phenopackets import PhenopacketSchemaError, parse_phenopacket
 
     try:
         packet = parse_phenopacket(json.loads(path.read_text(encoding="utf-8-sig")))

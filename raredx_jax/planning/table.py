@@ -51,7 +51,6 @@ def trained(plan: dict[str, Any]) -> str:
 
 
 def row(plan: dict[str, Any]) -> str:
-    peak = next(p for p in plan["phases"] if p["name"] == plan["peak_phase"])
     acc = plan["accelerator"] or {}
     train = next((p for p in plan["phases"] if p["name"] in ("train_step", "update")), None)
     t = mfu = "n/a"

@@ -290,7 +290,7 @@ class RewardFn:
         if len(lengths) != n:
             raise ValueError(f"lengths has {len(lengths)} entries for {n} completions")
         if truncated is None:
-            truncated = [bool(self.length_max) and int(l) >= self.length_max for l in lengths]
+            truncated = [bool(self.length_max) and int(length) >= self.length_max for length in lengths]
         comps: dict[str, list[float]] = {k: [] for k in self.weights}
         rank, passed, earned, fmt_ok, answers = [], [], [], [], []
         for i, text in enumerate(completions):
@@ -421,6 +421,7 @@ def leak_check(
 
 
 __all__ = [
-    "RewardFn", "RewardContext", "REWARDS", "REWARD_BOUNDS", "COMBINES", "register_reward", "answer_count_ok", "compute_rewards", "rewards_config", "gold_ids",
+    "RewardFn", "RewardContext", "REWARDS", "REWARD_BOUNDS", "COMBINES", "register_reward", "answer_count_ok",
+    "compute_rewards", "rewards_config", "gold_ids",
     "grounded", "leak_check", "note_findings", "DEFAULT_LEAK_PHRASES",
 ]

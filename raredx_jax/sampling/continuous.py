@@ -32,9 +32,22 @@ from flax import nnx
 
 from raredx_jax.models.transformer import CACHE_AXES, VALID_AXES, KVCache
 from raredx_jax.parallel.sharding import constrain
-from raredx_jax.sampling.sampler import (ROW_AXES, Sampler, SamplingParams, _as_typed_key, _put, _Spec, _stop_matrix,
-                                         bucket_length, decode_layer_params, left_pad, next_pow2, prefill,
-                                         record_tokens, select_tokens)
+from raredx_jax.sampling.sampler import (
+    ROW_AXES,
+    Sampler,
+    SamplingParams,
+    _as_typed_key,
+    _put,
+    _Spec,
+    _stop_matrix,
+    bucket_length,
+    decode_layer_params,
+    left_pad,
+    next_pow2,
+    prefill,
+    record_tokens,
+    select_tokens,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +99,13 @@ def _refill_impl(graphdef, state, slots: dict, groups: jax.Array, tokens: jax.Ar
     layer_params = decode_layer_params(model)
     last, small, lens = prefill(model, tokens, mask, cache.k[0].dtype, layer_params)
     g_count, width = cache.prefix_valid.shape
-    pad = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, width - p), (0, 0)])  # [m, K, P, D] -> [m, K, Pmax, D]
-    put = lambda big, part: big.at[groups].set(pad(part), mode="drop")
+
+    def pad(a: jax.Array) -> jax.Array:  # [m, K, P, D] -> [m, K, Pmax, D]
+        return jnp.pad(a, [(0, 0)] * 2 + [(0, width - p), (0, 0)])
+
+    def put(big: jax.Array, part: jax.Array) -> jax.Array:
+        return big.at[groups].set(pad(part), mode="drop")
+
     prefix_valid = cache.prefix_valid.at[groups].set(jnp.pad(small.valid, [(0, 0), (0, width - p)]), mode="drop")
     rows = (groups[:, None] * n + jnp.arange(n)[None, :]).reshape(-1)  # [m*n], out of range for padding
     rows = jnp.where(jnp.repeat(groups, n) < g_count, rows, g_count * n)

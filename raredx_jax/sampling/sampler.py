@@ -192,7 +192,7 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array | None, temperature: f
         masked = scaled
         if top_k or top_p < 1.0:
             masked = jnp.where(truncation_mask(scaled, top_k, top_p), scaled, -jnp.inf)
-        tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, masked).astype(jnp.int32)
+        tokens = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen
 

@@ -15,7 +15,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from raredx_jax.sampling.continuous import generate_continuous
 from raredx_jax.sampling.sampler import Sampler, SamplingParams, bucket_length, left_pad, next_pow2, sample_keys
 
 
@@ -38,7 +41,6 @@ class Completion:
 def _to_host(x: jax.Array) -> np.ndarray:
     """A global array on every host (rows are sharded across hosts on a multi-host mesh)."""
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -85,10 +87,8 @@ def _generate_text_continuous(sampler: Sampler, tokenizer: Any, prompts: list[li
                               params: SamplingParams, eos_ids: tuple[int, ...], stop_seqs: tuple[tuple[int, ...], ...],
                               progress: bool, desc: str) -> list[list[Completion]]:
     """generate_text over continuously batched slots: `params.batch_size` prompts decode at a time."""
-    from raredx_jax.sampling.continuous import generate_continuous
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
     try:
         rows = generate_continuous(sampler, prompts, sample_keys(key, np.arange(len(prompts)), n), params, n=n,
@@ -132,7 +132,6 @@ def generate_text(model: Any, tokenizer: Any, messages_list: Sequence[list[dict]
     results: list[list[Completion] | None] = [None] * len(prompts)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
     try:
         for start in range(0, len(order), params.batch_size):
