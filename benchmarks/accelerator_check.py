@@ -21,7 +21,7 @@ others still run; JAX and PyTorch never share the device's memory pool):
 4. sampler: decode tokens/s and HBM-roofline fraction at batch 1/16/64 beside HF `generate`
    (benchmarks/sampler.py `run_one`, prompt 256, 256 new tokens).
 5. grpo: one GRPO step's device work on the 0.5B shape: rollout generate (16 prompts x 4 samples, prompt 256, 256
-   new), the old-logprob forward (bf16: recomputed, as RLLearner does) and the policy update (training/grpo.py
+   new), the old-logprob forward (bf16: recomputed, as GRPOLearner does) and the policy update (training/grpo/
    make_logprob_fn / make_update_fn), each timed warm, with the compile time apart. Rewards are random (the
    reward model is host code; its time is not the device's).
 
@@ -32,6 +32,8 @@ tensorflow-datasets, array-record, hpo3 or tensorboardX: the accelerator image l
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import statistics
@@ -41,6 +43,12 @@ import tempfile
 import time
 import traceback
 from typing import Any, Callable
+
+import numpy as np
+
+# JAX, PyTorch and the package load inside the sections (and `main`) that use them: `main` sets the platform's
+# environment first (JAX_PLATFORMS, XLA_PYTHON_CLIENT_*), which JAX reads when it loads, and on an accelerator each
+# section runs in its own process with one framework.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +80,7 @@ ATTN_REL_TOL = 2e-2
 
 
 def _model_cfg(s: dict, dtype: str, *, remat: str = "none", attention: str = "xla", param_dtype: str = "float32"):
-    from raredx_jax.models.config import PRESETS, ModelConfig
+    from raredx_jax.models.config import PRESETS, ModelConfig  # noqa: PLC0415 - per section (see top)
 
     shape = dict(PRESETS[s["preset"]])
     if s["preset"] == "tiny":
@@ -81,7 +89,7 @@ def _model_cfg(s: dict, dtype: str, *, remat: str = "none", attention: str = "xl
 
 
 def _shape(s: dict) -> dict:
-    from raredx_jax.models.config import PRESETS
+    from raredx_jax.models.config import PRESETS  # noqa: PLC0415 - per section (see top)
 
     shape = dict(PRESETS[s["preset"]])
     if s["preset"] == "tiny":
@@ -90,14 +98,12 @@ def _shape(s: dict) -> dict:
 
 
 def _on_accelerator() -> bool:
-    import jax
+    import jax  # noqa: PLC0415 - per section (see top)
 
     return jax.default_backend() != "cpu"
 
 
 def _rel(a, b) -> float:
-    import numpy as np
-
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
@@ -113,7 +119,7 @@ def _timed(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _peak_bytes() -> int | None:
-    import jax
+    import jax  # noqa: PLC0415 - per section (see top)
 
     stats = jax.devices()[0].memory_stats()
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
@@ -126,13 +132,12 @@ def _peak_bytes() -> int | None:
 
 def section_logits(s: dict) -> dict:
     """fp32 and bf16 logits of our model vs transformers, same weights (exported by our HF writer)."""
-    import jax
-    import numpy as np
-    import torch
-    import transformers
+    import jax  # noqa: PLC0415 - per section (see top)
+    import torch  # noqa: PLC0415 - per section (see top)
+    import transformers  # noqa: PLC0415 - per section (see top)
 
-    from raredx_jax.checkpoints.hf_io import init_model, save_hf_model
-    from raredx_jax.parallel.mesh import single_device_mesh
+    from raredx_jax.checkpoints.hf_io import init_model, save_hf_model  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.parallel.mesh import single_device_mesh  # noqa: PLC0415 - per section (see top)
 
     mesh = single_device_mesh()
     cfg32 = _model_cfg(s, "float32")
@@ -143,7 +148,7 @@ def section_logits(s: dict) -> dict:
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
     with jax.default_matmul_precision("highest"):
         ours32 = np.asarray(jax.jit(lambda m, x, p: m(x, p)[0])(model, tokens, positions))
-    from flax import nnx
+    from flax import nnx  # noqa: PLC0415 - per section (see top)
 
     cfg16 = cfg32.replace(dtype="bfloat16")
     model16 = init_model(cfg16, mesh, seed=0)
@@ -175,11 +180,10 @@ def section_logits(s: dict) -> dict:
 
 def section_attention(s: dict) -> dict:
     """Each attention implementation vs the xla reference in fp32; forward + backward time."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    import jax  # noqa: PLC0415 - per section (see top)
+    import jax.numpy as jnp  # noqa: PLC0415 - per section (see top)
 
-    from raredx_jax.models.attention import attend
+    from raredx_jax.models.attention import attend  # noqa: PLC0415 - per section (see top)
 
     b, t, h, k, d = s["attn"]
     rng = np.random.default_rng(0)
@@ -209,8 +213,8 @@ def section_attention(s: dict) -> dict:
 
 def section_sft_remat(s: dict, remat: str) -> dict:
     """One remat policy: our SFT step (tokens/s, MFU, peak device memory)."""
-    from benchmarks.train_step import bench_jax
-    from raredx_jax.training import metrics as M
+    from benchmarks.train_step import bench_jax  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training import metrics as M  # noqa: PLC0415 - per section (see top)
 
     on_acc = _on_accelerator()
     dtype = s["sft_dtype"]
@@ -227,8 +231,8 @@ def section_sft_remat(s: dict, remat: str) -> dict:
 
 
 def section_sft_torch(s: dict) -> dict:
-    from benchmarks.train_step import bench_torch
-    from raredx_jax.training import metrics as M
+    from benchmarks.train_step import bench_torch  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training import metrics as M  # noqa: PLC0415 - per section (see top)
 
     b, t, dtype = s["sft_batch"], s["sft_seq"], s["sft_dtype"]
     r = bench_torch(_shape(s), b, t, dtype, s["sft_steps"], 2)
@@ -240,7 +244,7 @@ def section_sft_torch(s: dict) -> dict:
 
 def section_plan(s: dict, hardware: str) -> dict:
     """The AOT plan of the same SFT steps, per remat policy (CPU compile, in a CPU-only subprocess)."""
-    from raredx_jax.plan import build_plan, sft_config
+    from raredx_jax.plan import build_plan, sft_config  # noqa: PLC0415 - per section (see top)
 
     on_acc = os.environ.get("RAREDX_CHECK_FOR_ACCELERATOR") == "1"
     out = {}
@@ -256,11 +260,8 @@ def section_plan(s: dict, hardware: str) -> dict:
 
 def section_sampler(s: dict) -> dict:
     """benchmarks/sampler.py run_one at each batch (ours and HF generate in the same process, one after the other)."""
-    import dataclasses
 
-    from benchmarks.sampler import run_one
-
-    import inspect
+    from benchmarks.sampler import run_one  # noqa: PLC0415 - per section (see top)
 
     # one timed repeat in the dry run (where run_one takes the argument): the figures are not the point there
     kw = {"repeats": 1} if s is DRY and "repeats" in inspect.signature(run_one).parameters else {}
@@ -275,20 +276,19 @@ def section_sampler(s: dict) -> dict:
 
 def section_grpo(s: dict) -> dict:
     """One GRPO step's device work (module docstring, 5), warm, with the compile of the first step apart."""
-    import dataclasses
 
-    import jax
-    import numpy as np
-    from flax import nnx
+    import jax  # noqa: PLC0415 - per section (see top)
+    from flax import nnx  # noqa: PLC0415 - per section (see top)
 
-    from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.sampling import Sampler, SamplingParams
-    from raredx_jax.training import grpo as g
-    from raredx_jax.training import rl_objectives as rlo
-    from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.rollout import Generated, training_layout
-    from raredx_jax.training.state import create_train_state, split_model
+    from raredx_jax.checkpoints.hf_io import init_model  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.parallel.mesh import make_mesh  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.sampling import Sampler, SamplingParams  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training import grpo as g  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training import rl_objectives as rlo  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training.grpo import update as g_update  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training.optim import make_optimizer  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training.rollout import Generated, training_layout  # noqa: PLC0415 - per section (see top)
+    from raredx_jax.training.state import create_train_state, split_model  # noqa: PLC0415 - per section (see top)
 
     on_acc = _on_accelerator()
     dtype = "bfloat16" if on_acc else "float32"
@@ -301,7 +301,10 @@ def section_grpo(s: dict) -> dict:
     layout = g.MiniBatchLayout.make(settings.rows_per_step, 0, s["grpo_micro"], 1)
     tx, _ = make_optimizer({"lr": 1e-6, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0, "b1": 0.9,
                             "b2": 0.99}, total_steps=10, lr=1e-6)
-    from raredx_jax.training.state import abstract_params, train_state_shardings
+    from raredx_jax.training.state import (  # noqa: PLC0415 - per section (see top)
+        abstract_params,
+        train_state_shardings,
+    )
 
     with jax.set_mesh(mesh):
         model = init_model(cfg, mesh, seed=0)
@@ -329,14 +332,15 @@ def section_grpo(s: dict) -> dict:
             lay = training_layout(gen, G, 0)
             rewards = rng.random(P * G).astype(np.float32)
             adv = np.asarray(rlo.compute_advantages("dr_grpo", rewards, G), np.float32)
-            sh = g._batch_shardings(mesh, layout.padded, Lp + C, C, g._SEQ_KEYS)
-            seq_in = g._put({k: lay[k] for k in g._SEQ_KEYS}, sh)
+            sh = g_update.batch_shardings(mesh, layout.padded, Lp + C, C, g_update.SEQ_KEYS)
+            seq_in = g_update.put_batch({k: lay[k] for k in g_update.SEQ_KEYS}, sh)
             old = np.asarray(lp_fn(state.params, seq_in))
             t2 = time.perf_counter()
-            arr = {**{k: lay[k] for k in g._SEQ_KEYS}, "mask": lay["mask"], "old_logprobs": old, "advantages": adv}
-            keys = (*g._SEQ_KEYS, "mask", "old_logprobs", "advantages")
-            state, m = update(state, g._put(arr, g._batch_shardings(mesh, layout.padded, Lp + C, C, keys)),
-                              jax.device_put(np.int32(1)))
+            arr = {**{k: lay[k] for k in g_update.SEQ_KEYS}, "mask": lay["mask"], "old_logprobs": old,
+                   "advantages": adv}
+            keys = (*g_update.SEQ_KEYS, "mask", "old_logprobs", "advantages")
+            batch_sh = g_update.batch_shardings(mesh, layout.padded, Lp + C, C, keys)
+            state, m = update(state, g_update.put_batch(arr, batch_sh), jax.device_put(np.int32(1)))
             loss = float(m["loss"])
             nnx.update(model, state.params)
             t3 = time.perf_counter()
@@ -499,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     # this orchestrating process only reads the device's name: it must not take the GPU's memory from the sections
     if not a.cpu_dry:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import jax
+    import jax  # noqa: PLC0415 - per section (see top)
 
     t0 = time.time()
     isolate = a.isolate or (not a.cpu_dry and jax.default_backend() != "cpu")

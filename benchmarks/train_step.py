@@ -18,12 +18,19 @@ import statistics
 import sys
 import time
 
+import jax
 import numpy as np
+
+from raredx_jax.checkpoints.hf_io import init_model
+from raredx_jax.models.config import PRESETS, ModelConfig, to_hf_config
+from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.training import metrics as M
+from raredx_jax.training.lm import batch_sharding, make_train_step, to_global
+from raredx_jax.training.optim import make_optimizer
+from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
 
 
 def _shape(preset: str, layers: int | None, vocab: int | None):
-    from raredx_jax.models.config import PRESETS
-
     shape = dict(PRESETS[preset])
     if layers:
         shape["num_layers"] = layers
@@ -42,15 +49,6 @@ def _batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndar
 
 def bench_jax(shape: dict, batch: int, seq: int, dtype: str, remat: str, attention: str, steps: int,
               warmup: int) -> dict:
-    import jax
-
-    from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.models.config import ModelConfig
-    from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.sft import batch_sharding, make_train_step, to_global
-    from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
-
     cfg = ModelConfig(**shape, dtype=dtype, param_dtype="float32", remat=remat, attention=attention,
                       scan_layers=True)
     # plain dicts, not ml_collections: the accelerator image has no ml-collections (benchmarks/accelerator_check.py)
@@ -84,10 +82,8 @@ def bench_jax(shape: dict, batch: int, seq: int, dtype: str, remat: str, attenti
 
 
 def bench_torch(shape: dict, batch: int, seq: int, dtype: str, steps: int, warmup: int) -> dict:
-    import torch
-    import transformers
-
-    from raredx_jax.models.config import ModelConfig, to_hf_config
+    import torch  # noqa: PLC0415 - optional: torch, the PyTorch side only
+    import transformers  # noqa: PLC0415 - optional: torch, the PyTorch side only
 
     cfg = ModelConfig(**shape)
     hf = to_hf_config(cfg, torch_dtype="float32")
@@ -144,10 +140,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     a = p.parse_args(argv)
 
-    import jax
-
-    from raredx_jax.training import metrics as M
-
     on_cpu = jax.default_backend() == "cpu"
     quick = a.quick
     dtype = a.dtype or ("float32" if quick or on_cpu else "bfloat16")
@@ -176,7 +168,7 @@ def main(argv=None) -> int:
                       "mfu": M.mfu(j_tps, fpt, j["devices"], peak), "loss": j["loss"]}
         if not a.skip_torch:
             if a.torch_threads:
-                import torch
+                import torch  # noqa: PLC0415 - optional: torch, the PyTorch side only
 
                 torch.set_num_threads(a.torch_threads)
             t = bench_torch(shape, batch, seq, dtype, steps, a.warmup)

@@ -12,6 +12,10 @@ from ml_collections import config_dict
 from raredx_jax.hardware import apply_hardware
 from raredx_jax.rewards.combined import rewards_config
 from raredx_jax.training.curriculum import curriculum_config
+from raredx_jax.training.grpo.settings import GRPOSettings
+from raredx_jax.training.rers_settings import RersSettings
+from raredx_jax.training.settings import config_section
+from raredx_jax.training.sft_settings import SFTSettings
 
 
 def make_config(hardware: str | None, stage: Callable[[config_dict.ConfigDict], None] | None = None
@@ -93,27 +97,8 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.data.knowledge_eval_passages_per_disease = 3  # held-out phrasings per disease (knowledge validation)
     c.data.levels = ""  # comma-separated simulator difficulty levels; "" = every level simulate.py defines
 
-    # --- training (SFT and shared optimiser) ----------------------------------------------------
-    c.train = config_dict.ConfigDict()
-    c.train.dataset = "knowledge"  # knowledge | rers_trajectories
-    c.train.steps = 300
-    c.train.batch_size = 16  # global, in sequences (packed rows)
-    c.train.seq_len = 256
-    c.train.grad_accum = 1
-    c.train.lr = 3e-3
-    c.train.min_lr_ratio = 0.1
-    c.train.warmup_steps = 20
-    c.train.schedule = "cosine"  # cosine | linear | constant
-    c.train.weight_decay = 0.01
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.grad_clip = 1.0
-    c.train.pack = True
-    c.train.eval_every = 100
-    c.train.eval_batches = 4
-    c.train.log_every = 10
-    c.train.checkpoint_every = 100
-    c.train.keep_checkpoints = 2
+    # --- training (the SFT stages: data, steps, optimiser, cadences; raredx_jax/training/sft_settings.py) ------
+    c.train = config_section(SFTSettings)
 
     # --- LoRA / QLoRA (raredx_jax/lora.py): adapters on chosen projections, frozen base ------------
     c.lora = config_dict.ConfigDict()
@@ -137,24 +122,10 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
     c.sampling.continuous = True  # many-prompt jobs refill a prompt's decode slots as soon as it stops
 
     # --- RERS ----------------------------------------------------------------------------------
-    c.rers = config_dict.ConfigDict()
-    c.rers.num_samples = 4
-    c.rers.reflection_tries = 4
-    c.rers.keep_rule = "shortest"
+    c.rers = config_section(RersSettings)  # every field documented in raredx_jax/training/rers_settings.py
 
     # --- GRPO + curriculum ---------------------------------------------------------------------
-    c.grpo = config_dict.ConfigDict()
-    c.grpo.steps = 60
-    c.grpo.prompts_per_step = 8
-    c.grpo.group_size = 4
-    c.grpo.loss = "grpo"  # grpo | dr_grpo | dapo
-    c.grpo.advantage = "grpo"
-    c.grpo.beta = 0.0  # KL(k3) coefficient to the frozen reference; 0 = no reference model
-    c.grpo.clip_eps = 0.2
-    c.grpo.clip_eps_high = 0.28
-    c.grpo.epochs_per_step = 1
-    c.grpo.minibatch_size = 16
-    c.grpo.lr = 1e-4
+    c.grpo = config_section(GRPOSettings)  # every field documented in raredx_jax/training/grpo/settings.py
     c.curriculum = curriculum_config()  # dual-level: lessons (task:level) + case pass-rate buckets
     c.rewards = rewards_config()  # weights of diagnosis / format / length rewards, leak check for RERS
 

@@ -5,7 +5,7 @@
 
 Like maxtext's `train_compile.py`: the stage's *real* jitted step functions (the ones the trainers call:
 `training/sft.py:make_train_step`; GRPO's rollout generate `sampling/sampler.py:_generate_jit`, its teacher-forced
-logprob `training/grpo.py:make_logprob_fn` and update `make_update_fn`; the evaluation generate) are lowered
+logprob `training/grpo/:make_logprob_fn` and update `make_update_fn`; the evaluation generate) are lowered
 from `jax.ShapeDtypeStruct` inputs carrying the target's shardings and compiled, nothing allocated. The host
 platform is forced to the target's device count (`--xla_force_host_platform_device_count`, set before JAX
 starts: `main` re-executes itself with it), so the SPMD partitioning is the target's mesh.
@@ -39,11 +39,22 @@ Exit status: 0 the plan fits; 4 it does not (one line `plan: error: ...` naming 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 import sys
 from typing import Any, Callable
+
+import numpy as np
+from absl import flags
+
+from raredx_jax import hardware
+
+# JAX, Flax, the models and the trainers are imported in the functions that use them: `python -m raredx_jax.plan`
+# re-executes itself with the target's device count before JAX starts (`_force_devices`), and importing them here
+# would cost that first process ~1.6 s for nothing. `raredx_jax.train` defines its absl flags when imported.
+# benchmarks/accelerator_check.py imports this module on an image without ml_collections.
 
 GiB = float(1 << 30)
 EXIT_DOES_NOT_FIT = 4
@@ -99,14 +110,18 @@ class TrainSetup:
 def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr: float | None = None, *,
                   config: Any = None) -> TrainSetup:
     """Every parameter trained (the trainers' default): AdamW moments for all of them."""
-    from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.state import abstract_params, abstract_train_state, train_state_shardings
+    from raredx_jax.training.optim import make_optimizer  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training.state import (  # noqa: PLC0415 - after the re-exec (see top)
+        abstract_params,
+        abstract_train_state,
+        train_state_shardings,
+    )
 
     tx, schedule = make_optimizer(opt_cfg, total_steps, lr=lr)
     graphdef, params_abs, param_sh = abstract_params(model_cfg, mesh)
     state_sh = train_state_shardings(tx, params_abs, param_sh, mesh)
     state_abs = abstract_train_state(tx, params_abs, state_sh)
-    import jax
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
 
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params_abs))
     return TrainSetup("full", graphdef, params_abs, param_sh, tx, schedule, state_sh, state_abs, n)
@@ -115,7 +130,7 @@ def full_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr:
 def lora_settings(config: Any) -> Any:
     """The LoRA settings a plan uses: `config.lora` (`lora.LoraSettings.from_config`); with `--trainable=lora` on a
     config whose LoRA is off (or that has no lora section), that section's values (or the defaults) as if enabled."""
-    from raredx_jax import lora
+    from raredx_jax import lora  # noqa: PLC0415 - after the re-exec (see top)
 
     settings = lora.LoraSettings.from_config(config) if config is not None else None
     if settings is not None:
@@ -128,13 +143,16 @@ def lora_settings(config: Any) -> Any:
 
 def lora_finetune(model_cfg: Any, mesh: Any, opt_cfg: Any, total_steps: int, lr: float | None = None, *,
                   config: Any = None) -> TrainSetup:
-    """LoRA / QLoRA as the trainers run it (`sft.train`, `grpo.RLLearner`): the model adapted by
+    """LoRA / QLoRA as the trainers run it (`sft.train`, `grpo.GRPOLearner`): the model adapted by
     `lora.abstract_lora_model`, the TrainState holding the adapters only (`lora.trainable_params`: AdamW moments
     and gradients for them alone), the frozen base (QLoRA: int8 / nf4 `QArray`s) the step's extra argument, counted
     once; it is also GRPO's reference model (no second copy)."""
-    from raredx_jax import lora
-    from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.state import abstract_train_state, train_state_shardings
+    from raredx_jax import lora  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training.optim import make_optimizer  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training.state import (  # noqa: PLC0415 - after the re-exec (see top)
+        abstract_train_state,
+        train_state_shardings,
+    )
 
     settings = lora_settings(config)
     tx, schedule = make_optimizer(opt_cfg, total_steps, lr=lr)
@@ -330,7 +348,7 @@ def suggest_knob(plan: Plan) -> str:
 def _per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (the largest shard, device 0).
     Sub-byte dtypes (QLoRA's nf4 codes, uint4) count packed, two per byte, as XLA:GPU / XLA:TPU store them."""
-    import jax
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
 
     total = 0
     for x in jax.tree.leaves(tree):
@@ -340,7 +358,7 @@ def _per_device_bytes(tree: Any) -> int:
 
 
 def _sds(shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
-    import jax
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
 
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
@@ -377,23 +395,22 @@ def _roofline(phase: Phase, acc: dict[str, Any] | None) -> None:
 
 def _scores_bytes(cfg: Any, rows_per_device: int, q_len: int, k_len: int) -> int:
     """One layer's XLA-reference attention scores (fp32) + probabilities (compute dtype), per device."""
-    import numpy as np
 
     n = rows_per_device * cfg.num_heads * q_len * k_len
     return n * 4 + n * np.dtype(cfg.dtype).itemsize
 
 
 def _model_cfg(config: Any) -> Any:
-    from raredx_jax.models.config import model_config_from
+    from raredx_jax.models.config import model_config_from  # noqa: PLC0415 - after the re-exec (see top)
 
     vocab = int(config.tokenizer.vocab_size) if config.model.preset == "tiny" else None
     return model_config_from(config, vocab)
 
 
 def _make_mesh(config: Any, num_devices: int | None) -> Any:
-    import jax
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
 
-    from raredx_jax.parallel.mesh import make_mesh
+    from raredx_jax.parallel.mesh import make_mesh  # noqa: PLC0415 - after the re-exec (see top)
 
     have = jax.device_count()
     n = num_devices or have
@@ -406,9 +423,7 @@ def _make_mesh(config: Any, num_devices: int | None) -> Any:
 def build_plan(config: Any, *, num_devices: int | None = None, hbm_bytes: float | None = None,
                trainable: str = "full", cost: bool = True) -> Plan:
     """The plan of `config` (a resolved stage config) on `num_devices` of this process's devices."""
-    import jax
-
-    from raredx_jax import hardware
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
 
     lora_cfg = config.get("lora", None)
     if lora_cfg is not None and bool(lora_cfg.get("enabled", False)) and trainable == "full":
@@ -449,7 +464,7 @@ def train_flops_per_token(model_cfg: Any, seq: int, setup: TrainSetup) -> float:
     weights get no gradient, so 2 of the 6 FLOPs per frozen parameter (the weight-gradient matmul) are not done,
     and the adapters (on top of the base's N) cost 6 each: 4 N + 6 N_adapters + 12LHDT (attention's backward is
     unchanged)."""
-    from raredx_jax.training import metrics as metrics_lib
+    from raredx_jax.training import metrics as metrics_lib  # noqa: PLC0415 - after the re-exec (see top)
 
     full = metrics_lib.model_flops_per_token(model_cfg, seq)
     if setup.frozen_abs is None:
@@ -468,9 +483,14 @@ def _base_plan(config: Any, model_cfg: Any, mesh: Any, acc: Any, setup: TrainSet
 
 def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, cost: bool) -> Plan:
     """SFT / knowledge SFT: the trainer's `make_train_step`, one optimiser step of train.batch_size x seq_len."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # noqa: PLC0415 - after the re-exec (see top)
 
-    from raredx_jax.training.sft import BATCH_KEYS, batch_sharding, check_batch, make_train_step
+    from raredx_jax.training.lm import (  # noqa: PLC0415 - after the re-exec (see top)
+        BATCH_KEYS,
+        batch_sharding,
+        check_batch,
+        make_train_step,
+    )
 
     tc = config.train
     b, t, accum = int(tc.batch_size), int(tc.seq_len), int(tc.get("grad_accum", 1))
@@ -500,7 +520,7 @@ def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, c
 
 def _abstract_model_state(setup: TrainSetup) -> Any:
     """The nnx.State the sampler splits off the live model (the train state's parameters), as abstract values."""
-    from flax import nnx
+    from flax import nnx  # noqa: PLC0415 - after the re-exec (see top)
 
     state = nnx.state(nnx.merge(setup.graphdef, setup.full_params_abs))
     nnx.replace_by_pure_dict(state, setup.full_params_abs)
@@ -510,13 +530,13 @@ def _abstract_model_state(setup: TrainSetup) -> Any:
 def _lower_generate(model_cfg: Any, mesh: Any, state_abs: Any, graphdef: Any, prompts: int, n: int,
                     prompt_len: int, max_new: int, temperature: float, top_k: int, top_p: float) -> tuple[Any, Any]:
     """(compiled generate, abstract KV cache) exactly as `Sampler.generate` calls the jitted generate."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
+    import jax.numpy as jnp  # noqa: PLC0415 - after the re-exec (see top)
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415 - after the re-exec (see top)
 
-    from raredx_jax.models.transformer import KVCache
-    from raredx_jax.parallel.sharding import logical_to_spec
-    from raredx_jax.sampling import sampler as smp
+    from raredx_jax.models.transformer import KVCache  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.parallel.sharding import logical_to_spec  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.sampling import sampler as smp  # noqa: PLC0415 - after the re-exec (see top)
 
     rows, max_len = prompts * n, prompt_len + max_new
     shapes = jax.eval_shape(lambda: KVCache.init(model_cfg, rows, max_len, model_cfg.dtype))
@@ -560,13 +580,15 @@ def _decode_roofline(ph: Phase, model_cfg: Any, acc: Any, params_bytes: int, cac
 
 def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, cost: bool) -> Plan:
     """GRPO: rollout generate (prompts_per_step x group_size rows in sampling.batch_size chunks, prompts padded to
-    sampling.max_prompt_len), the old-logprob / reference forward and the mini-batch update, as RLLearner runs them."""
-    import jax
-    import jax.numpy as jnp
+    sampling.max_prompt_len), the old-logprob / reference forward and the mini-batch update, as GRPOLearner runs
+    them."""
+    import jax  # noqa: PLC0415 - after the re-exec (see top)
+    import jax.numpy as jnp  # noqa: PLC0415 - after the re-exec (see top)
 
-    from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.training import grpo as g
-    from raredx_jax.training import rl_objectives as rlo
+    from raredx_jax.sampling.sampler import SamplingParams  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training import grpo as g  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training import rl_objectives as rlo  # noqa: PLC0415 - after the re-exec (see top)
+    from raredx_jax.training.grpo import update as g_update  # noqa: PLC0415 - after the re-exec (see top)
 
     s = g.GRPOSettings.from_config(config)
     sp = SamplingParams.from_config(config.sampling)
@@ -579,16 +601,17 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     seq = prompt_len + comp
     loss_cfg = rlo.LossConfig.from_config(dataclasses.asdict(s), max_len=s.max_len or comp)
     with_ref = s.beta > 0
-    recompute = s.old_logprobs == "recompute" or (s.old_logprobs == "auto" and jnp.dtype(model_cfg.dtype) != jnp.float32)
+    low_precision = jnp.dtype(model_cfg.dtype) != jnp.float32
+    recompute = s.old_logprobs == "recompute" or (s.old_logprobs == "auto" and low_precision)
 
     def setup_for(cfg: Any) -> TrainSetup:
         return TRAINABLE[trainable](cfg, mesh, opt_cfg, s.steps * updates, s.lr, config=config)
 
     def mb(keys: tuple[str, ...]) -> dict[str, Any]:
-        sh = g._batch_shardings(mesh, layout.padded, seq, comp, keys)
+        sh = g_update.batch_shardings(mesh, layout.padded, seq, comp, keys)
         out = {}
         for k in keys:
-            if k in g._SEQ_KEYS:
+            if k in g_update.SEQ_KEYS:
                 out[k] = _sds((layout.padded, seq), jnp.int32, sh[k])
             elif k == "advantages":
                 out[k] = _sds((layout.padded,), jnp.float32, sh[k])
@@ -596,7 +619,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
                 out[k] = _sds((layout.padded, comp), jnp.float32, sh[k])
         return out
 
-    upd_keys = (*g._SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if with_ref else ())
+    upd_keys = (*g_update.SEQ_KEYS, "mask", "old_logprobs", "advantages") + (("ref_logprobs",) if with_ref else ())
 
     def build_update(cfg: Any) -> Any:
         st = setup_for(cfg)
@@ -610,7 +633,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
         full = st.full_params_abs
         fn = g.make_logprob_fn(st.graphdef, jax.tree.map(lambda x: x.sharding, full), mesh, layout, prompt_len, comp,
                                sp.temperature)
-        return fn.lower(full, mb(g._SEQ_KEYS)).compile()
+        return fn.lower(full, mb(g_update.SEQ_KEYS)).compile()
 
     setup = setup_for(model_cfg)
     plan = _base_plan(config, model_cfg, mesh, acc, setup, "grpo")
@@ -660,7 +683,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
 def plan_evaluate(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, cost: bool) -> Plan:
     """Evaluation: greedy generate of sampling.batch_size prompts padded to eval.max_prompt_len (the longest
     bucket), sampling.max_new_tokens each, from the checkpoint's parameters (param_dtype)."""
-    from raredx_jax.training.state import abstract_params
+    from raredx_jax.training.state import abstract_params  # noqa: PLC0415 - after the re-exec (see top)
 
     graphdef, params_abs, param_sh = abstract_params(model_cfg, mesh)
     setup = TrainSetup("inference", graphdef, params_abs, param_sh, None, None, None, None,
@@ -729,7 +752,6 @@ def _argv_value(argv: list[str], name: str) -> str | None:
 
 def requested_devices(argv: list[str]) -> int:
     """--devices, else the target's NUM_DEVICES (from --config=...:target), else 1."""
-    from raredx_jax import hardware
 
     explicit = _argv_value(argv, "devices")
     if explicit:
@@ -754,9 +776,7 @@ def _force_devices(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from raredx_jax.train import one_line
+    from raredx_jax.train import one_line  # noqa: PLC0415 - raredx_jax.train defines absl flags on import
 
     fail = _fail
     if len(argv) > 1:
@@ -775,8 +795,6 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     print(format_plan(plan), flush=True)
     if F.json:
-        import json
-
         tmp = f"{F.json}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(plan.as_dict(), f, indent=2, default=str)
@@ -790,8 +808,7 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
+    from ml_collections import config_flags  # noqa: PLC0415 - the accelerator image has no ml_collections
 
     if "config" not in flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "Stage config file with a hardware target, e.g. "
@@ -804,7 +821,7 @@ def _define_flags() -> None:
 
 
 def _fail(message: Any, code: int = 2) -> None:
-    from raredx_jax.train import one_line
+    from raredx_jax.train import one_line  # noqa: PLC0415 - raredx_jax.train defines absl flags on import
 
     print(f"plan: error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)

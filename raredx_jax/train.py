@@ -150,7 +150,7 @@ def run_cli(config: Any) -> None:
     """`run(config)` with the CLI's error contract (module docstring): prints the summary as one JSON line; a bad
     config or missing input is one line on stderr, exit 2; a non-finite loss, exit 3."""
     from raredx_jax.checkpoints.manager import CheckpointError
-    from raredx_jax.training.sft import MissingInputError, NonFiniteLossError
+    from raredx_jax.training.common import MissingInputError, NonFiniteLossError
 
     try:
         summary = run(config)

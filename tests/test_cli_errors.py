@@ -253,22 +253,22 @@ def _fake_run_dir(tmp_path, **model):
 
 def test_resume_refuses_another_model_source(tmp_path):
     from raredx_jax.training.resume_guard import ModelChangedError
-    from raredx_jax.training.sft import _write_resolved_config  # what SFT and GRPO call before resuming
+    from raredx_jax.training.common import write_resolved_config  # what every Trainer calls before resuming
 
     run_dir, c = _fake_run_dir(tmp_path, preset="tiny", vocab_size=0)
     c.model.vocab_size = 4096
     with pytest.raises(ModelChangedError, match=r"model\.vocab_size: 0 -> 4096") as e:
-        _write_resolved_config(c, run_dir)
+        write_resolved_config(c, run_dir)
     assert "\n" not in str(e.value) and "resume refused" in str(e.value) and "new run_dir" in str(e.value)
     assert json.load(open(os.path.join(run_dir, "config.json")))["model"]["vocab_size"] == 0  # record kept
     c.model.vocab_size, c.model.hf_path = 0, "/models/Qwen2.5-0.5B"
     with pytest.raises(ModelChangedError, match=r"model\.hf_path: \(unset\) -> '/models/Qwen2.5-0.5B'"):
-        _write_resolved_config(c, run_dir)
+        write_resolved_config(c, run_dir)
     c.model.hf_path, c.model.preset = "", "qwen2.5-7b"
     with pytest.raises(ModelChangedError, match=r"model\.preset: 'tiny' -> 'qwen2.5-7b'"):
-        _write_resolved_config(c, run_dir)
+        write_resolved_config(c, run_dir)
     c.model.preset, c.model.dtype, c.model.remat = "tiny", "bfloat16", "full"  # numerics may change on resume
-    _write_resolved_config(c, run_dir)
+    write_resolved_config(c, run_dir)
 
 
 def test_resume_refuses_another_hf_path_and_allows_a_moved_init_checkpoint(tmp_path):
@@ -289,32 +289,35 @@ def test_resume_refuses_another_hf_path_and_allows_a_moved_init_checkpoint(tmp_p
 
 
 def test_grpo_resume_goes_through_the_same_checks():
-    """GRPO resumes through sft's `_write_resolved_config` and `_resume_model_config` (both check the model)."""
+    """SFT and GRPO both run on training/loop.py's Trainer, which writes the resolved config (refusing another
+    model source) and reads the resumed model's config (refusing another shape) before anything is restored."""
     import inspect
 
-    from raredx_jax.training import grpo
+    from raredx_jax.training import grpo, loop, sft
 
-    src = inspect.getsource(grpo.run_grpo)
-    assert "_write_resolved_config(config, run_dir)" in src and "_resume_model_config(ckpt, config)" in src
+    for driver in (sft.run_sft, grpo.run_grpo):
+        assert "Trainer(" in inspect.getsource(driver)
+    assert "write_resolved_config(config, self.run_dir)" in inspect.getsource(loop.Trainer.__init__)
+    assert "resume_model_config(self.ckpt, self.config)" in inspect.getsource(loop.Trainer.model_config)
 
 
 def test_rers_resume_refuses_another_model(tmp_path):
     from configs.rers import get_config
 
-    from raredx_jax.training import rers
+    from raredx_jax.training import rers, rers_journal
 
     c = get_config("cpu")
     cases = [SimpleNamespace(id="c1"), SimpleNamespace(id="c2")]
     journal = str(tmp_path / "journal")
     c.model.init_from, c.model.hf_path = "", "/models/A"
-    rers.check_manifest(journal, rers._fingerprint(c, cases, rers._provenance(c)))
+    rers_journal.check_manifest(journal, rers.fingerprint(c, cases, rers.provenance(c)))
     c.model.hf_path = "/models/B"
     with pytest.raises(ValueError, match=r"checkpoint: '/models/A' -> '/models/B'"):
-        rers.check_manifest(journal, rers._fingerprint(c, cases, rers._provenance(c)))
+        rers_journal.check_manifest(journal, rers.fingerprint(c, cases, rers.provenance(c)))
     c.model.hf_path = ""
-    assert rers._provenance(c) == "fresh:tiny:seed0"  # unchanged for existing journals
+    assert rers.provenance(c) == "fresh:tiny:seed0"  # unchanged for existing journals
     c.model.vocab_size = 4096
-    assert rers._provenance(c) == "fresh:tiny:seed0:vocab4096"
+    assert rers.provenance(c) == "fresh:tiny:seed0:vocab4096"
 
 
 def _hf_dir(path, hidden: int, seed: int, vocab: int) -> str:

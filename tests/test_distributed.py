@@ -295,8 +295,8 @@ def _train_worker(spec_path: str, process_id: str) -> None:
     from raredx_jax.parallel.mesh import make_mesh
     from raredx_jax.parallel.sharding import logical_to_spec
     from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.training import sft
-    from raredx_jax.training.grpo import GRPOSettings, RLLearner
+    from raredx_jax.training import lm
+    from raredx_jax.training.grpo import GRPOSettings, GRPOLearner
     from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import (abstract_params, abstract_train_state, create_train_state,
                                            train_state_shardings)
@@ -332,27 +332,27 @@ def _train_worker(spec_path: str, process_id: str) -> None:
 
     if spec["train"]:
         with jax.set_mesh(mesh):
-            # --- SFT: the trainer's jitted step; this process feeds only its rows (sft.to_global)
-            b_sh = sft.batch_sharding(mesh, SFT_BATCH, SFT_SEQ)
+            # --- SFT: the trainer's jitted step; this process feeds only its rows (lm.to_global)
+            b_sh = lm.batch_sharding(mesh, SFT_BATCH, SFT_SEQ)
             lo, hi = _process_rows(b_sh, (SFT_BATCH, SFT_SEQ))
-            step = sft.make_train_step(graphdef, tx, schedule, shardings, mesh, (SFT_BATCH, SFT_SEQ),
+            step = lm.make_train_step(graphdef, tx, schedule, shardings, mesh, (SFT_BATCH, SFT_SEQ),
                                        grad_accum=SFT_ACCUM)
             state = create_train_state(_tiny_params(cfg, param_sh), tx, 0, shardings)
             sft_metrics = []
             local_rows = {k: v[lo:hi] for k, v in _sft_batch().items()}
             for _ in range(SFT_STEPS):  # the same batch twice: the second loss shows the first update
-                state, m = step(state, sft.to_global(local_rows, b_sh))
+                state, m = step(state, lm.to_global(local_rows, b_sh))
                 sft_metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
             result["sft"] = {"rows": [lo, hi], "metrics": sft_metrics}
             dump("sft_params", state.params)
             lap("sft")
 
-            # --- GRPO: the learner's own update (RLLearner.learn: mini-batches, padding, micro-batches) on a fixed
+            # --- GRPO: the learner's own update (GRPOLearner.learn: mini-batches, padding, micro-batches) on a fixed
             # rollout. The learner holds the whole rollout on every host (rollouts are gathered after sampling)
             # and places only this process's shards; then one more update through the same jitted function fed
             # with this process's rows only.
             sp = SamplingParams(temperature=1.0, max_new_tokens=16, max_prompt_len=8, batch_size=4)
-            learner = RLLearner(cfg, None, None, GRPOSettings(**GRPO), sp, mesh, seed=0)
+            learner = GRPOLearner(cfg, None, None, GRPOSettings(**GRPO), sp, mesh, seed=0)
             learner.set_state(create_train_state(_tiny_params(cfg, learner.param_sh), learner.tx, 0,
                                                  learner.state_sh))
             batch = _grpo_rollout()

@@ -1,4 +1,4 @@
-"""GRPO learner (training/grpo.py, training/rollout.py): real optimisation on CPU, nothing mocked.
+"""GRPO learner (training/grpo/, training/rollout.py): real optimisation on CPU, nothing mocked.
 
 The advantage estimators and loss variants are unit-tested against hand-computed examples in
 test_rl_objectives.py and the curriculum rules in test_curriculum.py; here they run through the full learner:
@@ -25,7 +25,7 @@ from raredx_jax.models.config import ModelConfig
 from raredx_jax.models.transformer import Transformer
 from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
 from raredx_jax.sampling.sampler import SamplingParams
-from raredx_jax.training.grpo import GRPOSettings, MiniBatchLayout, RLLearner
+from raredx_jax.training.grpo import GRPOSettings, MiniBatchLayout, GRPOLearner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 7  # the toy reward's token
@@ -87,7 +87,7 @@ def _learner(reward, mesh, *, max_new=16, temperature=1.0, **kw):
                     filter_groups="none")
     settings.update(kw)
     sp = SamplingParams(temperature=temperature, max_new_tokens=max_new, max_prompt_len=8, batch_size=4)
-    return RLLearner.from_model(_model(), ToyTokenizer(), reward, GRPOSettings(**settings), sp, mesh, seed=0)
+    return GRPOLearner.from_model(_model(), ToyTokenizer(), reward, GRPOSettings(**settings), sp, mesh, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_a_zero_update_step_resumes_exactly_across_a_checkpoint(mesh, tmp_path):
     assert m3["updates"] == 2 and ref.optimizer_steps == 4 and m3["grad_norm"] > 0
 
     ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
-    fresh = RLLearner(ref.cfg, ToyTokenizer(), reward, ref.settings, ref.sampling, mesh, seed=0)
+    fresh = GRPOLearner(ref.cfg, ToyTokenizer(), reward, ref.settings, ref.sampling, mesh, seed=0)
     with jax.set_mesh(mesh):
         restored = ckpt.restore(fresh.abstract_state())
     ckpt.close()
@@ -400,7 +400,7 @@ def test_stage_without_the_rl_split_says_how_to_build_it(stage_inputs, tmp_path)
 def test_stage_without_the_sft_checkpoint_names_the_stage_to_run(stage_inputs, tmp_path):
     from configs.rl_curriculum import get_config
     from raredx_jax.training.grpo import run_grpo
-    from raredx_jax.training.sft import MissingInputError
+    from raredx_jax.training.common import MissingInputError
 
     c = get_config()
     c.run_dir = str(tmp_path / "run")

@@ -186,6 +186,7 @@ def _sft_config(data_dir: str, run_dir: str, probe: int = 4, **lora_fields):
 
 @pytest.fixture(scope="module")
 def lora_sft_run(data_dir, tmp_path_factory):
+    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir = str(tmp_path_factory.mktemp("lora") / "ksft")
@@ -220,6 +221,7 @@ def test_lora_sft_learns_and_checkpoints_hold_adapters_only(lora_sft_run):
 
 
 def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
+    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir, _ = lora_sft_run
@@ -236,6 +238,7 @@ def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
 
 
 def test_lora_settings_and_mode_are_checked_on_resume(lora_sft_run, data_dir, tmp_path):
+    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir, _ = lora_sft_run
@@ -257,14 +260,14 @@ def _grpo_learner(reward, mesh, settings, **kw):
     from test_grpo import ToyTokenizer, _model
 
     from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.training.grpo import GRPOSettings, RLLearner
+    from raredx_jax.training.grpo import GRPOSettings, GRPOLearner
 
     gs = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=3e-2, weight_decay=0.0,
               filter_groups="none")
     gs.update(kw)
     sp = SamplingParams(temperature=1.0, max_new_tokens=16, max_prompt_len=8, batch_size=4)
     model = _model()
-    learner = RLLearner(model.config, ToyTokenizer(), reward, GRPOSettings(**gs), sp, mesh, seed=0,
+    learner = GRPOLearner(model.config, ToyTokenizer(), reward, GRPOSettings(**gs), sp, mesh, seed=0,
                         lora_settings=settings)
     learner.init_from_model(model)
     return learner
@@ -382,6 +385,7 @@ def test_qlora_nf4_sft_steps_train_on_an_fsdp_mesh(fsdp_mesh):
     import qwix
     from ml_collections import config_dict
 
+    from raredx_jax.training import lm
     from raredx_jax.training import sft
     from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import create_train_state, train_state_shardings
@@ -397,12 +401,12 @@ def test_qlora_nf4_sft_steps_train_on_an_fsdp_mesh(fsdp_mesh):
         assert isinstance(q, qwix.QArray) and q.qvalue.sharding.spec[1] == "fsdp"
         codes = np.asarray(q.qvalue)
         state = create_train_state(params, tx, 0, shardings)
-        step = sft.make_train_step(graphdef, tx, sched, shardings, fsdp_mesh, (8, 16), frozen_sh=base_sh,
+        step = lm.make_train_step(graphdef, tx, sched, shardings, fsdp_mesh, (8, 16), frozen_sh=base_sh,
                                    lora_dropout=settings.dropout)
         tok = np.random.default_rng(0).integers(3, CFG.vocab_size, (8, 16)).astype(np.int32)
-        batch = sft.to_global({"tokens": tok, "segment_ids": np.ones_like(tok), "loss_mask": np.ones_like(tok),
+        batch = lm.to_global({"tokens": tok, "segment_ids": np.ones_like(tok), "loss_mask": np.ones_like(tok),
                                "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16))},
-                              sft.batch_sharding(fsdp_mesh, 8, 16))
+                              lm.batch_sharding(fsdp_mesh, 8, 16))
         losses = []
         for _ in range(5):
             state, m = step(state, batch, base)

@@ -50,7 +50,7 @@ def _measure(shape: str, hf_dir: str | None) -> dict:
     from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.parallel.mesh import make_mesh
     from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.sft import batch_sharding, make_train_step, to_global
+    from raredx_jax.training.lm import batch_sharding, make_train_step, to_global
     from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
 
     config = _config(shape, hf_dir)

@@ -21,6 +21,8 @@ from raredx_jax.data.pipeline import sft_dataset, tokenize_sft
 from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.parallel.mesh import make_mesh
+from raredx_jax.training import common
+from raredx_jax.training import lm
 from raredx_jax.training import sft
 from raredx_jax.training.optim import make_optimizer, make_schedule
 from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
@@ -62,8 +64,8 @@ def _loss_sums(model, batch):
     """(sum NLL, targets) of a host batch, jitted once per model."""
     graphdef, params = split_model(model)
     if id(model) not in _LOSS_FNS:
-        _LOSS_FNS[id(model)] = jax.jit(lambda p, b: sft.lm_loss_sums(sft.forward(graphdef, p, b), b))
-    return _LOSS_FNS[id(model)](params, {k: jnp.asarray(batch[k]) for k in sft.BATCH_KEYS})
+        _LOSS_FNS[id(model)] = jax.jit(lambda p, b: lm.lm_loss_sums(lm.forward(graphdef, p, b), b))
+    return _LOSS_FNS[id(model)](params, {k: jnp.asarray(batch[k]) for k in lm.BATCH_KEYS})
 
 
 # --- loss contract ------------------------------------------------------------------------------------------------
@@ -79,9 +81,9 @@ def test_prompt_tokens_contribute_no_loss(tok, model, mesh):
     graphdef, params = split_model(model)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     with jax.set_mesh(mesh):
-        logits = sft.forward(graphdef, params, jb)
-        s, cnt = sft.lm_loss_sums(logits, jb)
-        g = jax.grad(lambda lg: sft.lm_loss_sums(lg, jb)[0])(logits)
+        logits = lm.forward(graphdef, params, jb)
+        s, cnt = lm.lm_loss_sums(logits, jb)
+        g = jax.grad(lambda lg: lm.lm_loss_sums(lg, jb)[0])(logits)
     # exactly the completion tokens (and the EOS) are targets
     assert int(cnt) == n_completion
     # the gradient reaches only the logits that predict completion tokens: position t predicts token t+1
@@ -94,7 +96,7 @@ def test_prompt_tokens_contribute_no_loss(tok, model, mesh):
     np.testing.assert_allclose(float(s), nll[n_prompt - 1:].sum(), rtol=1e-5)
     # changing a prompt *target* (the token itself, with its context fixed) leaves the loss unchanged
     alt = dict(jb, tokens=jb["tokens"].at[0, 1].set((int(jb["tokens"][0, 1]) + 7) % tok.vocab_size))
-    s2, _ = sft.lm_loss_sums(logits, alt)
+    s2, _ = lm.lm_loss_sums(logits, alt)
     assert float(s2) == float(s)
 
 
@@ -120,12 +122,12 @@ def test_packed_row_equals_separate_rows(tok, model, mesh):
     b = tokenize_sft(_records()[3], tok, 64)
     la, lb = len(a["tokens"]), len(b["tokens"])
     T = la + lb + 5
-    packed = {k: np.zeros((1, T), np.int32) for k in sft.BATCH_KEYS}
+    packed = {k: np.zeros((1, T), np.int32) for k in lm.BATCH_KEYS}
     packed["tokens"][0, :la + lb] = np.concatenate([a["tokens"], b["tokens"]])
     packed["segment_ids"][0, :la + lb] = [1] * la + [2] * lb
     packed["positions"][0, :la + lb] = np.concatenate([np.arange(la), np.arange(lb)])
     packed["loss_mask"][0, :la + lb] = np.concatenate([a["loss_mask"], b["loss_mask"]])
-    sep = {k: np.zeros((2, T), np.int32) for k in sft.BATCH_KEYS}
+    sep = {k: np.zeros((2, T), np.int32) for k in lm.BATCH_KEYS}
     for r, x in enumerate((a, b)):
         n = len(x["tokens"])
         sep["tokens"][r, :n], sep["segment_ids"][r, :n] = x["tokens"], 1
@@ -208,22 +210,22 @@ def test_grad_accumulation_equals_large_batch(tok, mesh, k):
     with jax.set_mesh(mesh):
         _, p_abs, p_sh = abstract_params(cfg, mesh)
         shardings = train_state_shardings(tx, p_abs, p_sh, mesh)
-        b_sh = sft.batch_sharding(mesh, 16, 64)
+        b_sh = lm.batch_sharding(mesh, 16, 64)
         graphdef, params0 = split_model(init_model(cfg, mesh, seed=5))
         host0 = jax.device_get(params0)
         for accum in (1, k):
             params = jax.tree.map(jnp.copy, params0)  # the state donates its params
             state = create_train_state(params, tx, 0, shardings)
-            step = sft.make_train_step(graphdef, tx, schedule, shardings, mesh, (16, 64), grad_accum=accum)
+            step = lm.make_train_step(graphdef, tx, schedule, shardings, mesh, (16, 64), grad_accum=accum)
             trace = []
             for _ in range(2):  # two updates: the optimiser state after accumulation is equal as well
-                state, m = step(state, sft.to_global(batch, b_sh))
+                state, m = step(state, lm.to_global(batch, b_sh))
                 opt = jax.device_get(state.opt_state)
                 trace.append(dict(params=jax.device_get(state.params), mu=optax.tree_utils.tree_get(opt, "mu"),
                                   nu=optax.tree_utils.tree_get(opt, "nu"), loss=float(m["loss"]),
                                   grad_norm=float(m["grad_norm"])))
             results[accum] = trace
-    micro_targets = [int(sft.target_weights({kk: jnp.asarray(v[i::k]) for kk, v in batch.items()}).sum())
+    micro_targets = [int(lm.target_weights({kk: jnp.asarray(v[i::k]) for kk, v in batch.items()}).sum())
                      for i in range(k)]
     assert len(set(micro_targets)) > 1, "micro-batches should differ in target count"
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[1][0]["params"]),
@@ -254,9 +256,9 @@ def test_grad_accumulation_equals_large_batch(tok, mesh, k):
 
 def test_grad_accum_must_divide_the_mesh(mesh):
     with pytest.raises(ValueError, match="train.grad_accum"):
-        sft.check_batch(mesh, 16, 3)
+        lm.check_batch(mesh, 16, 3)
     with pytest.raises(ValueError, match="micro-batch"):
-        sft.check_batch(mesh, 16, 4)  # 4 rows per micro-batch over 8 devices
+        lm.check_batch(mesh, 16, 4)  # 4 rows per micro-batch over 8 devices
 
 
 # --- a tiny real run: data built by data.build -----------------------------------------------------------------
@@ -364,7 +366,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(trained_run, 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     run_dir = str(tmp_path / "nan")
     cfg = _run_config(data_dir, run_dir, steps=4, debug_nan_at_step=2, eval_every=0)  # step index 2 = 3rd step
-    with pytest.raises(sft.NonFiniteLossError, match=r"non-finite loss or gradient at step 3.*last good checkpoint "
+    with pytest.raises(common.NonFiniteLossError, match=r"non-finite loss or gradient at step 3.*last good checkpoint "
                                                      r"is step 2"):
         sft.run_sft(cfg)
     assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))) == [2]
@@ -384,14 +386,14 @@ def test_sft_without_rers_data_names_the_stage_to_run(data_dir, tmp_path):
     c = get_config("cpu")
     c.data.dir = data_dir
     c.run_dir = str(tmp_path / "sft")
-    with pytest.raises(sft.MissingInputError, match="Run the RERS stage first: .*configs/rers.py"):
+    with pytest.raises(common.MissingInputError, match="Run the RERS stage first: .*configs/rers.py"):
         sft.run_sft(c)
 
 
 def test_missing_init_checkpoint_names_knowledge_sft(data_dir, tmp_path):
     c = _run_config(data_dir, str(tmp_path / "r"))
     c.model.init_from = str(tmp_path / "nothing_here")
-    with pytest.raises(sft.MissingInputError, match="configs/knowledge_sft.py"):
+    with pytest.raises(common.MissingInputError, match="configs/knowledge_sft.py"):
         sft.run_sft(c)
 
 

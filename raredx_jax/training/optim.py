@@ -27,10 +27,11 @@ NO_DECAY_KEYS = ("norm", "bias")
 
 
 def _field(train_cfg: Any, name: str, default: Any) -> Any:
+    """A field of a ConfigDict / dict (item access) or a settings dataclass (attribute access)."""
     try:
         value = train_cfg[name]
-    except (KeyError, AttributeError):
-        return default
+    except (KeyError, AttributeError, TypeError):
+        value = getattr(train_cfg, name, default)
     return default if value is None else value
 
 

@@ -5,9 +5,11 @@ Adding one is one function::
     @register_advantage("my_adv")
     def my_adv(rewards, group_size, eps=1e-6): ...           # [P*G] -> [P*G]
 
-    @register_loss("my_loss")
+    @register_loss("my_loss")                                # aggregation="token" for a batch token mean
     def my_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg: LossConfig): ...
         # -> (scalar loss, dict of scalar metrics)
+
+and ``--config.grpo.loss=my_loss`` trains with it (the learner reads the aggregation from the registry).
 
 Conventions
 -----------
@@ -37,6 +39,11 @@ Array = jax.Array
 
 ADVANTAGES: dict[str, Callable[..., Array]] = {}
 LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {}
+#: How each registered loss averages: "row" (a mean over the batch's sequences: grpo, dr_grpo) or "token" (a mean
+#: over every completion token of the batch: dapo). The learner weights its micro-batches by row or token share
+#: accordingly, so gradient accumulation and padding give exactly the full-mini-batch loss.
+LOSS_AGGREGATION: dict[str, str] = {}
+AGGREGATIONS = ("row", "token")
 
 
 def register_advantage(name: str):
@@ -51,13 +58,17 @@ def register_advantage(name: str):
     return deco
 
 
-def register_loss(name: str):
-    """Decorator registering ``fn(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg)``."""
+def register_loss(name: str, aggregation: str = "row"):
+    """Decorator registering ``fn(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg)`` as
+    ``name``; ``aggregation`` says how it averages (``LOSS_AGGREGATION``)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss {name!r}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
+        LOSS_AGGREGATION[name] = aggregation
         return fn
 
     return deco
@@ -67,6 +78,12 @@ def get_advantage(name: str) -> Callable[..., Array]:
     if name not in ADVANTAGES:
         raise ValueError(f"config.grpo.advantage={name!r}: unknown (registered: {sorted(ADVANTAGES)})")
     return ADVANTAGES[name]
+
+
+def loss_aggregation(name: str) -> str:
+    """"row" or "token": how the registered loss ``name`` averages (see ``LOSS_AGGREGATION``)."""
+    get_loss(name)
+    return LOSS_AGGREGATION[name]
 
 
 def get_loss(name: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
@@ -253,7 +270,7 @@ def dr_grpo_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *,
     return _finish(agg(per_tok, mask), per_tok, pg_tok, mask, agg, m)
 
 
-@register_loss("dapo")
+@register_loss("dapo", aggregation="token")
 def dapo_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg: LossConfig = LossConfig()):
     """Token mean over all completion tokens of the batch; asymmetric clip [1 - clip_eps, 1 + clip_eps_high]."""
     _check(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs)
@@ -285,7 +302,7 @@ def token_entropy(logits: Array) -> Array:
 
 
 __all__ = [
-    "ADVANTAGES", "LOSSES", "LossConfig", "register_advantage", "register_loss", "get_advantage", "get_loss",
+    "ADVANTAGES", "LOSSES", "LOSS_AGGREGATION", "LossConfig", "register_advantage", "register_loss", "loss_aggregation", "get_advantage", "get_loss",
     "compute_advantages", "policy_loss", "grpo_advantages", "dr_grpo_advantages", "rloo_advantages",
     "grpo_loss", "dr_grpo_loss", "dapo_loss", "token_logprobs", "token_entropy",
 ]
