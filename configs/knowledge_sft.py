@@ -48,8 +48,9 @@ def get_config(hardware=None):
     t.log_every = 10
     t.checkpoint_every = 100
     t.keep_checkpoints = 2
-    # Knowledge probe after training (data/knowledge.py knowledge_probe): held-out phrasings, every trained
-    # disease as a candidate (num_candidates 0 = all), ranked by the log-likelihood of the name.
+    # Knowledge probe after training (evaluation/knowledge_probe.py, ProbeSettings; items from data/knowledge.py
+    # knowledge_probe): held-out phrasings, every trained disease as a candidate (num_candidates 0 = all), ranked
+    # by the log-likelihood of the name.
     c.probe = config_dict.ConfigDict()
     c.probe.n = 120
     c.probe.seed = 1234

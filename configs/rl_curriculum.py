@@ -6,7 +6,8 @@ verifiable reward that follows top-1 (rewards: gold first or nothing; shaping on
 dual-level curriculum: cases by their measured pass rate (seeded from the RERS journal, `curriculum.prior_from`),
 open-domain lessons noisy -> imprecise -> sparse -> hard, promoted on a within-lesson gain. Greedy held-out
 pass@1 on a fixed subset of the validation split at step 0, every `grpo.eval_every` steps and at the end
-(`summary.json` holds before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo.py (GRPOSettings).
+(`summary.json` holds before/after). Every `grpo.*` field is documented in raredx_jax/training/grpo/settings.py
+(GRPOSettings).
 
 The embedded default is sized for a 2-core CPU (the tiny model, 32 steps of 8 prompts x 4 samples). On an
 accelerator target (`configs/rl_curriculum.py:gpu1`, `:h100x8`, ...) raise prompts_per_step / group_size /
