@@ -47,7 +47,7 @@ from safetensors.numpy import save_file
 from raredx_jax import fileio
 from raredx_jax.checkpoints import hf_io
 from raredx_jax.checkpoints import orbax as orbax_io
-from raredx_jax.checkpoints.hf_io import _to_host, abstract_model  # _to_host gathers a sharded array across hosts
+from raredx_jax.checkpoints.hf_io import abstract_model, to_host  # to_host gathers a sharded array across hosts
 from raredx_jax.checkpoints.orbax import PARAMS_ITEM, read_checkpoint_meta, read_model_config, resolve_model_checkpoint
 from raredx_jax.models.transformer import Transformer
 from raredx_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
@@ -358,7 +358,7 @@ def peft_tensors(model_cfg: Any, adapters: dict[str, Any], dtype: Any = np.float
     out = {}
     for key, value in adapters["layers"].items():
         t, which = key[: -len("_lora_a")], key[-1]
-        arr = np.asarray(_to_host(value), np.float32)
+        arr = np.asarray(to_host(value), np.float32)
         for i in range(model_cfg.num_layers):
             w = arr[i]
             if which == "a":  # [in..., r] -> [r, in]

@@ -11,13 +11,24 @@ interrupted stage resumes from its own checkpoints / journal.
 """
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import json
 import os
 import time
 from typing import Any
 
+import jax
+import numpy as np
 from ml_collections import config_dict
+
+from raredx_jax.data.build import build_all
+from raredx_jax.data.hpo import load_ontology, select_diseases
+from raredx_jax.data.importers import load_phenopackets
+from raredx_jax.evaluate import evaluate_checkpoint
+from raredx_jax.evaluation.metrics import paired_top1_change
+from raredx_jax.evaluation.report import plot_stages
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +91,6 @@ def _split_items(text: str) -> list[str]:
 def parse_overrides(text: str, where: str) -> dict[str, Any]:
     """'train.steps=100, grpo.lr=1e-5' -> {"train.steps": 100, "grpo.lr": 1e-05} (values as Python literals;
     commas inside quotes or brackets belong to the value)."""
-    import ast
 
     out: dict[str, Any] = {}
     for item in _split_items(text):
@@ -176,7 +186,6 @@ def _rers_kept(root: str) -> int | None:
 
 
 def _run_fn(spec: str):
-    import importlib
 
     module, _, fn = spec.partition(":")
     return getattr(importlib.import_module(module), fn)
@@ -191,7 +200,6 @@ def _done(path: str) -> dict | None:
 
 
 def _mark_done(path: str, payload: dict) -> None:
-    import jax
 
     if jax.process_index() != 0:
         return
@@ -217,7 +225,6 @@ def _eval_rows(stage: str, report: dict) -> list[dict]:
 def compare_stages(rows: list[dict]) -> None:
     """Add to each row the paired change in top-1 against the previous evaluated stage on the same case set
     (gained / lost cases, exact McNemar p): a difference of a few points on ~100 cases is often noise."""
-    from raredx_jax.evaluation.metrics import paired_top1_change
 
     last: dict[str, dict] = {}
     for r in rows:
@@ -252,7 +259,6 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
 def choose_diseases(pipeline: Any) -> None:
     """Fix the disease subset once for every stage: some diseases of the real case archive (so real cases of
     trained diseases exist to evaluate on) plus seeded random others. Writes data.diseases kind=ids."""
-    from raredx_jax.data.hpo import load_ontology, select_diseases
 
     d = pipeline.data.diseases
     if d.kind == "ids":
@@ -261,9 +267,7 @@ def choose_diseases(pipeline: Any) -> None:
     n_case = int(pipeline.pipeline.case_diseases)
     ids: list[str] = []
     if n_case and pipeline.data.phenopackets and os.path.exists(pipeline.data.phenopackets):
-        import numpy as np
 
-        from raredx_jax.data.importers import load_phenopackets
 
         res = load_phenopackets(pipeline.data.phenopackets, ontology, on_error="skip")
         counts: dict[str, int] = {}
@@ -293,11 +297,7 @@ def _phenotype_count(ontology: Any, disease_id: str) -> int:
 
 
 def run_pipeline(config: Any) -> dict[str, Any]:
-    import jax
 
-    from raredx_jax.data.build import build_all
-    from raredx_jax.evaluate import evaluate_checkpoint
-    from raredx_jax.evaluation.report import plot_stages
 
     t0 = time.time()
     config.unlock()

@@ -4,7 +4,7 @@
     python -m raredx_jax.plan --config=configs/rl_curriculum.py:gpu1 --config.model.preset=qwen2.5-0.5b
 
 Like maxtext's `train_compile.py`: the stage's *real* jitted step functions (the ones the trainers call:
-`training/sft.py:make_train_step`; GRPO's rollout generate `sampling/sampler.py:_generate_jit`, its teacher-forced
+`training/sft.py:make_train_step`; GRPO's rollout generate `sampling/sampler.py:generate_jit`, its teacher-forced
 logprob `training/grpo/:make_logprob_fn` and update `make_update_fn`; the evaluation generate) are lowered
 from `jax.ShapeDtypeStruct` inputs carrying the target's shardings and compiled, nothing allocated. The host
 platform is forced to the target's device count (`--xla_force_host_platform_device_count`, set before JAX
@@ -553,9 +553,9 @@ def _lower_generate(model_cfg: Any, mesh: Any, state_abs: Any, graphdef: Any, pr
     args = (row((prompts, prompt_len), jnp.int32, smp.ROW_AXES), row((prompts, prompt_len), jnp.int32, smp.ROW_AXES),
             row((prompts,), jnp.bool_, ("batch",)), row(key_shape, jnp.uint32, smp.ROW_AXES),
             row((1,), jnp.int32, (None,)), row((1, 1), jnp.int32, (None, None)))
-    spec = smp._Spec(n=int(n), max_new=int(max_new), temperature=float(temperature), top_k=int(top_k),
+    spec = smp.SampleSpec(n=int(n), max_new=int(max_new), temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), pad_id=0)
-    compiled = smp._generate_jit.lower(graphdef, state_abs, cache, *args, spec=spec).compile()
+    compiled = smp.generate_jit.lower(graphdef, state_abs, cache, *args, spec=spec).compile()
     return compiled, cache
 
 

@@ -24,6 +24,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from raredx_jax.checkpoints.manager import CheckpointError
+from raredx_jax.parallel.distributed import maybe_initialize
+from raredx_jax.training.common import MissingInputError, NonFiniteLossError
+
 # stage -> "module:function(config) -> dict". Add a line to register a stage.
 STAGES: dict[str, str] = {
     "knowledge_sft": "raredx_jax.training.sft:run_sft",
@@ -61,7 +65,6 @@ def resolve_stage(stage: str) -> Callable[[Any], dict]:
 
 def run(config: Any) -> dict:
     """Run the stage `config.stage` in this process (jax.distributed is started first when configured)."""
-    from raredx_jax.parallel.distributed import maybe_initialize
 
     fn = resolve_stage(config.stage)
     maybe_initialize(config)
@@ -149,8 +152,6 @@ def main(argv: list[str]) -> None:
 def run_cli(config: Any) -> None:
     """`run(config)` with the CLI's error contract (module docstring): prints the summary as one JSON line; a bad
     config or missing input is one line on stderr, exit 2; a non-finite loss, exit 3."""
-    from raredx_jax.checkpoints.manager import CheckpointError
-    from raredx_jax.training.common import MissingInputError, NonFiniteLossError
 
     try:
         summary = run(config)

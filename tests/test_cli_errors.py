@@ -63,14 +63,14 @@ CONTEXT = 1024  # the tiny model's max_position_embeddings: the note's budget is
 def tiny_ckpt(tmp_path_factory):
     """An orbax model checkpoint (2 layers, width 32, context 1024) with a 600-piece SentencePiece tokenizer in
     `<ckpt>/tokenizer/` (the layout diagnose finds on its own)."""
+    from ml_collections import ConfigDict
+
     from raredx_jax.checkpoints import hf_io
     from raredx_jax.checkpoints.orbax import save_model
+    from raredx_jax.data.prompts import diagnosis_messages
     from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
     from raredx_jax.models.config import ModelConfig
     from raredx_jax.parallel.mesh import make_mesh
-    from ml_collections import ConfigDict
-
-    from raredx_jax.data.prompts import diagnosis_messages
 
     root = tmp_path_factory.mktemp("diagnose_ckpt")
     texts = [m["content"] for m in diagnosis_messages("A note.")] * 10 + [LONG_NOTE] * 5 + [
@@ -252,8 +252,8 @@ def _fake_run_dir(tmp_path, **model):
 
 
 def test_resume_refuses_another_model_source(tmp_path):
-    from raredx_jax.training.resume_guard import ModelChangedError
     from raredx_jax.training.common import write_resolved_config  # what every Trainer calls before resuming
+    from raredx_jax.training.resume_guard import ModelChangedError
 
     run_dir, c = _fake_run_dir(tmp_path, preset="tiny", vocab_size=0)
     c.model.vocab_size = 4096
@@ -303,7 +303,6 @@ def test_grpo_resume_goes_through_the_same_checks():
 
 def test_rers_resume_refuses_another_model(tmp_path):
     from configs.rers import get_config
-
     from raredx_jax.training import rers, rers_journal
 
     c = get_config("cpu")
@@ -337,9 +336,9 @@ def _hf_dir(path, hidden: int, seed: int, vocab: int) -> str:
 def test_sft_resume_with_another_model_exits_2_naming_the_fields(data_dir, tmp_path, capsys):
     """The real trainer: 2 steps from HF dir A, then the same run dir with HF dir B (another model) is refused,
     by the recorded source and, with that record gone, by the checkpoint's shape; A itself still resumes."""
-    from configs.knowledge_sft import get_config
     from conftest import tiny_data_config
 
+    from configs.knowledge_sft import get_config
     from raredx_jax import train
     from raredx_jax.data.tokenizer import load_tokenizer
     from raredx_jax.training import sft

@@ -339,9 +339,9 @@ def test_rers_journal_seeds_buckets_but_skipping_waits_for_the_policys_own_rollo
     solves it in a group of its own."""
     from types import SimpleNamespace
 
+    from raredx_jax.training.common import MissingInputError
     from raredx_jax.training.grpo import seed_from_rers
     from raredx_jax.training.rers_journal import JOURNAL_DIR
-    from raredx_jax.training.common import MissingInputError
 
     jdir = tmp_path / JOURNAL_DIR
     jdir.mkdir()

@@ -5,8 +5,15 @@ import pytest
 from ml_collections import config_dict
 
 from raredx_jax.data.hpo import (
-    EXTRAS_ASSET, clean_disease_name, combine_frequencies, frequency_word, load_ontology, parse_frequency,
-    core_phenotypes, readable_case, select_diseases,
+    EXTRAS_ASSET,
+    clean_disease_name,
+    combine_frequencies,
+    core_phenotypes,
+    frequency_word,
+    load_ontology,
+    parse_frequency,
+    readable_case,
+    select_diseases,
 )
 
 MARFAN = "OMIM:154700"

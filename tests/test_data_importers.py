@@ -15,8 +15,16 @@ import pytest
 from raredx_jax.data import importers
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import load_ontology
-from raredx_jax.data.importers import (ImportIssue, ImportResult, load_cases, load_jsonl_notes, load_phenopackets,
-                                       parse_iso8601_age, phenopacket_case_id, write_report)
+from raredx_jax.data.importers import (
+    ImportIssue,
+    ImportResult,
+    load_cases,
+    load_jsonl_notes,
+    load_phenopackets,
+    parse_iso8601_age,
+    phenopacket_case_id,
+    write_report,
+)
 from raredx_jax.data.linking import DiseaseLinker
 from raredx_jax.data.simulate import find_leaks
 

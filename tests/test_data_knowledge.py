@@ -2,7 +2,11 @@
 import pytest
 
 from raredx_jax.data.knowledge import (
-    PASSAGE_TEMPLATES, PROBE_TEMPLATES, TRAINING_QUESTION_STEMS, knowledge_probe, knowledge_records,
+    PASSAGE_TEMPLATES,
+    PROBE_TEMPLATES,
+    TRAINING_QUESTION_STEMS,
+    knowledge_probe,
+    knowledge_records,
 )
 
 MARFAN = "OMIM:154700"

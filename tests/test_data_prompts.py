@@ -2,7 +2,11 @@
 import pytest
 
 from raredx_jax.data.prompts import (
-    SYSTEM_PROMPT, closed_set_messages, diagnosis_messages, format_completion, reflection_messages,
+    SYSTEM_PROMPT,
+    closed_set_messages,
+    diagnosis_messages,
+    format_completion,
+    reflection_messages,
 )
 
 NOTE = "A 6-year-old girl presents with tall stature and long slender fingers. No seizures."

@@ -10,7 +10,15 @@ import pytest
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import load_ontology
 from raredx_jax.data.simulate import (
-    LEVELS, STYLES, DifficultyLevel, case_rng, find_leaks, get_level, render_note, simulate_case, simulate_cases,
+    LEVELS,
+    STYLES,
+    DifficultyLevel,
+    case_rng,
+    find_leaks,
+    get_level,
+    render_note,
+    simulate_case,
+    simulate_cases,
     usable_phenotypes,
 )
 
@@ -23,7 +31,7 @@ def cases(onto, diseases):
     return simulate_cases(diseases, onto, 50, seed=0, levels=list(LEVELS))
 
 
-def _norm(s):
+def normalise_text(s):
     return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", s.lower()).split()) + " "
 
 
@@ -34,7 +42,7 @@ def _leaks(text, disease):
         if re.fullmatch(r"[A-Z0-9-]{2,8}", s):  # abbreviations: case-sensitive whole token
             if re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", text):
                 out.append(s)
-        elif _norm(s) in _norm(text):
+        elif normalise_text(s) in normalise_text(text):
             out.append(s)
     prefix, num = disease.id.split(":")
     if disease.id in text or re.search(rf"{prefix}\W*{num}\b", text, re.I) or (len(num) >= 4 and num in text):
@@ -55,10 +63,10 @@ def test_notes_never_contain_name_synonyms_or_ids(cases, diseases):
 def test_diseases_named_like_their_findings_never_leak(onto):
     """Diseases whose phenotype labels contain their own name (e.g. 'Aniridia'): those terms are dropped."""
     risky = [d for d in onto.diseases() if len(d.phenotypes) >= 8
-             and any(_norm(d.name) in _norm(p.label) for p in d.phenotypes)][:25]
+             and any(normalise_text(d.name) in normalise_text(p.label) for p in d.phenotypes)][:25]
     assert len(risky) >= 20
     for d in risky:
-        assert all(_norm(d.name) not in _norm(p.label) for p in usable_phenotypes(d, onto))
+        assert all(normalise_text(d.name) not in normalise_text(p.label) for p in usable_phenotypes(d, onto))
         for c in simulate_cases([d], onto, 8, seed=1, levels=list(LEVELS)):
             assert not _leaks(c.text, d), (d.id, c.id)
     marfan = onto.disease(MARFAN)  # eponym: 'Marfanoid habitus' style wording must not appear either

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
 from conftest import tiny_data_config
+
 from raredx_jax.data import tfds_builders as tb
 from raredx_jax.data.case import Case
 

@@ -6,7 +6,13 @@ from ml_collections import config_dict
 
 from raredx_jax.data import tokenizer as tok_lib
 from raredx_jax.data.tokenizer import (
-    CHATML_JINJA, SPECIAL_SYMBOLS, HFTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece)
+    CHATML_JINJA,
+    SPECIAL_SYMBOLS,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 CORPUS = [
     "Marfan syndrome (OMIM:154700) is an autosomal dominant disorder of connective tissue.",
@@ -100,7 +106,8 @@ def test_load_tokenizer_errors_name_field(tmp_path, spm_path):
 
 def _tiny_hf_dir(path):
     """A real (tiny) HF tokenizer directory built offline: byte-level BPE trained on a few lines + ChatML."""
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.BPE())

@@ -296,10 +296,14 @@ def _train_worker(spec_path: str, process_id: str) -> None:
     from raredx_jax.parallel.sharding import logical_to_spec
     from raredx_jax.sampling.sampler import SamplingParams
     from raredx_jax.training import lm
-    from raredx_jax.training.grpo import GRPOSettings, GRPOLearner
+    from raredx_jax.training.grpo import GRPOLearner, GRPOSettings
     from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.state import (abstract_params, abstract_train_state, create_train_state,
-                                           train_state_shardings)
+    from raredx_jax.training.state import (
+        abstract_params,
+        abstract_train_state,
+        create_train_state,
+        train_state_shardings,
+    )
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as conftest does in-process
     out_dir = Path(spec["out"])

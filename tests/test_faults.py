@@ -32,10 +32,9 @@ import os
 import random
 import signal
 
+import fault_utils as fu
 import numpy as np
 import pytest
-
-import fault_utils as fu
 from test_train_resume import _finished_steps  # finished checkpoint steps of a run dir
 
 SEED = int(os.environ.get("FAULT_SEED") or random.SystemRandom().randrange(2 ** 31))
@@ -235,8 +234,14 @@ def _states(hf_dir: str):
     from raredx_jax.checkpoints import hf_io
     from raredx_jax.parallel.mesh import single_device_mesh
     from raredx_jax.training.optim import make_optimizer
-    from raredx_jax.training.state import (abstract_params, abstract_train_state, cast_params, create_train_state,
-                                           split_model, train_state_shardings)
+    from raredx_jax.training.state import (
+        abstract_params,
+        abstract_train_state,
+        cast_params,
+        create_train_state,
+        split_model,
+        train_state_shardings,
+    )
 
     mesh = single_device_mesh()
     model = hf_io.load_hf_model(hf_dir, mesh)

@@ -14,10 +14,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from grpo_fixtures import synthetic_rollout
 from flax import nnx
+from grpo_fixtures import synthetic_rollout
 
 from raredx_jax.checkpoints import hf_io
 from raredx_jax.checkpoints import orbax as orbax_io
@@ -25,7 +26,8 @@ from raredx_jax.models.config import ModelConfig
 from raredx_jax.models.transformer import Transformer
 from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
 from raredx_jax.sampling.sampler import SamplingParams
-from raredx_jax.training.grpo import GRPOSettings, MiniBatchLayout, GRPOLearner
+from raredx_jax.training import rl_objectives as rlo
+from raredx_jax.training.grpo import GRPOLearner, GRPOSettings, MiniBatchLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 7  # the toy reward's token
@@ -280,6 +282,31 @@ def test_micro_batches_and_device_padding_give_the_same_loss_and_gradient(mesh, 
         np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=1e-7, err_msg=k)
 
 
+@rlo.register_loss("test_reinforce", aggregation="token")
+def reinforce_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg):
+    """A new loss is this one function: plain REINFORCE, -A * log pi averaged over every completion token."""
+    m = mask.astype(jnp.float32)
+    return -(advantages[:, None] * logprobs * m).sum() / jnp.maximum(m.sum(), 1.0), {}
+
+
+def test_a_new_loss_is_one_registered_function_and_trains(mesh):
+    """`grpo.loss=test_reinforce` (registered above, nothing else edited) validates, trains a real update through
+    the learner, and its registered token aggregation makes 2 padded micro-batches on 8 devices give the loss and
+    gradient of one pass on 1 device."""
+    assert rlo.loss_aggregation("test_reinforce") == "token"
+    GRPOSettings(loss="test_reinforce").validate()
+    common = dict(prompts_per_step=3, group_size=4, minibatch_size=0, loss="test_reinforce", old_logprobs="sampler")
+    a = _learner(toy_reward, mesh, micro_batch_size=6, **common)
+    b = _learner(toy_reward, single_device_mesh(), **common)
+    before = _host(a.state.params)
+    ma, mb = a.learn(_synthetic_batch(), 1), b.learn(_synthetic_batch(), 1)
+    assert ma["updates"] == 1 and np.isfinite(ma["loss"]) and ma["grad_norm"] > 0
+    after = _host(a.state.params)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    for k in ("loss", "pg_loss", "grad_norm", "entropy"):
+        np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=1e-7, err_msg=k)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the stage: python -m raredx_jax.train --config=configs/rl_curriculum.py, killed and resumed
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,8 +426,8 @@ def test_stage_without_the_rl_split_says_how_to_build_it(stage_inputs, tmp_path)
 
 def test_stage_without_the_sft_checkpoint_names_the_stage_to_run(stage_inputs, tmp_path):
     from configs.rl_curriculum import get_config
-    from raredx_jax.training.grpo import run_grpo
     from raredx_jax.training.common import MissingInputError
+    from raredx_jax.training.grpo import run_grpo
 
     c = get_config()
     c.run_dir = str(tmp_path / "run")

@@ -186,7 +186,6 @@ def _sft_config(data_dir: str, run_dir: str, probe: int = 4, **lora_fields):
 
 @pytest.fixture(scope="module")
 def lora_sft_run(data_dir, tmp_path_factory):
-    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir = str(tmp_path_factory.mktemp("lora") / "ksft")
@@ -221,7 +220,6 @@ def test_lora_sft_learns_and_checkpoints_hold_adapters_only(lora_sft_run):
 
 
 def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
-    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir, _ = lora_sft_run
@@ -238,7 +236,6 @@ def test_lora_sft_resumes_exactly(lora_sft_run, data_dir, tmp_path):
 
 
 def test_lora_settings_and_mode_are_checked_on_resume(lora_sft_run, data_dir, tmp_path):
-    from raredx_jax.training import lm
     from raredx_jax.training import sft
 
     run_dir, _ = lora_sft_run
@@ -260,7 +257,7 @@ def _grpo_learner(reward, mesh, settings, **kw):
     from test_grpo import ToyTokenizer, _model
 
     from raredx_jax.sampling.sampler import SamplingParams
-    from raredx_jax.training.grpo import GRPOSettings, GRPOLearner
+    from raredx_jax.training.grpo import GRPOLearner, GRPOSettings
 
     gs = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=3e-2, weight_decay=0.0,
               filter_groups="none")
@@ -386,7 +383,6 @@ def test_qlora_nf4_sft_steps_train_on_an_fsdp_mesh(fsdp_mesh):
     from ml_collections import config_dict
 
     from raredx_jax.training import lm
-    from raredx_jax.training import sft
     from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import create_train_state, train_state_shardings
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from hf_reference import FAMILIES, hf_logits, left_padded_batch, save_hf_model
 from ml_collections import ConfigDict
 
-from hf_reference import FAMILIES, hf_logits, left_padded_batch, save_hf_model
-from raredx_jax.checkpoints import hf_io, orbax
+from raredx_jax.checkpoints import hf_io
 from raredx_jax.checkpoints.safetensors_io import SafetensorsFile
 from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
 from raredx_jax.parallel.sharding import logical_to_spec
@@ -184,8 +184,8 @@ def test_unknown_config_field_rejected_by_cli(tmp_path):
 
 
 def test_config_validation_names_field():
-    from raredx_jax.models.config import PRESETS, ModelConfig, model_config_from
     from configs.base import get_config
+    from raredx_jax.models.config import PRESETS, ModelConfig, model_config_from
     with pytest.raises(ValueError, match=r"model\.num_kv_heads"):
         ModelConfig(**{**PRESETS["tiny"], "num_kv_heads": 3})
     c = get_config()

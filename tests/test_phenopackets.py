@@ -12,14 +12,19 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 from phenopackets import Phenopacket
+from test_data_importers import DEV_ARCHIVE, good_packet
 
 from raredx_jax.data import importers
 from raredx_jax.data.case import Case
 from raredx_jax.data.hpo import load_ontology
 from raredx_jax.data.importers import load_jsonl_notes, load_phenopackets
-from raredx_jax.data.phenopackets import (PhenopacketSchemaError, case_to_phenopacket, parse_phenopacket,
-                                          phenopacket_to_json, write_phenopacket)
-from test_data_importers import DEV_ARCHIVE, good_packet
+from raredx_jax.data.phenopackets import (
+    PhenopacketSchemaError,
+    case_to_phenopacket,
+    parse_phenopacket,
+    phenopacket_to_json,
+    write_phenopacket,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from google.protobuf import json_format
 from phenopackets import Phenopacket
+from test_data_importers import good_packet
 
 from raredx_jax.evaluation import pheval_results as pr
-from test_data_importers import good_packet
 
 # PhEval 0.7.14, pheval/post_processing/post_processing.py, _write_disease_result:
 #   ranked_results.select(["rank", "score", "disease_identifier", "mondo_identifier", "true_positive"])
@@ -96,8 +96,8 @@ def test_evaluate_format_pheval_baseline_and_llm_files(tmp_path, capsys):
 
     # the LLM's files from a report that scored a model: built here from eval.json's own fields
     ontology = load_ontology()
-    from raredx_jax.evaluation.cases import load_case_set
     from raredx_jax.data.linking import DiseaseLinker
+    from raredx_jax.evaluation.cases import load_case_set
 
     cands = candidate_diseases(c, ontology)
     cs = load_case_set(str(folder), c.data.dir, ontology, DiseaseLinker(cands), cands, report_dir=str(tmp_path))

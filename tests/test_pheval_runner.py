@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_data_importers import good_packet
 
 from raredx_jax.data.hpo import load_ontology
 from raredx_jax.evaluation import pheval_results as pr
 from raredx_jax.pheval import steps
-from test_data_importers import good_packet
 
 CANDIDATES = "OMIM:154700,OMIM:260660,OMIM:101200"
 

@@ -47,10 +47,10 @@ def _measure(shape: str, hf_dir: str | None) -> dict:
     import numpy as np
 
     from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.parallel.mesh import make_mesh
-    from raredx_jax.training.optim import make_optimizer
+    from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.training.lm import batch_sharding, make_train_step, to_global
+    from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
 
     config = _config(shape, hf_dir)
@@ -118,8 +118,8 @@ def test_plan_shards_state_like_the_trainer():
     import jax
 
     from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.parallel.mesh import make_mesh
+    from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.training.optim import make_optimizer
     from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
 
@@ -186,7 +186,6 @@ def test_grpo_plan_has_every_phase_and_the_kv_cache():
     copy of the parameters (beta > 0) and the sampler's KV cache stays allocated through the update."""
     sys.path.insert(0, str(ROOT))
     from configs.rl_curriculum import get_config
-
     from raredx_jax.plan import build_plan
 
     c = get_config("cpu")
@@ -228,8 +227,8 @@ def test_lora_plan_trains_the_adapters_only():
 
     from raredx_jax import lora
     from raredx_jax.checkpoints.hf_io import init_model
-    from raredx_jax.plan import _model_cfg, build_plan
     from raredx_jax.parallel.mesh import make_mesh
+    from raredx_jax.plan import _model_cfg, build_plan
 
     config = _config("tiny")
     config.train.batch_size, config.train.seq_len = 2, 64
@@ -279,7 +278,6 @@ def test_lora_grpo_plan_uses_the_frozen_base_as_reference():
     keeps only the sampler's KV cache beside its arguments; the optimiser holds the adapters' moments only."""
     sys.path.insert(0, str(ROOT))
     from configs.rl_curriculum import get_config
-
     from raredx_jax import lora
     from raredx_jax.plan import _model_cfg, build_plan
 
@@ -310,7 +308,6 @@ def test_evaluate_plan_is_the_greedy_generate():
     """Evaluation: one greedy generate of sampling.batch_size prompts padded to eval.max_prompt_len; no optimiser."""
     sys.path.insert(0, str(ROOT))
     from configs.evaluate import get_config
-
     from raredx_jax.plan import build_plan
 
     c = get_config("cpu")

@@ -9,15 +9,27 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import FAMILIES, build_hf_model, left_padded_batch
 from ml_collections import ConfigDict
 
-from hf_reference import FAMILIES, build_hf_model, left_padded_batch
 from raredx_jax.checkpoints import hf_io
 from raredx_jax.models.transformer import positions_from_mask
 from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
-from raredx_jax.sampling import (Completion, GenerateOutput, Sampler, SamplingParams, bucket_length, continuous,
-                                 generate, generate_continuous, generate_text, left_pad, sample_from_logits,
-                                 sample_keys, truncation_mask)
+from raredx_jax.sampling import (
+    Completion,
+    GenerateOutput,
+    Sampler,
+    SamplingParams,
+    bucket_length,
+    continuous,
+    generate,
+    generate_continuous,
+    generate_text,
+    left_pad,
+    sample_from_logits,
+    sample_keys,
+    truncation_mask,
+)
 
 PAD, EOS = 0, 2
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)

@@ -13,17 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_data_config
 from ml_collections import config_dict
 
-from conftest import tiny_data_config
 from raredx_jax.checkpoints.hf_io import init_model
 from raredx_jax.data.pipeline import sft_dataset, tokenize_sft
 from raredx_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.parallel.mesh import make_mesh
-from raredx_jax.training import common
-from raredx_jax.training import lm
-from raredx_jax.training import sft
+from raredx_jax.training import common, lm, sft
 from raredx_jax.training.optim import make_optimizer, make_schedule
 from raredx_jax.training.state import abstract_params, create_train_state, split_model, train_state_shardings
 

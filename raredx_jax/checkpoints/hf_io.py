@@ -264,7 +264,7 @@ def load_hf_model(hf_dir: str, mesh: jax.sharding.Mesh, cfg: ModelConfig | None 
 
 # --- writing ---------------------------------------------------------------------------------------------------
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
@@ -275,14 +275,14 @@ def iter_hf_tensors(model: Transformer, dtype: str = "float32") -> Iterator[tupl
     cfg = model.config
     np_dtype = _NP_DTYPES[dtype]
     layer_map, top_map = _layer_map(cfg), _top_map(cfg)
-    stacked = {k: _to_host(v) for k, v in model.layers.stacked().items()}
-    yield top_map["embed_tokens"][0], np.ascontiguousarray(_to_host(model.embed_tokens[...]).astype(np_dtype))
+    stacked = {k: to_host(v) for k, v in model.layers.stacked().items()}
+    yield top_map["embed_tokens"][0], np.ascontiguousarray(to_host(model.embed_tokens[...]).astype(np_dtype))
     for i in range(cfg.num_layers):
         for key, (template, _, to_hf) in layer_map.items():
             yield template.format(i), np.ascontiguousarray(to_hf(stacked[key][i]).astype(np_dtype))
-    yield top_map["final_norm"][0], np.ascontiguousarray(_to_host(model.final_norm[...]).astype(np_dtype))
+    yield top_map["final_norm"][0], np.ascontiguousarray(to_host(model.final_norm[...]).astype(np_dtype))
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(_to_host(model.lm_head[...]).T.astype(np_dtype))
+        yield "lm_head.weight", np.ascontiguousarray(to_host(model.lm_head[...]).T.astype(np_dtype))
 
 
 def is_own_export(directory: str) -> bool:

@@ -145,7 +145,7 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     left out; the diseases that had it among their neighbours (contrast passages, differentials) are generated
     again against the smaller set, so the result equals a build that never selected it (a disease's records
     depend only on the seed, the disease and its neighbours), without a second pass over every disease."""
-    from raredx_jax.data.knowledge import _neighbours, knowledge_records  # noqa: PLC0415 - hpo3 (see top)
+    from raredx_jax.data.knowledge import disease_neighbours, knowledge_records  # noqa: PLC0415 - hpo3 (see top)
 
     on_unrenderable = None
     if unrenderable is not None:
@@ -182,7 +182,7 @@ def build_knowledge(diseases: Sequence[Any], ontology: Any, config: Any, log: Lo
     train, val = make(kept, kept)
     while unrenderable and any(d.id in unrenderable for d in kept):
         smaller = [d for d in kept if d.id not in unrenderable]
-        before, after = _neighbours(kept), _neighbours(smaller)
+        before, after = disease_neighbours(kept), disease_neighbours(smaller)
         affected = [d for d in smaller if before[d.id] != after[d.id]]
         t2, v2 = make(affected, smaller)
         redone = {d.id for d in affected}

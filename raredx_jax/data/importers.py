@@ -305,7 +305,7 @@ def parse_iso8601_age(text: str) -> float:
 
 def _onset_years_of_class(hpo_id: str, ontology: Ontology) -> float:
     """A representative age for an HPO onset class ('Infantile onset' -> mid-infancy)."""
-    lo, hi = simulate._onset_range(hpo_id, ontology)  # the simulator's onset table: one source of truth
+    lo, hi = simulate.onset_range(hpo_id, ontology)  # the simulator's onset table: one source of truth
     return (lo + hi) / 2.0
 
 
@@ -400,7 +400,7 @@ def _leak_strings(packet: Phenopacket, location: Sequence[str]) -> list[str]:
         if len(words) >= 2:  # a multi-word cohort / file name ("11q_terminal_deletion") as a phrase
             out.append(" ".join(words))
         # gene-like tokens ("FBN1", "NKX6-2"); single plain words ("patients", "data") leak nothing
-        out += [t for t in words if len(t) >= 3 and simulate._is_abbreviation(t) and t != "PMID"
+        out += [t for t in words if len(t) >= 3 and simulate.is_abbreviation(t) and t != "PMID"
                 and not re.fullmatch(r"[IVX]+", t)]
     return list(dict.fromkeys(out))
 
@@ -409,10 +409,10 @@ def _secret_hits(text: str, secrets: Sequence[str]) -> list[str]:
     """Which leak strings occur in the text (names only, never the text)."""
     hits = []
     for s in secrets:
-        if simulate._is_abbreviation(s) or re.fullmatch(r"[A-Za-z0-9-]+", s) and any(c.isupper() for c in s[1:]):
+        if simulate.is_abbreviation(s) or re.fullmatch(r"[A-Za-z0-9-]+", s) and any(c.isupper() for c in s[1:]):
             if re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", text):
                 hits.append(s)
-        elif simulate._norm(s).strip() and simulate._norm(s) in simulate._norm(text):
+        elif simulate.normalise_text(s).strip() and simulate.normalise_text(s) in simulate.normalise_text(text):
             hits.append(s)
     return hits
 
@@ -556,7 +556,7 @@ def phenopacket_to_case(packet: Any, ontology: Ontology, diseases: dict[str, Dis
     # wordings are filtered against the short strings a phenotype label could contain (names, genes, cohort);
     # variant descriptors/HGVS/PMIDs cannot be HPO wording, so they are only checked in the finished note
     forbidden = (*names, *distinct, *(s for s in secrets if not re.search(r"[.:>]|\d{5,}", s)))
-    withheld = [h for h in present + absent if simulate._forbidden_in(ontology.label(h), forbidden, distinct)]
+    withheld = [h for h in present + absent if simulate.forbidden_in(ontology.label(h), forbidden, distinct)]
     present = [h for h in present if h not in withheld]
     absent = [h for h in absent if h not in withheld]
     if not present:

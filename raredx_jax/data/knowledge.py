@@ -92,7 +92,7 @@ def _id_phrase(disease: Disease) -> str:
 # --- contrasts between diseases of the set -------------------------------------------------------------
 
 
-def _neighbours(diseases: Sequence[Disease]) -> dict[str, list[tuple[str, set[str]]]]:
+def disease_neighbours(diseases: Sequence[Disease]) -> dict[str, list[tuple[str, set[str]]]]:
     """For each disease, the others sharing the most findings (by HPO id), with the shared ids."""
     by_term: dict[str, set[str]] = defaultdict(set)
     terms = {d.id: {p.hpo_id for p in d.phenotypes} for d in diseases}
@@ -404,7 +404,7 @@ def knowledge_records(diseases: Sequence[Disease], ontology: Ontology, seed: int
         if n < 0:
             raise ValueError(f"data.{field} must be >= 0, got {n}")
     ctx_set = diseases if ctx_diseases is None else ctx_diseases
-    ctx = {"neighbours": _neighbours(ctx_set), "by_id": {d.id: d for d in ctx_set}}
+    ctx = {"neighbours": disease_neighbours(ctx_set), "by_id": {d.id: d for d in ctx_set}}
     names = list(PASSAGE_TEMPLATES)
     out: list[Record] = []
     for d in diseases:

@@ -87,12 +87,12 @@ def get_level(level: str | DifficultyLevel) -> DifficultyLevel:
 # leak guard
 
 
-def _norm(text: str) -> str:
+def normalise_text(text: str) -> str:
     """Lower-case, punctuation -> spaces, padded: substring tests on it are whole-word tests."""
     return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split()) + " "
 
 
-def _is_abbreviation(s: str) -> bool:
+def is_abbreviation(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Z0-9][A-Z0-9-]{1,7}", s)) and any(c.isalpha() for c in s)
 
 
@@ -102,7 +102,7 @@ def _label_vocabulary(ontology: Ontology) -> tuple[Counter, frozenset]:
     words: Counter = Counter()
     single: set[str] = set()
     for num, label in ontology._labels.items():
-        toks = _norm(label).split()
+        toks = normalise_text(label).split()
         words.update(set(toks))
         if len(toks) == 1:
             single.add(toks[0])
@@ -117,7 +117,7 @@ def distinctive_words(disease: Disease, ontology: Ontology) -> tuple[str, ...]:
     for tok in re.findall(r"[A-Za-z][A-Za-z'-]+", re.sub(r"\(.*?\)", " ", disease.name)):
         low = tok.lower().strip("-'")
         if tok[0].isupper() and not tok.isupper() and len(low) >= 4 and low not in single:
-            parts = [p for p in _norm(low).split() if len(p) >= 4]
+            parts = [p for p in normalise_text(low).split() if len(p) >= 4]
             if parts and all(words[p] < 5 for p in parts):
                 out.append(low)
     return tuple(dict.fromkeys(out))
@@ -135,12 +135,12 @@ def find_leaks(text: str, disease: Disease, ontology: Ontology | None = None) ->
     """What in `text` gives the diagnosis away: the name, a synonym, the id (and, with an ontology, a
     distinctive word of the name). Returns descriptions of the hits, never note text; [] when clean."""
     hits = []
-    normed = _norm(text)
+    normed = normalise_text(text)
     for s in (disease.name, *disease.synonyms):
-        if _is_abbreviation(s):
+        if is_abbreviation(s):
             if re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", text):
                 hits.append(f"abbreviation {s!r}")
-        elif len(_norm(s).strip()) >= 2 and _norm(s) in normed:
+        elif len(normalise_text(s).strip()) >= 2 and normalise_text(s) in normed:
             hits.append(f"name/synonym {s!r}")
     for pat in _id_patterns(disease.id):
         if pat.search(text):
@@ -153,13 +153,13 @@ def find_leaks(text: str, disease: Disease, ontology: Ontology | None = None) ->
     return hits
 
 
-def _forbidden_in(wording: str, forbidden: Sequence[str], distinctive: Sequence[str]) -> bool:
-    normed = _norm(wording)
+def forbidden_in(wording: str, forbidden: Sequence[str], distinctive: Sequence[str]) -> bool:
+    normed = normalise_text(wording)
     for s in forbidden:
-        if _is_abbreviation(s):
+        if is_abbreviation(s):
             if re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", wording):
                 return True
-        elif _norm(s).strip() and _norm(s) in normed:
+        elif normalise_text(s).strip() and normalise_text(s) in normed:
             return True
     return any(re.search(rf"\b{re.escape(w)}", wording, re.I) for w in distinctive)
 
@@ -187,7 +187,7 @@ def usable_phenotypes(disease: Disease, ontology: Ontology) -> list:
     """The disease's annotations whose label does not leak the name (e.g. 'Marfanoid habitus' for Marfan)."""
     forbidden = (disease.name, *disease.synonyms)
     distinct = distinctive_words(disease, ontology)
-    return [p for p in disease.phenotypes if not _forbidden_in(p.label, forbidden, distinct)]
+    return [p for p in disease.phenotypes if not forbidden_in(p.label, forbidden, distinct)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def _generalise(hpo_id: str, ontology: Ontology, rng: np.random.Generator, forbi
     for _ in range(1 + int(rng.random() < 0.35)):
         parents = [p for p in ontology.term(current).parents
                    if ontology.is_phenotype(p) and p not in ontology.organ_systems
-                   and not _forbidden_in(ontology.label(p), forbidden, distinct)]
+                   and not forbidden_in(ontology.label(p), forbidden, distinct)]
         if not parents:
             break
         current = parents[int(rng.integers(len(parents)))]
@@ -292,7 +292,7 @@ _ONSET_YEARS = {
 _FEMALE_ONSETS = {"HP:4000040", "HP:6000314", "HP:6000315"}
 
 
-def _onset_range(onset_hpo: str, ontology: Ontology) -> tuple[float, float]:
+def onset_range(onset_hpo: str, ontology: Ontology) -> tuple[float, float]:
     for h in (onset_hpo, *reversed(ontology.term(onset_hpo).ancestors)):
         if h in _ONSET_YEARS:
             return _ONSET_YEARS[h]
@@ -310,7 +310,7 @@ def _sample_demographics(disease: Disease, ontology: Ontology, rng: np.random.Ge
     onset_hpo = disease.onset[int(rng.integers(len(disease.onset)))] if disease.onset else None
     onset_years: float | None = None
     if onset_hpo is not None:
-        lo, hi = _onset_range(onset_hpo, ontology)
+        lo, hi = onset_range(onset_hpo, ontology)
         onset_years = float(rng.uniform(lo, hi)) if hi > lo else lo
         base = max(onset_years, 0.0)
         delay = float(rng.uniform(0.0, 2.0 if base < 1.0 else 10.0)) if rng.random() < 0.8 else 0.0
@@ -383,7 +383,7 @@ def sample_findings(disease: Disease, ontology: Ontology, rng: np.random.Generat
         if h not in present:
             present.append(h)
     annotated = {p.hpo_id for p in disease.phenotypes}
-    ok = lambda c: not _forbidden_in(ontology.label(c), forbidden, distinct)  # noqa: E731
+    ok = lambda c: not forbidden_in(ontology.label(c), forbidden, distinct)  # noqa: E731
     pool = _noise_pool(ontology)
     noise = _pick_unrelated(rng, int(rng.integers(lv.noise_terms[0], lv.noise_terms[1] + 1)), pool,
                             annotated | set(present), ontology, ok)
@@ -433,8 +433,8 @@ def _wording(hpo_id: str, ontology: Ontology, rng: np.random.Generator, lay_p: f
              forbidden: Sequence[str] = (), distinct: Sequence[str] = ()) -> str:
     """The HPO label, an exact synonym or a layperson synonym (whichever does not leak)."""
     t = ontology.term(hpo_id)
-    lay = [s for s in t.lay_synonyms if not _forbidden_in(s, forbidden, distinct)]
-    other = [s for s in t.synonyms if s not in t.lay_synonyms and not _forbidden_in(s, forbidden, distinct)]
+    lay = [s for s in t.lay_synonyms if not forbidden_in(s, forbidden, distinct)]
+    other = [s for s in t.synonyms if s not in t.lay_synonyms and not forbidden_in(s, forbidden, distinct)]
     r = rng.random()
     if lay and r < lay_p:
         choice = lay[int(rng.integers(len(lay)))]
@@ -632,11 +632,11 @@ def render_note(ontology: Ontology, present_hpo: Sequence[str], absent_hpo: Sequ
     pw, pids = [], []
     for h in present_hpo:
         w = _wording(h, ontology, rng, lay_probability, forbidden)
-        if not _forbidden_in(w, forbidden, ()):
+        if not forbidden_in(w, forbidden, ()):
             pw.append(w)
             pids.append(h)
     aw = [w for w in (_wording(h, ontology, rng, lay_probability, forbidden) for h in absent_hpo)
-          if not _forbidden_in(w, forbidden, ())]
+          if not forbidden_in(w, forbidden, ())]
     if age_years is not None:
         who = _person(sex, age_years)
     else:

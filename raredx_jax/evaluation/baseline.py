@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from raredx_jax.data.hpo import Disease, Ontology
 
-_NEGATION = re.compile(r"\b(no|not|denies|denied|without|negative for|absence of|absent|free of|never had|"
+NEGATION = re.compile(r"\b(no|not|denies|denied|without|negative for|absence of|absent|free of|never had|"
                        r"no evidence of|no history of|ruled out)\b[^.;:\n]*$", re.I)
 
 
@@ -71,7 +71,7 @@ class TermMatcher:
         for h in sorted(set(hpo_ids)):
             term = ontology.term(h)
             for phrase in (term.label, *term.synonyms):
-                key = self._norm(phrase)
+                key = self.normalise(phrase)
                 if len(key) >= min_len:
                     self._phrases.setdefault(key, h)
         # longest phrases first so "short stature" wins over "stature"
@@ -79,7 +79,7 @@ class TermMatcher:
         self._regex = re.compile(r"\b(" + "|".join(re.escape(k) for k in keys) + r")\b") if keys else None
 
     @staticmethod
-    def _norm(text: str) -> str:
+    def normalise(text: str) -> str:
         return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", text.lower())).strip()
 
     def match(self, text: str) -> tuple[list[str], list[str]]:
@@ -89,10 +89,10 @@ class TermMatcher:
         if self._regex is None:
             return present, absent
         for sentence in re.split(r"[.;\n]", text):
-            norm = self._norm(sentence)
+            norm = self.normalise(sentence)
             for m in self._regex.finditer(norm):
                 hid = self._phrases[m.group(1)]
-                negated = _NEGATION.search(norm[:m.start()]) is not None
+                negated = NEGATION.search(norm[:m.start()]) is not None
                 target = absent if negated else present
                 if hid not in present and hid not in absent:
                     target.append(hid)

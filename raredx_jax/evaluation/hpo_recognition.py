@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from raredx_jax.data.hpo import Ontology, load_ontology, select_diseases
 from raredx_jax.data.simulate import LEVELS, simulate_cases
-from raredx_jax.evaluation.baseline import _NEGATION, PhenotypeRanker, TermMatcher, phenotype_pool
+from raredx_jax.evaluation.baseline import NEGATION, PhenotypeRanker, TermMatcher, phenotype_pool
 from raredx_jax.evaluation.metrics import rank_of
 
 RECOGNISERS = ("dictionary", "fasthpocr")
@@ -132,8 +132,8 @@ class FastHPOCRMatcher:
                 hid = a.getHPOUri()
                 if hid == ROOT_PHENOTYPE or not self._ontology.has_term(hid):
                     continue
-                norm = TermMatcher._norm(sentence[:a.getStartOffset()])
-                negated = _NEGATION.search(norm) is not None
+                norm = TermMatcher.normalise(sentence[:a.getStartOffset()])
+                negated = NEGATION.search(norm) is not None
                 if hid not in present and hid not in absent:
                     (absent if negated else present).append(hid)
         return present, absent

@@ -35,18 +35,18 @@ from raredx_jax.parallel.sharding import constrain
 from raredx_jax.sampling.sampler import (
     ROW_AXES,
     Sampler,
+    SampleSpec,
     SamplingParams,
-    _as_typed_key,
-    _put,
-    _Spec,
-    _stop_matrix,
+    as_typed_key,
     bucket_length,
     decode_layer_params,
     left_pad,
     next_pow2,
     prefill,
+    put_sharded,
     record_tokens,
     select_tokens,
+    stop_matrix,
 )
 
 
@@ -89,7 +89,7 @@ def _constrain_slots(slots: dict) -> dict:
 
 
 def _refill_impl(graphdef, state, slots: dict, groups: jax.Array, tokens: jax.Array, mask: jax.Array,
-                 key_data: jax.Array, eos: jax.Array, stop_m: jax.Array, spec: _Spec) -> dict:
+                 key_data: jax.Array, eos: jax.Array, stop_m: jax.Array, spec: SampleSpec) -> dict:
     """Prefill m prompts into slot groups `groups` [m] (ids >= G are padding, dropped) and sample their first
     tokens; key_data [m*n, 2]."""
     model = nnx.merge(graphdef, state)
@@ -131,7 +131,7 @@ def _refill_impl(graphdef, state, slots: dict, groups: jax.Array, tokens: jax.Ar
 
 
 def _decode_impl(graphdef, state, slots: dict, busy: jax.Array, chunk: jax.Array, refill_at: jax.Array,
-                 eos: jax.Array, stop_m: jax.Array, spec: _Spec) -> tuple[dict, jax.Array]:
+                 eos: jax.Array, stop_m: jax.Array, spec: SampleSpec) -> tuple[dict, jax.Array]:
     """Decode all rows for up to `chunk` steps; stop early once `refill_at` busy groups have finished (0: never).
     Returns the slots and the steps run."""
     model = nnx.merge(graphdef, state)
@@ -260,20 +260,20 @@ def generate_continuous(sampler: Sampler, prompts: Sequence[Sequence[int]], keys
     while (groups * n) % divisor:
         groups += 1
     max_new = int(params.max_new_tokens)
-    keys = _as_typed_key(keys)
+    keys = as_typed_key(keys)
     if keys.shape != (len(prompts) * n,):
         raise ValueError(f"keys: expected {len(prompts) * n} row keys (prompts * n), got shape {keys.shape}")
     key_data = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), n, 2)
     stops = tuple(dict.fromkeys(tuple(int(t) for t in s) for s in (*params.stop_sequences, *stop_sequences)))
     eos = np.asarray(list(dict.fromkeys(int(e) for e in eos_ids)), np.int32).reshape(-1)
-    stop_m = _stop_matrix(stops)
-    spec = _Spec(n=int(n), max_new=max_new, temperature=float(params.temperature), top_k=int(params.top_k),
+    stop_m = stop_matrix(stops)
+    spec = SampleSpec(n=int(n), max_new=max_new, temperature=float(params.temperature), top_k=int(params.top_k),
                  top_p=float(params.top_p), pad_id=int(pad_id))
     graphdef, state = nnx.split(sampler.model)
     mesh = sampler._mesh(state)
     rows = groups * n
     cache = sampler._cache(rows, max_new, mesh)
-    eos_d, stop_d = _put(eos, (None,), mesh), _put(stop_m, (None, None), mesh)
+    eos_d, stop_d = put_sharded(eos, (None,), mesh), put_sharded(stop_m, (None, None), mesh)
     chunk_d = jnp.asarray(int(chunk) or max_new, jnp.int32)
 
     def call(fn, *args, **kw):

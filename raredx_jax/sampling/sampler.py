@@ -199,7 +199,7 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array | None, temperature: f
 
 def sample_keys(key: jax.Array, prompt_ids: Sequence[int] | jax.Array, n: int) -> jax.Array:
     """Typed keys [len(prompt_ids) * n]: row `i*n + j` = fold_in(fold_in(key, prompt_ids[i]), j)."""
-    return _sample_keys(_as_typed_key(key), jnp.asarray(np.asarray(prompt_ids), jnp.uint32), int(n))
+    return _sample_keys(as_typed_key(key), jnp.asarray(np.asarray(prompt_ids), jnp.uint32), int(n))
 
 
 @functools.partial(jax.jit, static_argnames="n")
@@ -210,7 +210,7 @@ def _sample_keys(key: jax.Array, ids: jax.Array, n: int) -> jax.Array:
     return rows.reshape(-1)
 
 
-def _as_typed_key(key: Any) -> jax.Array:
+def as_typed_key(key: Any) -> jax.Array:
     if isinstance(key, int):
         return jax.random.key(key)
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -222,7 +222,7 @@ def _as_typed_key(key: Any) -> jax.Array:
 # --- the compiled generate --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class SampleSpec:
     """Static (compile-time) part of a generate call."""
 
     n: int
@@ -233,7 +233,7 @@ class _Spec:
     pad_id: int
 
 
-def _stop_matrix(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+def stop_matrix(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
     """[S, Lmax] right-aligned stop sequences; -1 marks a wildcard (left padding). [0, 1] when there are none."""
     lmax = max((len(s) for s in stop_sequences), default=1)
     m = np.full((len(stop_sequences), lmax), -1, np.int32)
@@ -301,7 +301,7 @@ def record_tokens(carry: dict, tok: jax.Array, lp: jax.Array, step: jax.Array, e
 
 def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax.Array, active: jax.Array,
                    key_data: jax.Array, eos: jax.Array, stop_m: jax.Array,
-                   spec: _Spec) -> tuple[GenerateOutput, KVCache]:
+                   spec: SampleSpec) -> tuple[GenerateOutput, KVCache]:
     model = nnx.merge(graphdef, state)
     b, p = tokens.shape
     n, max_new = spec.n, spec.max_new
@@ -354,7 +354,7 @@ def _generate_impl(graphdef, state, cache: KVCache, tokens: jax.Array, mask: jax
     return out, carry["cache"].replace(prefix_k=None, prefix_v=None, prefix_valid=None)
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
+generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "spec"), donate_argnames=("cache",))
 
 
 def _model_mesh(state: Any) -> jax.sharding.Mesh | None:
@@ -365,7 +365,7 @@ def _model_mesh(state: Any) -> jax.sharding.Mesh | None:
     return None
 
 
-def _put(x: Any, logical: Sequence[str | None], mesh: jax.sharding.Mesh | None) -> jax.Array:
+def put_sharded(x: Any, logical: Sequence[str | None], mesh: jax.sharding.Mesh | None) -> jax.Array:
     x = jnp.asarray(x)
     if mesh is None:
         return x
@@ -432,7 +432,7 @@ class Sampler:
         rows = b * n
         if keys is None:
             keys = sample_keys(key, np.arange(b), n)
-        keys = _as_typed_key(keys)
+        keys = as_typed_key(keys)
         if keys.shape != (rows,):
             raise ValueError(f"keys: expected {rows} row keys (B*n), got shape {keys.shape}")
         active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
@@ -440,19 +440,20 @@ class Sampler:
         if any(len(s) == 0 for s in stops):
             raise ValueError("stop_sequences: stop sequences must not be empty")
         eos = np.asarray(list(dict.fromkeys(int(e) for e in eos_ids)), np.int32).reshape(-1)
-        spec = _Spec(n=int(n), max_new=int(params.max_new_tokens), temperature=float(params.temperature),
+        spec = SampleSpec(n=int(n), max_new=int(params.max_new_tokens), temperature=float(params.temperature),
                      top_k=int(params.top_k), top_p=float(params.top_p), pad_id=int(pad_id))
         graphdef, state = nnx.split(self.model)
         mesh = self._mesh(state)
         cache = self._cache(rows, spec.max_new, mesh)
-        args = (_put(tokens, ROW_AXES, mesh), _put(mask, ROW_AXES, mesh), _put(active, ("batch",), mesh),
-                _put(jax.random.key_data(keys), ROW_AXES, mesh), _put(eos, (None,), mesh),
-                _put(_stop_matrix(stops), (None, None), mesh))
+        args = (put_sharded(tokens, ROW_AXES, mesh), put_sharded(mask, ROW_AXES, mesh),
+                put_sharded(active, ("batch",), mesh), put_sharded(jax.random.key_data(keys), ROW_AXES, mesh),
+                put_sharded(eos, (None,), mesh),
+                put_sharded(stop_matrix(stops), (None, None), mesh))
         if mesh is None:
-            out, cache = _generate_jit(graphdef, state, cache, *args, spec=spec)
+            out, cache = generate_jit(graphdef, state, cache, *args, spec=spec)
         else:
             with jax.set_mesh(mesh):
-                out, cache = _generate_jit(graphdef, state, cache, *args, spec=spec)
+                out, cache = generate_jit(graphdef, state, cache, *args, spec=spec)
         if self.keep_cache:
             self._caches[(rows, spec.max_new)] = cache
         return out

@@ -15,6 +15,9 @@ import sys
 import time
 from typing import Any
 
+import jax
+from tqdm import tqdm
+
 # Dense peak FLOP/s per device (no sparsity), for the compute dtype of the matmuls. float32 entries are the
 # TF32 tensor-core rate on NVIDIA (XLA's default matmul precision on GPU) and the bf16 MXU rate on TPU (fp32
 # matmuls run as bf16 passes by default). Matched by substring of `jax.Device.device_kind`, first match wins,
@@ -46,7 +49,6 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 def device_peak_flops(device_kind: str | None = None, dtype: str = "bfloat16") -> float | None:
     """Peak dense FLOP/s of one device of this kind for matmuls in `dtype`, or None when unknown (CPU)."""
     if device_kind is None:
-        import jax
 
         device_kind = jax.devices()[0].device_kind
     for key, table in PEAK_FLOPS:
@@ -105,7 +107,7 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # noqa: PLC0415 - inside the guard: metrics never stop training
 
                 self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=self.start + 1 if self.start else None,
                                          flush_secs=30)
@@ -113,7 +115,6 @@ class MetricsLogger:
                 print(f"[{desc}] TensorBoard disabled: {e}", file=sys.stderr)
         tty = sys.stderr.isatty() if progress is None else progress
         if tty:
-            from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, initial=self.start, desc=desc, unit="step", dynamic_ncols=True,
                              mininterval=0.5)

@@ -25,6 +25,9 @@ import json
 import os
 from typing import Any
 
+from raredx_jax.checkpoints import orbax as orbax_io
+from raredx_jax.models.config import model_config_from
+
 SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
                 "attention_bias", "qk_norm", "max_position_embeddings")
@@ -92,7 +95,6 @@ def check_resume(config: Any, run_dir: str) -> None:
     if not steps:
         return
     check_model_source(config, run_dir)
-    from raredx_jax.checkpoints import orbax as orbax_io
 
     for step in steps:
         try:
@@ -126,8 +128,6 @@ def expected_shape(config: Any) -> dict[str, Any] | None:
     """The shape fields of the model the config would start from now; None when it cannot be read (then there
     is nothing to compare). A `tiny` preset without `model.vocab_size` takes its vocabulary from the tokenizer,
     which the checkpoint's tokenizer digest check covers, so vocab_size is left out then."""
-    from raredx_jax.checkpoints import orbax as orbax_io
-    from raredx_jax.models.config import model_config_from
 
     m = config.model
     try:

@@ -302,7 +302,8 @@ def token_entropy(logits: Array) -> Array:
 
 
 __all__ = [
-    "ADVANTAGES", "LOSSES", "LOSS_AGGREGATION", "LossConfig", "register_advantage", "register_loss", "loss_aggregation", "get_advantage", "get_loss",
+    "ADVANTAGES", "LOSSES", "LOSS_AGGREGATION", "LossConfig", "register_advantage", "register_loss", "loss_aggregation",
+    "get_advantage", "get_loss",
     "compute_advantages", "policy_loss", "grpo_advantages", "dr_grpo_advantages", "rloo_advantages",
     "grpo_loss", "dr_grpo_loss", "dapo_loss", "token_logprobs", "token_entropy",
 ]

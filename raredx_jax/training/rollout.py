@@ -29,7 +29,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from raredx_jax.data.prompts import closed_set_messages, diagnosis_messages
 from raredx_jax.sampling.sampler import Sampler, SamplingParams, bucket_length, left_pad, sample_keys
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,7 +109,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host sharded) device array as a full host numpy array on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -269,7 +270,6 @@ def lesson_case(case: Any, lesson: str, *, n_candidates: int = 5, top_k: int = 5
 def lesson_messages(case: Any, lesson: str, diseases: Sequence[tuple[str, str]], rng: np.random.Generator, *,
                     n_candidates: int = 5, top_k: int = 5) -> list[dict]:
     """The chat prompt of ``case`` under curriculum lesson ``"<task>:<level>"`` (task closed_set | open)."""
-    from raredx_jax.data.prompts import closed_set_messages, diagnosis_messages
 
     task = lesson.partition(":")[0]
     if task == "closed_set":
@@ -294,5 +294,6 @@ def diagnosis_reward(reward: Any) -> RewardFunction:
 
 __all__ = [
     "RolloutSamples", "RewardFunction", "RolloutBatch", "LessonCase", "lesson_case", "Generated", "to_host",
-    "encode_prompts", "generate_groups", "decode_samples", "training_layout", "rollout", "closed_set_candidates", "lesson_messages", "diagnosis_reward",
+    "encode_prompts", "generate_groups", "decode_samples", "training_layout", "rollout", "closed_set_candidates",
+    "lesson_messages", "diagnosis_reward",
 ]

@@ -3,6 +3,7 @@ from them without importing the data pipeline."""
 from __future__ import annotations
 
 import dataclasses
+
 #: train.dataset values (data/pipeline.py DATASETS maps them to TFDS names).
 DATASETS = ("knowledge", "rers_trajectories")
 

@@ -17,11 +17,11 @@ One global step (:meth:`GRPOLearner.step`, tunix style: global step -> mini-batc
    is logged separately; ``total`` drives the group-normalised advantages (``grpo.advantage``, registered by name
    in ``training/rl_objectives.py``).
 4. **Optimisation.** ``grpo.epochs_per_step`` passes over the rollout in mini-batches of ``grpo.minibatch_size``
-   rows (each one optimiser step; rows shuffled per epoch by (seed, step, epoch)), each split into micro-batches
-   of ``grpo.micro_batch_size`` rows scanned inside the one jitted update (gradient accumulation, see
-   ``training/optim.py``). Loss: ``grpo.loss`` (grpo | dr_grpo | dapo, registered by name with how it averages): the clipped
-   importance ratio against the sampling policy's logprobs plus, when ``grpo.beta > 0``, the k3 KL to a frozen
-   reference model (loaded from ``model.init_from`` only then: with beta = 0 there is no reference and no
+   rows (each one optimiser step; rows shuffled per epoch by (seed, step, epoch)), each split into micro-batches of
+   ``grpo.micro_batch_size`` rows scanned inside the one jitted update (gradient accumulation, see
+   ``training/optim.py``). Loss: ``grpo.loss`` (grpo | dr_grpo | dapo, registered by name with how it averages): the
+   clipped importance ratio against the sampling policy's logprobs plus, when ``grpo.beta > 0``, the k3 KL to a
+   frozen reference model (loaded from ``model.init_from`` only then: with beta = 0 there is no reference and no
    reference forward). Mini-batches are padded to a multiple of the data x fsdp devices with empty rows; the
    micro-batch losses are re-weighted so padding and accumulation give exactly the full-mini-batch loss.
 5. **Curriculum update** with the step's rewards (``grpo.curriculum_reward`` feeds the promotion rule, ``pass``
@@ -39,10 +39,10 @@ When recomputed, the mean |difference| over the rows the update trains on is log
 untruncated one as the behaviour policy.) The old-logprob and reference forwards run only on the rows the
 group filter keeps.
 
-Checkpoints (``checkpoints/manager.py`` through training/loop.py's ``Trainer``, as SFT): params, optimiser state, step, RNG key (the
-sampler's stream derives from it) plus two JSON items, ``curriculum`` (the full curriculum state, its RNG
-included) and ``rl_state`` (sampler key, settings digest); a rerun of the same command resumes exactly: the
-metrics after a kill equal those of an uninterrupted run (tested).
+Checkpoints (``checkpoints/manager.py`` through training/loop.py's ``Trainer``, as SFT): params, optimiser
+state, step, RNG key (the sampler's stream derives from it) plus two JSON items, ``curriculum`` (the full
+curriculum state, its RNG included) and ``rl_state`` (sampler key, settings digest); a rerun of the same
+command resumes exactly: the metrics after a kill equal those of an uninterrupted run (tested).
 
 Metrics (``<run_dir>/metrics.jsonl`` + TensorBoard under ``tb/``): per step ``reward/<component>_mean|_std``,
 ``reward/lesson/<lesson>/...``, loss, pg_loss, kl (to the reference), approx_kl (to the sampling policy),
@@ -53,12 +53,19 @@ buckets / batch mix, timings and MFU of the update; every ``grpo.eval_every`` st
 Modules: ``settings`` (GRPOSettings, MiniBatchLayout), ``update`` (the jitted update and logprob forward),
 ``learner`` (GRPOLearner), ``evaluation`` (held-out pass@1, lesson trends), ``driver`` (the stage: run_grpo).
 """
-from raredx_jax.training.grpo.driver import CURRICULUM_ITEM, RL_ITEM, GRPOTask, init_checkpoint, run_grpo, seed_from_rers
+from raredx_jax.training.grpo.driver import (
+           CURRICULUM_ITEM,
+           RL_ITEM,
+           GRPOTask,
+           init_checkpoint,
+           run_grpo,
+           seed_from_rers,
+)
 from raredx_jax.training.grpo.evaluation import eval_subset, held_out_eval, lesson_trends
 from raredx_jax.training.grpo.learner import SAMPLER_STREAM, GRPOLearner, kept_rows
 from raredx_jax.training.grpo.settings import FILTER_GROUPS, OLD_LOGPROBS, GRPOSettings, MiniBatchLayout
 from raredx_jax.training.grpo.update import make_logprob_fn, make_update_fn
 
-__all__ = ["CURRICULUM_ITEM", "FILTER_GROUPS", "OLD_LOGPROBS", "RL_ITEM", "SAMPLER_STREAM", "GRPOLearner", "GRPOSettings",
-           "GRPOTask", "MiniBatchLayout", "eval_subset", "held_out_eval", "init_checkpoint", "kept_rows", "lesson_trends",
-           "make_logprob_fn", "make_update_fn", "run_grpo", "seed_from_rers"]
+__all__ = ["CURRICULUM_ITEM", "FILTER_GROUPS", "OLD_LOGPROBS", "RL_ITEM", "SAMPLER_STREAM", "GRPOLearner",
+           "GRPOSettings", "GRPOTask", "MiniBatchLayout", "eval_subset", "held_out_eval", "init_checkpoint",
+           "kept_rows", "lesson_trends", "make_logprob_fn", "make_update_fn", "run_grpo", "seed_from_rers"]

@@ -287,7 +287,8 @@ class GRPORun:
     @staticmethod
     def done_line(summary: dict[str, Any]) -> str:
         return (f"reward {summary['reward_first']} -> {summary['reward_last']}; held-out top-1 "
-                f"{summary['heldout_top1_before']} -> {summary['heldout_top1_after']}; lesson {summary['final_lesson']}")
+                f"{summary['heldout_top1_before']} -> {summary['heldout_top1_after']}; lesson "
+                f"{summary['final_lesson']}")
 
 
 def run_grpo(config: Any) -> dict[str, Any]:

@@ -25,10 +25,25 @@ from raredx_jax.training.common import NonFiniteLossError
 from raredx_jax.training.grpo.settings import GRPOSettings, MiniBatchLayout
 from raredx_jax.training.grpo.update import SEQ_KEYS, batch_shardings, make_logprob_fn, make_update_fn, put_batch
 from raredx_jax.training.optim import make_optimizer
-from raredx_jax.training.rollout import (RewardFunction, RolloutBatch, decode_samples, encode_prompts,
-                                         generate_groups, rollout, to_host)
-from raredx_jax.training.state import (TrainState, abstract_params, abstract_train_state, cast_params,
-                                       create_train_state, replicated, split_model, train_state_shardings)
+from raredx_jax.training.rollout import (
+    RewardFunction,
+    RolloutBatch,
+    decode_samples,
+    encode_prompts,
+    generate_groups,
+    rollout,
+    to_host,
+)
+from raredx_jax.training.state import (
+    TrainState,
+    abstract_params,
+    abstract_train_state,
+    cast_params,
+    create_train_state,
+    replicated,
+    split_model,
+    train_state_shardings,
+)
 
 SAMPLER_STREAM = 0x5EED5A  # fold-in constant: the sampler's key stream within TrainState.rng
 

@@ -82,8 +82,10 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sta
         # but not in rows_total), token-mean losses by token share
         scale = tok / tokens_total if token_mean else mask.shape[0] / rows_total
         w = tok / tokens_total
-        aux = {"pg_loss": m["pg_loss"] * scale, "kl_loss": m["kl_loss"] * scale}
-        aux.update({k: m[k] * w for k in weighted})
+        # a registered loss may report fewer metrics than the built-in ones (only the loss itself is required)
+        aux = {"pg_loss": m.get("pg_loss", loss) * scale,
+               "kl_loss": m.get("kl_loss", jnp.zeros((), jnp.float32)) * scale}
+        aux.update({k: m[k] * w for k in weighted if k in m})
         if entropy:
             ent = rlo.token_entropy(jax.lax.stop_gradient(lg))
             aux["entropy"] = (ent * mask).sum() / jnp.maximum(tok, 1.0) * w
