@@ -296,7 +296,7 @@ def section_grpo(s: dict) -> dict:
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     P, G, Lp, C = s["grpo_prompts"], s["grpo_group"], s["prompt"], s["new_tokens"]
     settings = g.GRPOSettings(steps=10, prompts_per_step=P, group_size=G, loss="dr_grpo", advantage="dr_grpo",
-                              beta=0.0, lr=1e-6)
+                              beta=0.0)
     # micro-batches of grpo_micro rows: [64, 512, 152k] fp32 logits of one pass would be 20 GB on the 0.5B shape
     layout = g.MiniBatchLayout.make(settings.rows_per_step, 0, s["grpo_micro"], 1)
     tx, _ = make_optimizer({"lr": 1e-6, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0, "b1": 0.9,

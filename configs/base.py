@@ -13,9 +13,10 @@ from raredx_jax.hardware import apply_hardware
 from raredx_jax.rewards.combined import rewards_config
 from raredx_jax.training.curriculum import curriculum_config
 from raredx_jax.training.grpo.settings import GRPOSettings
+from raredx_jax.training.optim import OptimizerSettings
 from raredx_jax.training.rers_settings import RersSettings
 from raredx_jax.training.settings import config_section
-from raredx_jax.training.sft_settings import SFTSettings
+from raredx_jax.training.sft_settings import ProbeSettings, SFTSettings
 
 
 def make_config(hardware: str | None, stage: Callable[[config_dict.ConfigDict], None] | None = None
@@ -99,6 +100,8 @@ def defaults(hardware: str | None = None) -> config_dict.ConfigDict:
 
     # --- training (the SFT stages: data, steps, optimiser, cadences; raredx_jax/training/sft_settings.py) ------
     c.train = config_section(SFTSettings)
+    c.optim = config_section(OptimizerSettings)  # AdamW + schedule, read by SFT and GRPO (training/optim.py)
+    c.probe = config_section(ProbeSettings)  # the knowledge probe after knowledge SFT (off: n = 0)
 
     # --- LoRA / QLoRA (raredx_jax/lora.py): adapters on chosen projections, frozen base ------------
     c.lora = config_dict.ConfigDict()

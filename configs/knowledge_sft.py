@@ -10,7 +10,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ml_collections import config_dict  # noqa: E402
 
 from configs.base import get_config as base_config  # noqa: E402
 
@@ -40,9 +39,9 @@ def get_config(hardware=None):
     # measured on a 2-core CPU: 300 steps give top-1 77.5% on 160 held-out simulated notes, probe 0.36 vs chance
     # 0.06, held-out corpus loss 0.67 (README, Results).
     t.steps = 300  # ~13 passes over the corpus at 4.6k tokens per step; ~12 min at ~2k tokens/s
-    t.lr = 3e-3
-    t.warmup_steps = 10
-    t.schedule = "cosine"
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "cosine"
     t.eval_every = 50
     t.eval_batches = 0  # 0 = the whole held-out split (single process)
     t.log_every = 10
@@ -51,10 +50,5 @@ def get_config(hardware=None):
     # Knowledge probe after training (evaluation/knowledge_probe.py, ProbeSettings; items from data/knowledge.py
     # knowledge_probe): held-out phrasings, every trained disease as a candidate (num_candidates 0 = all), ranked
     # by the log-likelihood of the name.
-    c.probe = config_dict.ConfigDict()
     c.probe.n = 120
-    c.probe.seed = 1234
-    c.probe.num_candidates = 0
-    c.probe.batch_size = 64
-    c.probe.always = False
     return c

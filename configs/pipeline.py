@@ -38,7 +38,7 @@ def _stage(c):
     c.data.test_notes_per_disease = 50
     c.data.test_seed = 1
     c.eval.max_cases = 0
-    # per-stage overrides, e.g. --config.pipeline.overrides.grpo="grpo.steps=100,grpo.lr=2e-5"; they apply
+    # per-stage overrides, e.g. --config.pipeline.overrides.grpo="grpo.steps=100,optim.lr=2e-5"; they apply
     # over the scale's own (raredx_jax/pipeline.py SCALES). "pipeline" applies to the shared sections.
     c.pipeline.overrides = config_dict.ConfigDict(
         {k: "" for k in ("pipeline", "knowledge_sft", "rers", "rers_sft", "grpo", "export")})

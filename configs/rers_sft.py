@@ -25,8 +25,8 @@ def _stage(c):
     # model to its own verified reasoning without wiping the knowledge stage (150 steps at 1e-3 overfit:
     # held-out loss 0.42 -> 1.73 in an earlier measurement).
     t.steps = 40
-    t.lr = 3e-4
-    t.warmup_steps = 4
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 4
     t.eval_every = 20
     t.checkpoint_every = 20
 

@@ -49,14 +49,15 @@ def _stage(c):
     g.epochs_per_step = 1
     g.minibatch_size = 0  # 0 = one optimiser step per rollout batch (on-policy: the kept groups of the step)
     g.micro_batch_size = 0  # 0 = whole mini-batch per forward/backward
-    g.lr = 5e-5
-    g.warmup_steps = 4  # optimiser steps
-    g.schedule = "constant"
-    g.min_lr_ratio = 1.0
-    g.weight_decay = 0.0
-    g.grad_clip = 1.0
-    g.b1 = 0.9
-    g.b2 = 0.99
+    o = c.optim  # the optimiser section (training/optim.py), shared with SFT; GRPO's own values
+    o.lr = 5e-5
+    o.warmup_steps = 4  # optimiser steps
+    o.schedule = "constant"
+    o.min_lr_ratio = 1.0
+    o.weight_decay = 0.0
+    o.grad_clip = 1.0
+    o.b1 = 0.9
+    o.b2 = 0.99
     # task
     # splits of raredx_simulated_cases to train on (comma-separated; validation / test are refused). "train,rl"
     # adds fresh notes RERS-SFT never saw (build them with --config.data.rl_notes_per_disease=N); measured no

@@ -8,7 +8,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ml_collections import config_dict  # noqa: E402
 
 from configs.base import make_config  # noqa: E402
 
@@ -29,21 +28,15 @@ def stage(c):
     t.async_checkpointing = True
     t.debug_nan_at_step = -1
     t.steps = 150
-    t.lr = 1e-3
-    t.warmup_steps = 10
-    t.schedule = "cosine"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "cosine"
     t.eval_every = 50
     t.eval_batches = 0
     t.log_every = 10
     t.checkpoint_every = 50
     t.keep_checkpoints = 2
-    c.probe = config_dict.ConfigDict()
     c.probe.n = 0  # the knowledge probe is a knowledge-SFT measurement; set n > 0 and always=True to run it here
-    c.probe.seed = 1234
-    c.probe.num_candidates = 0
-    c.probe.batch_size = 64
-    c.probe.always = False
-
 
 def get_config(hardware=None):
     return make_config(hardware, stage)

@@ -89,7 +89,7 @@ def _split_items(text: str) -> list[str]:
 
 
 def parse_overrides(text: str, where: str) -> dict[str, Any]:
-    """'train.steps=100, grpo.lr=1e-5' -> {"train.steps": 100, "grpo.lr": 1e-05} (values as Python literals;
+    """'train.steps=100, optim.lr=1e-5' -> {"train.steps": 100, "optim.lr": 1e-05} (values as Python literals;
     commas inside quotes or brackets belong to the value)."""
 
     out: dict[str, Any] = {}

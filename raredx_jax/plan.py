@@ -499,7 +499,7 @@ def plan_sft(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, c
     batch = {k: _sds((b, t), jnp.int32, b_sh) for k in BATCH_KEYS}
 
     def build(cfg: Any) -> tuple[Any, TrainSetup]:
-        setup = TRAINABLE[trainable](cfg, mesh, tc, int(tc.steps), config=config)
+        setup = TRAINABLE[trainable](cfg, mesh, config.optim, int(tc.steps), config=config)
         step = make_train_step(setup.graphdef, setup.tx, setup.schedule, setup.state_sh, mesh, (b, t),
                                grad_accum=accum, **setup.step_kwargs)
         return step.lower(setup.state_abs, batch, *setup.extra_args).compile(), setup
@@ -595,8 +595,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     shards = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
     layout = g.MiniBatchLayout.make(s.rows_per_step, s.minibatch_size, s.micro_batch_size, shards)
     updates = s.epochs_per_step * layout.num
-    opt_cfg = {"lr": s.lr, "warmup_steps": s.warmup_steps, "schedule": s.schedule, "min_lr_ratio": s.min_lr_ratio,
-               "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "b1": s.b1, "b2": s.b2}
+    opt_cfg = config.optim
     prompt_len, comp = int(sp.max_prompt_len), int(sp.max_new_tokens)
     seq = prompt_len + comp
     loss_cfg = rlo.LossConfig.from_config(dataclasses.asdict(s), max_len=s.max_len or comp)
@@ -605,7 +604,7 @@ def plan_grpo(config: Any, model_cfg: Any, mesh: Any, acc: Any, trainable: str, 
     recompute = s.old_logprobs == "recompute" or (s.old_logprobs == "auto" and low_precision)
 
     def setup_for(cfg: Any) -> TrainSetup:
-        return TRAINABLE[trainable](cfg, mesh, opt_cfg, s.steps * updates, s.lr, config=config)
+        return TRAINABLE[trainable](cfg, mesh, opt_cfg, s.steps * updates, config=config)
 
     def mb(keys: tuple[str, ...]) -> dict[str, Any]:
         sh = g_update.batch_shardings(mesh, layout.padded, seq, comp, keys)
@@ -712,7 +711,7 @@ STAGE_PLANS: dict[str, Callable[..., Plan]] = {
 
 
 class Namespace(dict):
-    """A nested dict read like a ConfigDict (`c.train.lr`, `c["mesh"]`, `.get`): what `build_plan` reads, for
+    """A nested dict read like a ConfigDict (`c.optim.lr`, `c["mesh"]`, `.get`): what `build_plan` reads, for
     callers without ml_collections (the accelerator image has none; benchmarks/accelerator_check.py)."""
 
     def __getattr__(self, name: str) -> Any:
@@ -731,8 +730,9 @@ def sft_config(preset: str, batch: int, seq: int, *, remat: str, attention: str,
               model=ns(preset=preset, hf_path="", init_from="", dtype=dtype, param_dtype="float32", remat=remat,
                        scan_layers=True, attention=attention, vocab_size=vocab_size, max_seq_len=seq),
               mesh=ns(data=1, fsdp=-1, tensor=1), tokenizer=ns(vocab_size=vocab_size or 2048),
-              train=ns(batch_size=batch, seq_len=seq, grad_accum=1, steps=1000, lr=1e-4, warmup_steps=10,
-                       schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0))
+              train=ns(batch_size=batch, seq_len=seq, grad_accum=1, steps=1000),
+              optim=ns(lr=1e-4, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9,
+                       b2=0.95, grad_clip=1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

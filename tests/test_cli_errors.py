@@ -351,7 +351,8 @@ def test_sft_resume_with_another_model_exits_2_naming_the_fields(data_dir, tmp_p
     c.run_dir = str(tmp_path / "run")
     c.model.hf_path = a
     c.train.update(dict(steps=2, batch_size=8, seq_len=32, checkpoint_every=2, log_every=1, eval_every=0,
-                        warmup_steps=1, async_checkpointing=False, build_data=False))
+                        async_checkpointing=False, build_data=False))
+    c.optim.warmup_steps = 1
     c.probe.n = 0
     sft.run_sft(c)
     capsys.readouterr()

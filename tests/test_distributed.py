@@ -212,8 +212,9 @@ TINY = dict(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
 OPT = {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01, "grad_clip": 1.0}
 SFT_BATCH, SFT_SEQ, SFT_ACCUM, SFT_STEPS = 8, 32, 2, 2  # 8 rows: 2 micro-batches of 4 rows over data x fsdp = 4
 GRPO = dict(steps=4, prompts_per_step=3, group_size=4, minibatch_size=8, micro_batch_size=4, loss="grpo",
-            old_logprobs="sampler", beta=0.0, lr=1e-3, weight_decay=0.0,  # 12 rows: 2 updates (the 2nd padded)
+            old_logprobs="sampler", beta=0.0,  # 12 rows: 2 updates (the 2nd padded)
             filter_groups="none")  # the synthetic rollout's reward has no `pass`: train on every group
+GRPO_OPTIM = dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=1.0, b2=0.99)
 GRPO_METRICS = ("loss", "pg_loss", "grad_norm", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "tokens",
                 "rows")
 
@@ -297,7 +298,7 @@ def _train_worker(spec_path: str, process_id: str) -> None:
     from raredx_jax.sampling.sampler import SamplingParams
     from raredx_jax.training import lm
     from raredx_jax.training.grpo import GRPOLearner, GRPOSettings
-    from raredx_jax.training.optim import make_optimizer
+    from raredx_jax.training.optim import OptimizerSettings, make_optimizer
     from raredx_jax.training.state import (
         abstract_params,
         abstract_train_state,
@@ -356,7 +357,8 @@ def _train_worker(spec_path: str, process_id: str) -> None:
             # and places only this process's shards; then one more update through the same jitted function fed
             # with this process's rows only.
             sp = SamplingParams(temperature=1.0, max_new_tokens=16, max_prompt_len=8, batch_size=4)
-            learner = GRPOLearner(cfg, None, None, GRPOSettings(**GRPO), sp, mesh, seed=0)
+            learner = GRPOLearner(cfg, None, None, GRPOSettings(**GRPO), sp, mesh, seed=0,
+                                  optimizer=OptimizerSettings(**GRPO_OPTIM))
             learner.set_state(create_train_state(_tiny_params(cfg, learner.param_sh), learner.tx, 0,
                                                  learner.state_sh))
             batch = _grpo_rollout()

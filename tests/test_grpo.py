@@ -6,6 +6,7 @@ rollout from the live policy -> rewards -> advantages -> jitted mini-batch updat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from raredx_jax.parallel.mesh import make_mesh, single_device_mesh
 from raredx_jax.sampling.sampler import SamplingParams
 from raredx_jax.training import rl_objectives as rlo
 from raredx_jax.training.grpo import GRPOLearner, GRPOSettings, MiniBatchLayout
+from raredx_jax.training.optim import OptimizerSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 7  # the toy reward's token
@@ -84,12 +86,22 @@ def _model(seed=0):
     return nnx.merge(graphdef, state)
 
 
+OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimizerSettings)}
+
+
+def _optim(**kw):
+    """The optimiser the toy learners train with (constant lr, no warmup, no decay) plus `kw`."""
+    return OptimizerSettings(**{**dict(lr=1e-2, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
+                                       weight_decay=0.0, b2=0.99), **kw})
+
+
 def _learner(reward, mesh, *, max_new=16, temperature=1.0, **kw):
-    settings = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=1e-2, weight_decay=0.0,
-                    filter_groups="none")
-    settings.update(kw)
+    """A learner of the toy policy; `kw` are grpo.* fields or optim.* fields (config.optim)."""
+    settings = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, filter_groups="none")
+    settings.update({k: v for k, v in kw.items() if k not in OPTIM_FIELDS})
     sp = SamplingParams(temperature=temperature, max_new_tokens=max_new, max_prompt_len=8, batch_size=4)
-    return GRPOLearner.from_model(_model(), ToyTokenizer(), reward, GRPOSettings(**settings), sp, mesh, seed=0)
+    return GRPOLearner.from_model(_model(), ToyTokenizer(), reward, GRPOSettings(**settings), sp, mesh, seed=0,
+                                  optimizer=_optim(**{k: v for k, v in kw.items() if k in OPTIM_FIELDS}))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +233,8 @@ def test_a_zero_update_step_resumes_exactly_across_a_checkpoint(mesh, tmp_path):
     assert m3["updates"] == 2 and ref.optimizer_steps == 4 and m3["grad_norm"] > 0
 
     ckpt = TrainCheckpointManager(str(tmp_path / "run"), keep=2, async_save=False, extra_items=(RL_ITEM,))
-    fresh = GRPOLearner(ref.cfg, ToyTokenizer(), reward, ref.settings, ref.sampling, mesh, seed=0)
+    fresh = GRPOLearner(ref.cfg, ToyTokenizer(), reward, ref.settings, ref.sampling, mesh, seed=0,
+                        optimizer=ref.optimizer)
     with jax.set_mesh(mesh):
         restored = ckpt.restore(fresh.abstract_state())
     ckpt.close()

@@ -176,7 +176,8 @@ def _sft_config(data_dir: str, run_dir: str, probe: int = 4, **lora_fields):
     c.tokenizer = src.tokenizer
     c.run_dir = run_dir
     c.train.update(dict(steps=6, batch_size=8, seq_len=64, checkpoint_every=2, keep_checkpoints=3, log_every=1,
-                        eval_every=0, warmup_steps=1, lr=2e-2, async_checkpointing=False, build_data=False))
+                        eval_every=0, async_checkpointing=False, build_data=False))
+    c.optim.update(dict(warmup_steps=1, lr=2e-2))
     c.probe.n = probe  # the knowledge probe runs on base + adapters (lora.combine)
     c.probe.batch_size = 16
     c.lora.enabled = True
@@ -258,14 +259,15 @@ def _grpo_learner(reward, mesh, settings, **kw):
 
     from raredx_jax.sampling.sampler import SamplingParams
     from raredx_jax.training.grpo import GRPOLearner, GRPOSettings
+    from raredx_jax.training.optim import OptimizerSettings
 
-    gs = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, lr=3e-2, weight_decay=0.0,
-              filter_groups="none")
+    gs = dict(steps=30, prompts_per_step=4, group_size=8, minibatch_size=16, filter_groups="none")
     gs.update(kw)
     sp = SamplingParams(temperature=1.0, max_new_tokens=16, max_prompt_len=8, batch_size=4)
     model = _model()
+    opt = OptimizerSettings(lr=3e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=1.0, b2=0.99)
     learner = GRPOLearner(model.config, ToyTokenizer(), reward, GRPOSettings(**gs), sp, mesh, seed=0,
-                        lora_settings=settings)
+                          lora_settings=settings, optimizer=opt)
     learner.init_from_model(model)
     return learner
 

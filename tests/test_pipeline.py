@@ -104,8 +104,8 @@ def test_overrides_keep_commas_inside_quotes_and_brackets():
     from raredx_jax.pipeline import parse_overrides
 
     got = parse_overrides("grpo.steps=30, grpo.train_split='train,rl', "
-                          "curriculum.lessons=('open:typical', 'open:hard'),grpo.lr=1e-4", "pipeline.overrides.grpo")
+                          "curriculum.lessons=('open:typical', 'open:hard'),optim.lr=1e-4", "pipeline.overrides.grpo")
     assert got == {"grpo.steps": 30, "grpo.train_split": "train,rl",
-                   "curriculum.lessons": ("open:typical", "open:hard"), "grpo.lr": 1e-4}
+                   "curriculum.lessons": ("open:typical", "open:hard"), "optim.lr": 1e-4}
     with pytest.raises(ValueError, match="pipeline.overrides.grpo: expected field=value, got 'rl'"):
         parse_overrides("grpo.train_split=train,rl", "pipeline.overrides.grpo")

@@ -147,7 +147,7 @@ def test_schedule_warmup_cosine_linear():
     t.schedule = "linear"
     np.testing.assert_allclose(float(make_schedule(t)(60)), 0.55, rtol=1e-6)
     t.schedule = "bogus"
-    with pytest.raises(ValueError, match="train.schedule"):
+    with pytest.raises(ValueError, match="optim.schedule"):
         make_schedule(t)
 
 
@@ -270,7 +270,8 @@ def _run_config(data_dir: str, run_dir: str, **train) -> config_dict.ConfigDict:
     c.tokenizer = src.tokenizer
     c.run_dir = run_dir
     c.train.update(dict(steps=6, batch_size=8, seq_len=64, checkpoint_every=2, keep_checkpoints=3, log_every=1,
-                        eval_every=3, eval_batches=2, warmup_steps=2, async_checkpointing=False, build_data=False))
+                        eval_every=3, eval_batches=2, async_checkpointing=False, build_data=False))
+    c.optim.warmup_steps = 2
     c.train.update(train)
     c.probe.n = 6
     c.probe.batch_size = 16

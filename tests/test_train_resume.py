@@ -25,7 +25,7 @@ STEPS = 12
 def _cmd(data_dir: str, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "raredx_jax.train", "--config=configs/knowledge_sft.py",
             f"--config.data.dir={data_dir}", f"--config.run_dir={run_dir}", f"--config.train.steps={STEPS}",
-            "--config.train.batch_size=8", "--config.train.seq_len=64", "--config.train.warmup_steps=3",
+            "--config.train.batch_size=8", "--config.train.seq_len=64", "--config.optim.warmup_steps=3",
             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.build_data=False", "--config.probe.n=0"]
 

@@ -9,7 +9,6 @@ any SFT run with `probe.always`); its result is `<run_dir>/probe.json` and the s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -20,18 +19,7 @@ from flax import nnx
 from raredx_jax.data.build import run_diseases
 from raredx_jax.data.knowledge import knowledge_probe
 from raredx_jax.training.lm import BATCH_KEYS, batch_sharding, batch_shards, make_row_logprob, replicated_batch
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSettings:
-    """`config.probe`: n items (0 = no probe), their seed, candidates per item (0 = every trained disease), rows
-    per forward pass, and whether a non-knowledge SFT run probes too."""
-
-    n: int = 0
-    seed: int = 1234
-    num_candidates: int = 0
-    batch_size: int = 64
-    always: bool = False
+from raredx_jax.training.sft_settings import ProbeSettings
 
 
 def knowledge_probe_score(config: Any, settings: ProbeSettings, graphdef: nnx.GraphDef, params: Any,

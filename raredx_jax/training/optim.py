@@ -15,6 +15,7 @@ Why a scan and not `optax.MultiSteps`:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -22,6 +23,31 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """`config.optim`: the one optimiser section every trainer reads (SFT stages and GRPO alike; each stage's
+    config file sets its own values). Steps are optimiser steps."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 20  # linear warmup to lr
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1  # cosine / linear decay to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.01  # AdamW, not on norms and biases
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clip; 0 = none
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 # Parameters that get no weight decay (matched against the path of each leaf): norms and biases.
 NO_DECAY_KEYS = ("norm", "bias")
 
@@ -44,13 +70,13 @@ def make_schedule(train_cfg: Any, total_steps: int | None = None, lr: float | No
     kind = str(_field(train_cfg, "schedule", "cosine"))
     min_ratio = float(_field(train_cfg, "min_lr_ratio", 0.0))
     if kind not in SCHEDULES:
-        raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {kind!r}")
+        raise ValueError(f"optim.schedule: expected one of {SCHEDULES}, got {kind!r}")
     if lr <= 0:
-        raise ValueError(f"train.lr must be positive, got {lr}")
+        raise ValueError(f"optim.lr must be positive, got {lr}")
     if warmup < 0 or total <= 0:
-        raise ValueError(f"train.warmup_steps={warmup} / train.steps={total}: need warmup >= 0 and steps > 0")
+        raise ValueError(f"optim.warmup_steps={warmup} / steps={total}: need warmup >= 0 and steps > 0")
     if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {min_ratio}")
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_ratio}")
     decay_steps = max(total - warmup, 1)
     min_lr = lr * min_ratio
 
@@ -82,7 +108,7 @@ def make_optimizer(train_cfg: Any, total_steps: int | None = None,
                    lr: float | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(clip_by_global_norm -> AdamW(schedule, decoupled weight decay on matrices only), schedule).
 
-    `lr` overrides `train.lr` (GRPO passes `grpo.lr`). Moments are kept in the parameters' dtype (fp32 master
+    `lr` overrides the settings' lr. Moments are kept in the parameters' dtype (fp32 master
     weights -> fp32 moments).
     """
     schedule = make_schedule(train_cfg, total_steps, lr=lr)

@@ -29,7 +29,7 @@ from raredx_jax.data import tfds_builders
 from raredx_jax.data.build import build_all
 from raredx_jax.data.pipeline import DATASETS, sft_dataset, tokenize_sft
 from raredx_jax.data.tokenizer import load_tokenizer
-from raredx_jax.evaluation.knowledge_probe import ProbeSettings, knowledge_probe_score
+from raredx_jax.evaluation.knowledge_probe import knowledge_probe_score
 from raredx_jax.models.config import ModelConfig
 from raredx_jax.parallel.mesh import make_mesh
 from raredx_jax.training import metrics as metrics_lib
@@ -46,10 +46,10 @@ from raredx_jax.training.common import (
 )
 from raredx_jax.training.lm import batch_sharding, check_batch, make_eval_step, make_train_step, to_global
 from raredx_jax.training.loop import Hooks, Trainer
-from raredx_jax.training.optim import make_optimizer
+from raredx_jax.training.optim import OptimizerSettings, make_optimizer
 from raredx_jax.training.resume_guard import check_resume
 from raredx_jax.training.settings import from_section
-from raredx_jax.training.sft_settings import SFTSettings
+from raredx_jax.training.sft_settings import ProbeSettings, SFTSettings
 from raredx_jax.training.state import (
     abstract_params,
     abstract_train_state,
@@ -162,7 +162,7 @@ class SFTRun:
     def __init__(self, config: Any, st: SFTSettings, trainer: Trainer, model_cfg: ModelConfig, tokenizer: Any):
         self.config, self.st, self.trainer, self.model_cfg, self.tokenizer = config, st, trainer, model_cfg, tokenizer
         self.mesh = trainer.mesh
-        self.tx, self.schedule = make_optimizer(st, st.steps)
+        self.tx, self.schedule = make_optimizer(from_section(OptimizerSettings, config.optim, "optim"), st.steps)
         self.lora = lora.LoraSettings.from_config(config)
         if self.lora is None:
             self.graphdef, self.params_abs, self.param_sh = abstract_params(model_cfg, self.mesh)
@@ -339,7 +339,7 @@ class SFTRun:
         return Hooks(log=self.flush, log_every=st.log_every, checkpoint=self.save,
                      checkpoint_every=st.checkpoint_every, evaluate=self.evaluate if with_eval else None,
                      eval_every=st.eval_every, eval_at_start=st.eval_at_start,
-                     nonfinite_hint="Lower train.lr / raise train.warmup_steps / check the data, then rerun the same "
+                     nonfinite_hint="Lower optim.lr / raise optim.warmup_steps / check the data, then rerun the same "
                                     "command to resume from it.")
 
     # --- the end -----------------------------------------------------------------------------------------------

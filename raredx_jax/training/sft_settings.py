@@ -10,7 +10,8 @@ DATASETS = ("knowledge", "rers_trajectories")
 
 @dataclasses.dataclass(frozen=True)
 class SFTSettings:
-    """`config.train`: what the SFT stages read (configs/base.py builds the section from these defaults)."""
+    """`config.train`: what the SFT stages read besides the optimiser (`config.optim`, training/optim.py);
+    configs/base.py builds the section from these defaults."""
 
     dataset: str = "knowledge"  # knowledge | rers_trajectories
     data_dir: str = ""  # "" = data.dir
@@ -23,15 +24,6 @@ class SFTSettings:
     seq_len: int = 256
     grad_accum: int = 1
     pack: bool = True
-    # optimiser (training/optim.py)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    grad_clip: float = 1.0
     # held-out loss, logging, checkpoints
     eval_every: int = 100  # 0 = no held-out loss
     eval_batches: int = 4  # 0 = the whole split (one process)
@@ -49,3 +41,15 @@ class SFTSettings:
             raise ValueError(f"train.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """`config.probe` (evaluation/knowledge_probe.py): n items (0 = no probe), their seed, candidates per item (0 =
+    every trained disease), rows per forward pass, and whether a non-knowledge SFT run probes too."""
+
+    n: int = 0
+    seed: int = 1234
+    num_candidates: int = 0
+    batch_size: int = 64
+    always: bool = False

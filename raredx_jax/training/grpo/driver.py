@@ -31,8 +31,10 @@ from raredx_jax.training.grpo.evaluation import eval_subset, held_out_eval, less
 from raredx_jax.training.grpo.learner import GRPOLearner
 from raredx_jax.training.grpo.settings import GRPOSettings
 from raredx_jax.training.loop import Hooks, Trainer
+from raredx_jax.training.optim import OptimizerSettings
 from raredx_jax.training.rers_journal import JOURNAL_DIR, read_journals
 from raredx_jax.training.rollout import diagnosis_reward, lesson_case, lesson_messages
+from raredx_jax.training.settings import from_section
 from raredx_jax.training.state import split_model
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ class GRPORun:
             log.warning("checkpoint step %d has no curriculum state; the curriculum restarts", start)
         saved = restored.extras.get(RL_ITEM, {})
         learner.optimizer_steps = int(saved.get("optimizer_steps", start * learner.updates_per_step))
-        if saved.get("settings") and saved["settings"] != st.digest():
+        if saved.get("settings") and saved["settings"] != st.digest(learner.optimizer):
             log.warning("resuming with different grpo settings than step %d was trained with", start)
         self.trainer.print(f"[{self.stage}] curriculum at lesson {curriculum.lesson.name}")
 
@@ -236,7 +238,7 @@ class GRPORun:
         learner = self.learner
         meta = {"stage": self.stage, "tokenizer_digest": learner.tokenizer.digest(),
                 **({} if learner.lora is None else {"lora": lora.checkpoint_meta(self.config, learner.lora)})}
-        rl_state = {"step": s, "settings": self.st.digest(), "seed": self.seed,
+        rl_state = {"step": s, "settings": self.st.digest(learner.optimizer), "seed": self.seed,
                     "optimizer_steps": learner.optimizer_steps,
                     "sampler_key": [int(x) for x in np.asarray(jax.random.key_data(learner.sampler_key(s)))]}
         self.trainer.ckpt.save(s, learner.state, learner.cfg, meta=meta,
@@ -247,7 +249,7 @@ class GRPORun:
         return Hooks(log=self.log, log_every=st.log_every, checkpoint=self.save, checkpoint_every=st.checkpoint_every,
                      evaluate=self.evaluate if self.task.eval_cases else None, eval_every=st.eval_every,
                      eval_at_start=st.eval_at_start,
-                     nonfinite_hint="Lower grpo.lr, then rerun the same command to resume from it.")
+                     nonfinite_hint="Lower optim.lr, then rerun the same command to resume from it.")
 
     # --- the end -----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -309,7 +311,8 @@ def run_grpo(config: Any) -> dict[str, Any]:
         check_vocab(tokenizer, model_cfg, "model.init_from")
         learner = GRPOLearner(model_cfg, tokenizer, diagnosis_reward(task.reward), st,
                               SamplingParams.from_config(config.sampling), mesh, seed=int(config.seed),
-                              lora_settings=lora.LoraSettings.from_config(config))
+                              lora_settings=lora.LoraSettings.from_config(config),
+                              optimizer=from_section(OptimizerSettings, config.optim, "optim"))
         run = GRPORun(config, st, trainer, learner, task, init_path)
         restored = trainer.restore(learner.abstract_state(), tokenizer, learner.lora)
         if restored is not None:

@@ -24,7 +24,7 @@ from raredx_jax.training import rl_objectives as rlo
 from raredx_jax.training.common import NonFiniteLossError
 from raredx_jax.training.grpo.settings import GRPOSettings, MiniBatchLayout
 from raredx_jax.training.grpo.update import SEQ_KEYS, batch_shardings, make_logprob_fn, make_update_fn, put_batch
-from raredx_jax.training.optim import make_optimizer
+from raredx_jax.training.optim import OptimizerSettings, make_optimizer
 from raredx_jax.training.rollout import (
     RewardFunction,
     RolloutBatch,
@@ -52,7 +52,8 @@ class GRPOLearner:
     """GRPO learner: rollout from the live policy, rewards, advantages, mini-batch updates (module docstring).
 
     Construct with the model's config, then either :meth:`init_from_model` (a fresh run) or :meth:`set_state`
-    (a restored TrainState); :meth:`from_model` does the former in one call. ``reference`` (a callable returning
+    (a restored TrainState); :meth:`from_model` does the former in one call. ``optimizer`` is ``config.optim``
+    (None: OptimizerSettings' defaults); its steps are optimiser steps. ``reference`` (a callable returning
     the reference's pure parameter dict) is called only when ``settings.beta > 0``; without one a fresh run
     snapshots the starting parameters. ``self.ref_params`` is None when beta = 0 and ``self.counters`` counts
     the forward passes (``reference_forward``, ``old_logprob_forward``) and optimiser ``updates``.
@@ -60,7 +61,7 @@ class GRPOLearner:
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any, reward_fn: RewardFunction, settings: GRPOSettings,
                  sampling: SamplingParams, mesh: jax.sharding.Mesh, *, seed: int = 0, rules=DEFAULT_RULES,
-                 lora_settings: lora.LoraSettings | None = None):
+                 lora_settings: lora.LoraSettings | None = None, optimizer: OptimizerSettings | None = None):
         if sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0 for GRPO rollouts (greedy groups are identical)")
         self.cfg = model_cfg
@@ -74,9 +75,8 @@ class GRPOLearner:
         shards = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
         self.layout = MiniBatchLayout.make(s.rows_per_step, s.minibatch_size, s.micro_batch_size, shards)
         self.updates_per_step = s.epochs_per_step * self.layout.num
-        opt_cfg = {"lr": s.lr, "warmup_steps": s.warmup_steps, "schedule": s.schedule, "min_lr_ratio": s.min_lr_ratio,
-                   "weight_decay": s.weight_decay, "grad_clip": s.grad_clip, "b1": s.b1, "b2": s.b2}
-        self.tx, self.schedule = make_optimizer(opt_cfg, total_steps=s.steps * self.updates_per_step, lr=s.lr)
+        self.optimizer = optimizer if optimizer is not None else OptimizerSettings()  # config.optim
+        self.tx, self.schedule = make_optimizer(self.optimizer, total_steps=s.steps * self.updates_per_step)
         # LoRA: the state holds the adapters; `self.base` (frozen) is also the reference model (adapters off)
         self.lora = lora_settings
         self.base: Any = None
@@ -106,8 +106,9 @@ class GRPOLearner:
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, reward_fn: RewardFunction, settings: GRPOSettings,
                    sampling: SamplingParams, mesh: jax.sharding.Mesh, *, seed: int = 0,
-                   reference: Callable[[], Any] | None = None) -> "GRPOLearner":
-        learner = cls(model.config, tokenizer, reward_fn, settings, sampling, mesh, seed=seed)
+                   reference: Callable[[], Any] | None = None, optimizer: OptimizerSettings | None = None
+                   ) -> "GRPOLearner":
+        learner = cls(model.config, tokenizer, reward_fn, settings, sampling, mesh, seed=seed, optimizer=optimizer)
         learner.init_from_model(model, reference)
         return learner
 

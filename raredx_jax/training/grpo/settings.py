@@ -39,15 +39,7 @@ class GRPOSettings:
     filter_groups: str = "pass"  # none | pass | total
     prompt_padding: str = "max"  # max: every prompt padded to sampling.max_prompt_len (one compiled program per
     #                              run) | bucket: power-of-two buckets (less padding, one compile per bucket)
-    # optimiser (AdamW from training/optim.py)
-    lr: float = 1e-4
-    warmup_steps: int = 0  # in optimiser steps
-    schedule: str = "constant"  # cosine | linear | constant
-    min_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.99
+    # the optimiser is config.optim (training/optim.py OptimizerSettings), shared with SFT
     # task / curriculum
     train_split: str = "train"  # comma-separated splits of raredx_simulated_cases, e.g. "train,rl"
     max_train_cases: int = 0  # 0 = every case of the splits
@@ -86,7 +78,7 @@ class GRPOSettings:
                 bad(f, "must be >= 1")
         if self.group_size < 2:
             bad("group_size", "must be >= 2 (group-relative advantages of a single sample are 0)")
-        for f in ("minibatch_size", "micro_batch_size", "max_len", "warmup_steps", "eval_every",
+        for f in ("minibatch_size", "micro_batch_size", "max_len", "eval_every",
                   "checkpoint_every", "max_train_cases"):
             if getattr(self, f) < 0:
                 bad(f, "must be >= 0")
@@ -106,8 +98,6 @@ class GRPOSettings:
             bad("filter_groups", f"expected one of {FILTER_GROUPS}")
         if self.prompt_padding not in ("max", "bucket"):
             bad("prompt_padding", "expected 'max' or 'bucket'")
-        if self.lr <= 0:
-            bad("lr", "must be > 0")
         if not self.train_splits:
             bad("train_split", "names no split")
         held_out = {"test", self.eval_split} if self.eval_cases >= 0 else {"test"}
@@ -123,8 +113,11 @@ class GRPOSettings:
     def rows_per_step(self) -> int:
         return self.prompts_per_step * self.group_size
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, *others: Any) -> str:
+        """A short hash of these settings (and of other settings dataclasses, e.g. the optimiser's): a resume
+        with different values warns."""
+        payload = [dataclasses.asdict(x) for x in (self, *others)]
+        return hashlib.sha256(json.dumps(payload if others else payload[0], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
