@@ -35,10 +35,9 @@ def get_config(hardware=None):
     if t.seq_len < 768:
         t.batch_size = max(1, -(-t.batch_size * t.seq_len // 768))
         t.seq_len = 768
-    # Embedded default (16 diseases x 12 core findings; 400 items, ~103k tokens a pass, ~37k of them targets),
-    # measured on a 2-core CPU: 300 steps give top-1 77.5% on 160 held-out simulated notes, probe 0.36 vs chance
-    # 0.06, held-out corpus loss 0.67 (README, Results).
-    t.steps = 300  # ~13 passes over the corpus at 4.6k tokens per step; ~12 min at ~2k tokens/s
+    # Embedded default (16 diseases x 12 core findings; 400 items, ~103k tokens a pass, ~37k of them targets):
+    # enough passes that the tiny model learns the diseases (README, Results, for what it reaches and how fast).
+    t.steps = 300  # ~13 passes over the corpus at 4.6k tokens per step
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 10
     c.optim.schedule = "cosine"

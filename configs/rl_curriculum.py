@@ -33,11 +33,10 @@ def _stage(c):
     # objective (training/rl_objectives.py registries)
     # Dr. GRPO (mean-centred advantages, constant normaliser): with the std-normalised `grpo` advantage, groups
     # whose samples all miss the diagnosis turn tiny format / length differences into +-1 advantages and the tiny
-    # policy learned "short and well formed" instead of "right" (measured: held-out pass@1 0.325 -> 0.05 in 20 steps)
+    # policy learned "short and well formed" instead of "right" (held-out pass@1 collapsed; README, GRPO)
     g.loss = "dr_grpo"  # grpo (sequence mean) | dr_grpo (constant normaliser) | dapo (token mean, asymmetric clip)
     # Positive half of the Dr. GRPO advantage (max(r - group mean, 0)): on the near-deterministic tiny policy,
-    # pushing down wrong samples lowered greedy accuracy (measured from one RERS-SFT checkpoint, 20 steps: greedy
-    # top-1 on 96 training cases 74% before, 70% with dr_grpo, 83% with dr_grpo_positive; README, GRPO)
+    # pushing down wrong samples lowered greedy accuracy, keeping only the positive half did not (README, GRPO)
     g.advantage = "dr_grpo_positive"  # grpo | dr_grpo | dr_grpo_positive | rloo
     g.beta = 0.05  # k3 KL to the frozen RERS-SFT reference (loaded only when > 0): keeps the tiny policy close
     g.clip_eps = 0.2
@@ -86,8 +85,8 @@ def _stage(c):
     # dual-level curriculum (training/curriculum.py documents every rule)
     cur = c.curriculum
     # Task level: only the task the model was taught (open ranked differentials; no closed-set lesson, a prompt
-    # that appears in no SFT data or evaluation), ordered by the held-out top-1 RERS-SFT starts from (README:
-    # noisy ~90%, imprecise ~88%, sparse ~69%, hard ~53%), ending on the hardest. Typical notes are left out: the
+    # that appears in no SFT data or evaluation), ordered by the held-out top-1 RERS-SFT starts from per level
+    # (README, GRPO), ending on the hardest. Typical notes are left out: the
     # model already solves them, so their groups carry no signal
     cur.lessons = ("open:noisy", "open:imprecise", "open:sparse", "open:hard")
     # Promotion on what the policy learned at the lesson: a later window's pass rate beats the lesson's first

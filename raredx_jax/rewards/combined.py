@@ -70,7 +70,7 @@ DEFAULT_LEAK_PHRASES = (
 
 
 def rewards_config() -> config_dict.ConfigDict:
-    """Defaults of ``config.rewards`` (the lead merges this into configs/base.py)."""
+    """``config.rewards`` at its defaults (configs/base.py builds the section from this; the one place they live)."""
     c = config_dict.ConfigDict()
     # Shaping weights are small tie-breakers among right answers (combine=gated): format up to +0.2, length down
     # to -0.2, so a right first answer scores between 0.8 and 1.2 and a wrong one exactly 0

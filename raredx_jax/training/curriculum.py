@@ -61,7 +61,7 @@ STATE_VERSION = 2
 
 
 def curriculum_config() -> config_dict.ConfigDict:
-    """Defaults of ``config.curriculum`` (the lead merges this into the configs)."""
+    """``config.curriculum`` at its defaults (configs/base.py builds the section from this; the one place they live)."""
     c = config_dict.ConfigDict()
     # task level
     c.lessons = ("closed_set:typical", "open:typical", "open:sparse", "open:noisy", "open:imprecise")
