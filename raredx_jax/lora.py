@@ -109,12 +109,11 @@ class LoraSettings:
         c = config.get("lora", None) if hasattr(config, "get") else None
         if c is None or not bool(c.get("enabled", False)):
             return None
-        targets = c.get("targets", ",".join(TARGETS))
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        return cls(rank=int(c.get("rank", 8)), alpha=float(c.get("alpha", 16.0)), dropout=float(c.get("dropout", 0.0)),
-                   targets=tuple(targets), quantize=str(c.get("quantize", "none")),
-                   block_size=int(c.get("block_size", 64)))
+        kw = {f.name: c.get(f.name, f.default) for f in dataclasses.fields(cls)}  # the dataclass holds the defaults
+        if isinstance(kw["targets"], str):
+            kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
+        return cls(rank=int(kw["rank"]), alpha=float(kw["alpha"]), dropout=float(kw["dropout"]),
+                   targets=tuple(kw["targets"]), quantize=str(kw["quantize"]), block_size=int(kw["block_size"]))
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -246,7 +246,7 @@ def _states(hf_dir: str):
     mesh = single_device_mesh()
     model = hf_io.load_hf_model(hf_dir, mesh)
     cfg = model.config
-    tx, _ = make_optimizer(get_config("cpu").train, 10)
+    tx, _ = make_optimizer(get_config("cpu").optim, 10)
     _, params_abs, param_sh = abstract_params(cfg, mesh)
     shardings = train_state_shardings(tx, params_abs, param_sh, mesh)
     state = create_train_state(cast_params(split_model(model)[1], param_sh, cfg.param_dtype), tx, 0, shardings)

@@ -58,7 +58,7 @@ def _measure(shape: str, hf_dir: str | None) -> dict:
     mesh = make_mesh(config.mesh)
     cfg = _model_cfg(config)
     b, t = int(config.train.batch_size), int(config.train.seq_len)
-    tx, schedule = make_optimizer(config.train, int(config.train.steps))
+    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
     with jax.set_mesh(mesh):
         graphdef, params = split_model(init_model(cfg, mesh, seed=0))
         _, p_abs, p_sh = abstract_params(cfg, mesh)
@@ -131,7 +131,7 @@ def test_plan_shards_state_like_the_trainer():
     assert plan.num_devices == 8 and plan.mesh["fsdp"] == 8
     mesh = make_mesh(config.mesh)
     cfg = _model_cfg(config)
-    tx, _ = make_optimizer(config.train, int(config.train.steps))
+    tx, _ = make_optimizer(config.optim, int(config.train.steps))
     with jax.set_mesh(mesh):
         _, params = split_model(init_model(cfg, mesh, seed=0))
         _, p_abs, p_sh = abstract_params(cfg, mesh)
