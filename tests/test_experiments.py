@@ -79,3 +79,25 @@ def test_arm_commands_chain_the_pipeline_and_match_samples(tmp_path, monkeypatch
 def test_unknown_arm_is_one_clear_error(capsys):
     assert grpo_arms.main(["--arms", "b,z", "--report-only"]) == 2
     assert "--arms: unknown ['z']" in capsys.readouterr().err
+
+
+def test_compare_runs_ignores_timings_and_paths_but_not_values(tmp_path, capsys):
+    """Two runs equal but for wall times and their own paths are the same; one changed loss is a difference."""
+    from raredx_jax.experiments import compare_runs as cr
+
+    def run(root, loss):
+        os.makedirs(root / "knowledge_sft")
+        with open(root / "knowledge_sft" / "metrics.jsonl", "w") as f:
+            for step in (1, 2):
+                f.write(json.dumps({"kind": "train", "step": step, "loss": loss * step, "tokens_per_s": 100.0 * step
+                                    * len(str(root))}) + "\n")
+        with open(root / "knowledge_sft" / "summary.json", "w") as f:
+            json.dump({"checkpoint": str(root / "knowledge_sft" / "checkpoints" / "2"), "seconds": len(str(root))}, f)
+        return str(root)
+
+    a, b, c = run(tmp_path / "a", 0.5), run(tmp_path / "bb", 0.5), run(tmp_path / "c", 0.25)
+    assert [s for _, s, _ in cr.compare_runs(a, b)] == ["same", "same"]
+    rows = cr.compare_runs(a, c)
+    assert rows[0][:2] == ("knowledge_sft/metrics.jsonl", "different") and "loss: 0.5 != 0.25" in rows[0][2]
+    assert cr.main([a, b]) == 0 and cr.main([a, c]) == 1 and cr.main([a, str(tmp_path / "none")]) == 2
+    assert "NOT the same" in capsys.readouterr().out
