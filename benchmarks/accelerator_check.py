@@ -14,7 +14,7 @@ others still run; JAX and PyTorch never share the device's memory pool):
 2. attention: each implementation (xla, dot_product = cuDNN flash on GPU, splash on TPU) on [8, 2048, 14, 64]
    bf16 with GQA (2 KV heads) and a causal mask: output vs the xla reference computed in fp32 (relative error <
    2e-2, bf16 inputs and outputs), and forward + backward time.
-3. sft: the SFT train step (benchmarks/train_step.py bench_jax: sft.make_train_step, AdamW, fp32 master weights)
+3. sft: the SFT train step (benchmarks/train_step.py bench_jax: lm.make_train_step, AdamW, fp32 master weights)
    at 8 x 2048 bf16 for each remat policy, tokens/s and MFU, the PyTorch step (bench_torch) in the same run, and
    the device's peak memory (`memory_stats()["peak_bytes_in_use"]`) beside the AOT plan's prediction
    (raredx_jax/plan.py, compiled for CPU in a subprocess).

@@ -4,7 +4,7 @@
     python -m raredx_jax.plan --config=configs/rl_curriculum.py:gpu1 --config.model.preset=qwen2.5-0.5b
 
 Like maxtext's `train_compile.py`: the stage's *real* jitted step functions (the ones the trainers call:
-`training/sft.py:make_train_step`; GRPO's rollout generate `sampling/sampler.py:generate_jit`, its teacher-forced
+`training/lm.py:make_train_step`; GRPO's rollout generate `sampling/sampler.py:generate_jit`, its teacher-forced
 logprob `training/grpo/:make_logprob_fn` and update `make_update_fn`; the evaluation generate) are lowered
 from `jax.ShapeDtypeStruct` inputs carrying the target's shardings and compiled, nothing allocated. The host
 platform is forced to the target's device count (`--xla_force_host_platform_device_count`, set before JAX
@@ -72,7 +72,7 @@ class TrainSetup:
     TrainState's, with shardings), the optimiser, the abstract TrainState and how many parameters are trainable.
 
     A parameter-efficient set (LoRA) also gives the frozen weights the step takes as its extra argument
-    (`frozen_abs` / `frozen_sh`, as `sft.make_train_step(frozen_sh=...)` and `grpo.make_update_fn(frozen_sh=...)`
+    (`frozen_abs` / `frozen_sh`, as `lm.make_train_step(frozen_sh=...)` and `grpo.make_update_fn(frozen_sh=...)`
     expect; they double as GRPO's reference, so no reference copy is planned) and `model_params_abs`, the full
     parameter tree the sampler and the logprob forward run (default: the trainable parameters)."""
 

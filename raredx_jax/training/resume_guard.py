@@ -3,7 +3,7 @@
 A trainer resumes whenever `<run_dir>/checkpoints` has a step, and the model it resumes is the one in that step,
 whatever the config now says. Rerunning a run dir with another `model.hf_path`, `model.preset` or
 `model.vocab_size` (or an init checkpoint / HF directory of another shape) would therefore continue the old model
-silently. Two checks, called by `training/sft.py` (knowledge SFT, SFT) and through it by GRPO:
+silently. Two checks, called by `training/common.py` for every stage on the `Trainer` (SFT, GRPO) and by RERS:
 
 * `check_model_source(config, run_dir)`: the model source of the run's previous `config.json` (written by the
   run that made the checkpoints) against the current config: `model.init_from` (set or not), `model.hf_path`,
