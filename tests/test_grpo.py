@@ -295,17 +295,25 @@ def test_micro_batches_and_device_padding_give_the_same_loss_and_gradient(mesh, 
         np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=1e-7, err_msg=k)
 
 
-@rlo.register_loss("test_reinforce", aggregation="token")
 def reinforce_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, *, cfg):
     """A new loss is this one function: plain REINFORCE, -A * log pi averaged over every completion token."""
     m = mask.astype(jnp.float32)
     return -(advantages[:, None] * logprobs * m).sum() / jnp.maximum(m.sum(), 1.0), {}
 
 
-def test_a_new_loss_is_one_registered_function_and_trains(mesh):
-    """`grpo.loss=test_reinforce` (registered above, nothing else edited) validates, trains a real update through
-    the learner, and its registered token aggregation makes 2 padded micro-batches on 8 devices give the loss and
-    gradient of one pass on 1 device."""
+@pytest.fixture
+def reinforce_registered():
+    """Registered for this test only (the registry is global: other tests iterate over every registered loss)."""
+    rlo.register_loss("test_reinforce", aggregation="token")(reinforce_loss)
+    yield
+    rlo.LOSSES.pop("test_reinforce")
+    rlo.LOSS_AGGREGATION.pop("test_reinforce")
+
+
+def test_a_new_loss_is_one_registered_function_and_trains(mesh, reinforce_registered):
+    """`grpo.loss=test_reinforce` (`register_loss` on the function above, nothing else edited) validates, trains a
+    real update through the learner, and its registered token aggregation makes 2 padded micro-batches on 8
+    devices give the loss and gradient of one pass on 1 device."""
     assert rlo.loss_aggregation("test_reinforce") == "token"
     GRPOSettings(loss="test_reinforce").validate()
     common = dict(prompts_per_step=3, group_size=4, minibatch_size=0, loss="test_reinforce", old_logprobs="sampler")

@@ -16,10 +16,10 @@ import os
 import sys
 from typing import Any
 
-#: Keys that measure time or speed (or name where the run lives), never what was computed.
+#: Keys that measure time or speed, never what was computed (any key ending in `_seconds` or `_per_s` too).
 VOLATILE = frozenset({
     "seconds", "compile_seconds", "tokens_per_s", "mfu", "step_time_s", "rollout_s", "update_s",
-    "sample_tokens_per_s", "train_tokens_per_s", "time", "wall_s", "wall_seconds",
+    "sample_tokens_per_s", "train_tokens_per_s", "cases_per_s", "time", "wall_s", "wall_seconds",
 })
 STAGES = ("knowledge_sft", "rers", "rers_sft", "grpo", "export")
 #: Per stage directory: the files compared (JSON or JSONL), when the first run has them.
@@ -30,7 +30,8 @@ FILES = ("metrics.jsonl", "summary.json", "probe.json", "eval/eval.json", "journ
 def _clean(value: Any, root: str) -> Any:
     """`value` without volatile keys, with the run root in strings replaced by `<run>`."""
     if isinstance(value, dict):
-        return {k: _clean(v, root) for k, v in value.items() if k not in VOLATILE}
+        return {k: _clean(v, root) for k, v in value.items()
+                if k not in VOLATILE and not k.endswith(("_seconds", "_per_s"))}
     if isinstance(value, list):
         return [_clean(v, root) for v in value]
     if isinstance(value, str):
