@@ -56,6 +56,15 @@ def test_stage_drivers_fit_on_a_screen(driver):
     assert len(src.splitlines()) <= 40, f"{driver.__qualname__} has {len(src.splitlines())} lines"
 
 
+def test_sft_settings_name_the_datasets_the_pipeline_builds():
+    """sft_settings keeps its own list of train.dataset values (configs/base.py reads it without importing the data
+    pipeline): it must stay the pipeline's."""
+    from raredx_jax.data.pipeline import DATASETS as PIPELINE_DATASETS
+    from raredx_jax.training.sft_settings import DATASETS
+
+    assert tuple(PIPELINE_DATASETS) == DATASETS
+
+
 def test_settings_refuse_unknown_fields_and_wrong_types():
     assert from_section(SFTSettings, {"steps": 7, "pack": False}, "train").steps == 7
     with pytest.raises(ValueError, match=r"config\.train\.stepz: unknown field"):

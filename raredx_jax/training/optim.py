@@ -40,14 +40,21 @@ class OptimizerSettings:
     grad_clip: float = 1.0  # global-norm clip; 0 = none
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_schedule(self.lr, self.warmup_steps, self.schedule, self.min_lr_ratio)
+
+
+def check_schedule(lr: float, warmup_steps: int, schedule: str, min_lr_ratio: float) -> None:
+    """The one check of the schedule's settings (at config read time and again when a schedule is built)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+
 # Parameters that get no weight decay (matched against the path of each leaf): norms and biases.
 NO_DECAY_KEYS = ("norm", "bias")
 
@@ -69,14 +76,9 @@ def make_schedule(train_cfg: Any, total_steps: int | None = None, lr: float | No
     total = int(total_steps if total_steps is not None else train_cfg.steps)
     kind = str(_field(train_cfg, "schedule", "cosine"))
     min_ratio = float(_field(train_cfg, "min_lr_ratio", 0.0))
-    if kind not in SCHEDULES:
-        raise ValueError(f"optim.schedule: expected one of {SCHEDULES}, got {kind!r}")
-    if lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {lr}")
-    if warmup < 0 or total <= 0:
-        raise ValueError(f"optim.warmup_steps={warmup} / steps={total}: need warmup >= 0 and steps > 0")
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_ratio}")
+    check_schedule(lr, warmup, kind, min_ratio)
+    if total <= 0:
+        raise ValueError(f"the schedule's total steps must be positive, got {total}")
     decay_steps = max(total - warmup, 1)
     min_lr = lr * min_ratio
 

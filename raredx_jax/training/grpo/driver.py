@@ -255,9 +255,8 @@ class GRPORun:
     def summary(self) -> dict[str, Any]:
         """Reward / pass trends, held-out top-1 before and after, promotions and lesson trends (whole run)."""
         tr, st, curriculum = self.trainer, self.st, self.task.curriculum
-        train_recs, eval_recs, promo_recs = ((metrics_lib.read_metrics(tr.run_dir, kind) if tr.primary else [])
-                                             for kind in ("train", "eval", "promotion"))
-        train_recs, eval_recs, promo_recs = list(train_recs), list(eval_recs), list(promo_recs)
+        train_recs, eval_recs, promo_recs = [metrics_lib.read_metrics(tr.run_dir, kind) if tr.primary else []
+                                             for kind in ("train", "eval", "promotion")]
 
         def mean_of(recs: Sequence[dict], key: str) -> float | None:
             vals = [r[key] for r in recs if isinstance(r.get(key), (int, float))]
